@@ -1,0 +1,66 @@
+"""Aggregation rules for federated LoRA: pure functions over per-module factors.
+
+    >>> result = aggregate("florist", updates, threshold=0.9)
+    >>> result.modules["model.layers.0.self_attn.q_proj"].rank
+
+To add a method: subclass ``AggregationMethod`` in a new file and add it to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import (
+    AggregationError,
+    AggregationMethod,
+    AggregationResult,
+    ClientUpdate,
+    LoraFactors,
+    ModuleAggregate,
+)
+from .fedit import FedIT
+from .ffa import FFALoRA
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .florist import FLoRIST, sweep
+from .svd import energy_rank, stacked_svd
+from .validate import as_dtype, check_updates, compute_dtype, normalized_weights
+
+METHODS: dict[str, type[AggregationMethod]] = {
+    m.name: m for m in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)
+}
+
+
+def get_method(name: str, threshold: float = 0.9) -> AggregationMethod:
+    """The method called ``name``; ``threshold`` is FLoRIST's tau and ignored by the others."""
+    if name not in METHODS:
+        raise AggregationError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return FLoRIST(threshold) if name == FLoRIST.name else METHODS[name]()
+
+
+def prepare(
+    updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, max_rank: int | None = None
+) -> tuple[list[ClientUpdate], list[float]]:
+    """Validate, normalise weights and cast to the compute dtype: the common front of every method."""
+    check_updates(updates, max_rank=max_rank)
+    w = normalized_weights(updates, weights)
+    return as_dtype(updates, compute_dtype(updates)), w
+
+
+def aggregate(
+    method: str | AggregationMethod,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float] | None = None,
+    threshold: float = 0.9,
+) -> AggregationResult:
+    """Validate the updates and aggregate them. ``weights`` default to the example counts n_k / N."""
+    m = get_method(method, threshold) if isinstance(method, str) else method
+    prepared, w = prepare(updates, weights)
+    return m.aggregate(prepared, w)
+
+
+__all__ = [
+    "METHODS", "AggregationError", "AggregationMethod", "AggregationResult", "ClientUpdate", "LoraFactors",
+    "ModuleAggregate", "FLoRIST", "FLoRA", "FedIT", "FlexLoRA", "FFALoRA", "aggregate", "get_method", "prepare",
+    "sweep", "energy_rank", "stacked_svd",
+]

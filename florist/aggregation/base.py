@@ -1,0 +1,126 @@
+"""The vocabulary of aggregation: what a client sends, what the server returns.
+
+Conventions (PEFT's): an adapted weight W is m x n (out x in); a LoRA pair is
+B (m x r) and A (r x n) with scaling s, and the update it stands for is s * B @ A.
+Everything here is pure tensors: no models, no files, no engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class AggregationError(ValueError):
+    """An update that cannot be aggregated; the message names the client and the module."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA pair: the update is ``scaling * B @ A``."""
+
+    A: Tensor  # r x n
+    B: Tensor  # m x r
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n): the shape of the weight this pair adapts."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta(self) -> Tensor:
+        """The dense m x n update. For tests and small modules only: the point of FLoRIST is never to need it."""
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends after local training: a LoRA pair per adapted module and its example count."""
+
+    modules: Mapping[str, LoraFactors]
+    num_examples: int
+    client_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModuleAggregate:
+    """One module of an aggregated adapter, scaling folded in: the update is ``B @ A``.
+
+    ``singular_values`` holds the spectrum of the aggregated update where the method
+    computed one (FLoRIST, FlexLoRA): all of it, not only the kept part, so reports can plot it.
+    """
+
+    A: Tensor
+    B: Tensor
+    singular_values: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> Tensor:
+        return self.B @ self.A
+
+
+Adapter = dict[str, ModuleAggregate]
+
+
+@dataclass
+class AggregationResult:
+    """The server's output for one round.
+
+    ``modules`` is the global adapter. ``per_client`` is set when clients receive
+    different adapters (FlexLoRA's per-client truncations); otherwise every client gets ``modules``.
+    """
+
+    method: str
+    modules: Adapter
+    per_client: list[Adapter] | None = None
+    weights: list[float] = field(default_factory=list)
+
+    def for_client(self, k: int) -> Adapter:
+        """The adapter client ``k`` receives."""
+        return self.per_client[k] if self.per_client is not None else self.modules
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+
+class AggregationMethod(ABC):
+    """A server-side aggregation rule. A new method is one subclass in one file, registered in ``__init__``.
+
+    Class attributes describe what travels, for the communication accounting:
+    ``sends_a``: whether clients upload A and the server sends A down (False for FFA-LoRA,
+    whose A is frozen at a shared seeded init and never moves).
+    """
+
+    name: str = ""
+    sends_a: bool = True
+
+    @abstractmethod
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+        """Combine validated updates; ``weights`` are non-negative and sum to 1."""
+
+
+def fold_scaling(f: LoraFactors) -> Tensor:
+    """B with the pair's scaling folded in, so clients with different alpha/r combine correctly."""
+    return f.B * f.scaling if f.scaling != 1.0 else f.B
+
+
+def zero_pad(t: Tensor, rank: int, dim: int) -> Tensor:
+    """Pad a factor with zeros along its rank dimension up to ``rank`` (shapes only: padded rows never learn)."""
+    missing = rank - t.shape[dim]
+    if missing == 0:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[dim] = missing
+    return torch.cat([t, t.new_zeros(pad_shape)], dim=dim)

@@ -1,0 +1,302 @@
+"""The five aggregation rules against the exact federated update ΔW = Σ_k w_k s_k B_k A_k."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from florist.aggregation import (
+    METHODS,
+    AggregationError,
+    ClientUpdate,
+    LoraFactors,
+    aggregate,
+    energy_rank,
+    get_method,
+    stacked_svd,
+    sweep,
+)
+from florist.aggregation.validate import normalized_weights
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_updates(seed, ranks, m, n, scalings=None, counts=None, modules=("q", "v"), dtype=torch.float64, shared_a=False):
+    g = torch.Generator().manual_seed(seed)
+    r_max = max(ranks)
+    shared = {name: torch.randn(r_max, n, generator=g, dtype=dtype) for name in modules}
+    updates = []
+    for k, r in enumerate(ranks):
+        s = scalings[k] if scalings else 2.0
+        mods = {}
+        for name in modules:
+            A = shared[name][:r].clone() if shared_a else torch.randn(r, n, generator=g, dtype=dtype)
+            mods[name] = LoraFactors(A=A, B=torch.randn(m, r, generator=g, dtype=dtype), scaling=s)
+        updates.append(ClientUpdate(mods, counts[k] if counts else 10 * (k + 1), f"client {k}"))
+    return updates
+
+
+def exact_delta(updates, name, weights=None):
+    w = normalized_weights(updates, weights)
+    return sum(wk * u.modules[name].delta() for u, wk in zip(updates, w))
+
+
+def best_rank(delta, p):
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return (U[:, :p] * S[:p]) @ Vh[:p], S
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / max(b.norm(), 1e-300))
+
+
+client_setups = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**16),
+        "ranks": st.lists(st.integers(1, 6), min_size=1, max_size=5),
+        "m": st.integers(2, 24),
+        "n": st.integers(2, 24),
+        "alpha_scale": st.sampled_from(["equal", "mixed"]),
+    }
+)
+
+
+def build(setup, **kw):
+    ranks = setup["ranks"]
+    scalings = [2.0] * len(ranks) if setup["alpha_scale"] == "equal" else [0.5 + k for k in range(len(ranks))]
+    return make_updates(setup["seed"], ranks, setup["m"], setup["n"], scalings=scalings, **kw)
+
+
+@SETTINGS
+@given(client_setups)
+def test_florist_at_threshold_one_is_exact(setup):
+    updates = build(setup)
+    result = aggregate("florist", updates, threshold=1.0)
+    for name in ("q", "v"):
+        assert rel_err(result.modules[name].delta(), exact_delta(updates, name)) < 1e-10
+
+
+@SETTINGS
+@given(client_setups, st.floats(0.05, 1.0))
+def test_florist_is_best_rank_p_and_picks_the_dense_rank(setup, tau):
+    updates = build(setup)
+    result = aggregate("florist", updates, threshold=tau)
+    for name in ("q", "v"):
+        delta = exact_delta(updates, name)
+        module = result.modules[name]
+        best, S_dense = best_rank(delta, module.rank)
+        energy = (S_dense.square().cumsum(0) / S_dense.square().sum()).tolist()
+        # a tie within round-off of tau could go either way on either route
+        assume(all(abs(e - tau) > 1e-9 for e in energy))
+        assert module.rank == energy_rank(S_dense, tau)
+        assert rel_err(module.delta(), best) < 1e-8
+        r = module.singular_values.numel()
+        torch.testing.assert_close(module.singular_values, S_dense[:r], rtol=1e-9, atol=1e-9 * float(S_dense[0]))
+
+
+@SETTINGS
+@given(client_setups)
+def test_flora_stacks_exactly(setup):
+    updates = build(setup)
+    result = aggregate("flora", updates)
+    for name in ("q", "v"):
+        assert result.modules[name].rank == sum(setup["ranks"])
+        assert rel_err(result.modules[name].delta(), exact_delta(updates, name)) < 1e-12
+
+
+@SETTINGS
+@given(client_setups)
+def test_fedit_is_exact_only_for_identical_clients(setup):
+    one = build(setup)[0]
+    clones = [ClientUpdate(one.modules, 5 + k, f"client {k}") for k in range(3)]
+    same = aggregate("fedit", clones)
+    assert rel_err(same.modules["q"].delta(), exact_delta(clones, "q")) < 1e-12
+
+
+def test_fedit_differs_from_exact_update_when_clients_differ():
+    updates = make_updates(0, [4, 4, 4], 16, 12)
+    result = aggregate("fedit", updates)
+    assert rel_err(result.modules["q"].delta(), exact_delta(updates, "q")) > 0.1
+
+
+def test_fedit_zero_pads_heterogeneous_ranks():
+    updates = make_updates(1, [6, 2, 4], 10, 8)
+    module = aggregate("fedit", updates).modules["q"]
+    w = normalized_weights(updates, None)
+    assert module.rank == 6
+    expected_A = sum(wk * torch.nn.functional.pad(u.modules["q"].A, (0, 0, 0, 6 - u.modules["q"].rank)) for u, wk in zip(updates, w))
+    torch.testing.assert_close(module.A, expected_A)
+
+
+@SETTINGS
+@given(client_setups)
+def test_ffa_is_exact_with_a_shared_frozen_a(setup):
+    updates = build(setup, shared_a=True)
+    result = aggregate("ffa", updates)
+    for name in ("q", "v"):
+        assert result.modules[name].rank == max(setup["ranks"])
+        assert rel_err(result.modules[name].delta(), exact_delta(updates, name)) < 1e-12
+
+
+def test_ffa_refuses_clients_whose_a_differ():
+    updates = make_updates(2, [4, 4], 8, 8, shared_a=True)
+    bad = dict(updates[1].modules)
+    bad["v"] = LoraFactors(A=bad["v"].A + 1e-3, B=bad["v"].B, scaling=2.0)
+    updates[1] = ClientUpdate(bad, 3, "hospital-b")
+    with pytest.raises(AggregationError, match=r"hospital-b, module v: .*frozen A"):
+        aggregate("ffa", updates)
+
+
+@SETTINGS
+@given(client_setups)
+def test_flexlora_gives_each_client_its_own_best_truncation(setup):
+    updates = build(setup)
+    result = aggregate("flexlora", updates)
+    for name in ("q", "v"):
+        delta = exact_delta(updates, name)
+        for k, r in enumerate(setup["ranks"]):
+            module = result.for_client(k)[name]
+            assert module.rank == min(r, min(setup["m"], setup["n"]))
+            assert rel_err(module.delta(), best_rank(delta, r)[0]) < 1e-8
+
+
+@SETTINGS
+@given(client_setups, st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4))
+def test_sweep_matches_separate_runs(setup, taus):
+    updates = build(setup)
+    swept = sweep(updates, normalized_weights(updates, None), taus)
+    for tau in taus:
+        alone = aggregate("florist", updates, threshold=tau)
+        for name in ("q", "v"):
+            assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
+            assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_method_is_deterministic_and_keeps_dtype(method, dtype):
+    runs = [aggregate(method, make_updates(3, [4, 2, 3], 12, 10, dtype=dtype, shared_a=method == "ffa")) for _ in range(2)]
+    for name in ("q", "v"):
+        a, b = runs[0].modules[name], runs[1].modules[name]
+        assert a.B.dtype == dtype and torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
+
+
+def test_float32_is_accurate_to_single_precision():
+    updates = make_updates(4, [16] * 8, 256, 192, dtype=torch.float32)
+    result = aggregate("florist", updates, threshold=1.0)
+    assert rel_err(result.modules["q"].delta().double(), exact_delta(updates, "q").double()) < 1e-5
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    updates = make_updates(5, [4, 4], 16, 16, dtype=torch.bfloat16)
+    result = aggregate("florist", updates, threshold=1.0)
+    assert result.modules["q"].B.dtype == torch.float32
+
+
+def test_florist_never_forms_the_dense_update():
+    # a 200000 x 200000 float32 update would need 160 GB; the stacked route needs a few MB
+    g = torch.Generator().manual_seed(0)
+    big = 200_000
+    updates = [
+        ClientUpdate({"w": LoraFactors(torch.randn(2, big, generator=g), torch.randn(big, 2, generator=g))}, 1)
+        for _ in range(3)
+    ]
+    module = aggregate("florist", updates, threshold=1.0).modules["w"]
+    assert module.rank == 6 and module.B.shape == (big, 6) and module.A.shape == (6, big)
+
+
+def test_singular_values_go_to_b_and_a_is_orthonormal():
+    module = aggregate("florist", make_updates(6, [3, 5], 20, 15), threshold=0.9).modules["q"]
+    eye = torch.eye(module.rank, dtype=module.A.dtype)
+    torch.testing.assert_close(module.A @ module.A.T, eye)
+    torch.testing.assert_close(module.B.norm(dim=0), module.singular_values[: module.rank])
+
+
+def test_stacked_svd_signs_match_a_canonicalised_dense_svd():
+    from florist.aggregation.svd import canonical_signs
+
+    g = torch.Generator().manual_seed(7)
+    B, A = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randn(5, 25, generator=g, dtype=torch.float64)
+    U, S, Vh = stacked_svd(B, A)
+    Ud, Sd, Vhd = canonical_signs(*torch.linalg.svd(B @ A, full_matrices=False))
+    torch.testing.assert_close(U, Ud[:, :5])
+    torch.testing.assert_close(Vh, Vhd[:5])
+
+
+@given(st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=30), st.floats(1e-3, 1.0))
+def test_energy_rank_is_the_smallest_rank_reaching_tau(values, tau):
+    S = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    p = energy_rank(S, tau)
+    energy = S.square().cumsum(0) / S.square().sum()
+    assert 1 <= p <= len(values)
+    assert energy[p - 1] >= tau - 1e-12 or p == len(values)
+    assert p == 1 or energy[p - 2] < tau
+    assert energy_rank(S, min(1.0, tau + 0.1)) >= p
+
+
+def test_energy_rank_ignores_round_off_at_threshold_one():
+    S = torch.tensor([3.0, 2.0, 1.0, 1e-18, 1e-19], dtype=torch.float64)
+    assert energy_rank(S, 1.0) == 3
+    assert energy_rank(torch.zeros(4), 0.5) == 1
+
+
+# --- bad input: a one-line error naming the client and the module -------------------------------------------------
+
+
+def _replace(updates, k, name, **changes):
+    mods = dict(updates[k].modules)
+    old = mods[name]
+    mods[name] = LoraFactors(**{"A": old.A, "B": old.B, "scaling": old.scaling, **changes})
+    updates[k] = ClientUpdate(mods, updates[k].num_examples, updates[k].client_id)
+    return updates
+
+
+@pytest.mark.parametrize(
+    "corrupt, pattern",
+    [
+        (lambda u: _replace(u, 1, "v", A=torch.full_like(u[1].modules["v"].A, math.nan)), r"client 1, module v: A contains NaN"),
+        (lambda u: _replace(u, 2, "q", B=torch.full_like(u[2].modules["q"].B, math.inf)), r"client 2, module q: B contains NaN or Inf"),
+        (lambda u: _replace(u, 1, "q", B=torch.randn(9, 4, dtype=torch.float64)), r"client 1, module q: adapts a 9x8 weight"),
+        (lambda u: _replace(u, 0, "v", B=torch.randn(8, 3, dtype=torch.float64)), r"client 0, module v: B is \(8, 3\) but A is \(4, 8\)"),
+        (lambda u: _replace(u, 1, "q", scaling=float("nan")), r"client 1, module q: scaling nan"),
+        (lambda u: _replace(u, 1, "q", A=torch.ones(4, 8, dtype=torch.int64)), r"client 1, module q: A has dtype torch.int64"),
+        (lambda u: [u[0], ClientUpdate({"q": u[1].modules["q"]}, 1, "client 1"), u[2]], r"client 1, module v: lacks"),
+        (lambda u: [u[0], ClientUpdate({**u[1].modules, "k": u[1].modules["q"]}, 1, "client 1"), u[2]], r"client 1, module k: has an extra"),
+        (lambda u: [], r"no client updates"),
+    ],
+)
+def test_bad_updates_are_named(corrupt, pattern):
+    updates = corrupt(make_updates(8, [4, 4, 4], 8, 8))
+    with pytest.raises(AggregationError, match=pattern):
+        aggregate("fedit", updates)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, 1.01, float("nan")])
+def test_threshold_outside_unit_interval_is_refused(tau):
+    with pytest.raises(ValueError, match="threshold must be in"):
+        aggregate("florist", make_updates(0, [2, 2], 4, 4), threshold=tau)
+
+
+@pytest.mark.parametrize(
+    "weights, pattern",
+    [([1.0], r"1 weights given for 2 clients"), ([1.0, -1.0], r"client 1: weight -1.0"), ([0, 0], r"sum to zero"),
+     ([1.0, float("inf")], r"client 1: weight inf")],
+)
+def test_weights_that_do_not_fit_are_refused(weights, pattern):
+    with pytest.raises(AggregationError, match=pattern):
+        aggregate("flora", make_updates(0, [2, 2], 4, 4), weights=weights)
+
+
+def test_explicit_weights_override_example_counts():
+    updates = make_updates(9, [3, 3], 6, 6, counts=[1, 1000])
+    result = aggregate("flora", updates, weights=[1, 1])
+    torch.testing.assert_close(result.modules["q"].delta(), exact_delta(updates, "q", [1, 1]))
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(AggregationError, match="florist, flora, fedit, flexlora, ffa"):
+        get_method("fedavg")
