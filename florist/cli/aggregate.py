@@ -1,0 +1,220 @@
+"""``florist aggregate``: one server round over PEFT LoRA adapter directories, written as a PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from florist.adapters import AdapterError, AdapterInfo, check_output, read_adapter, write_adapter, write_adapters
+from florist.aggregation import METHODS, AggregationError, AggregationResult, ClientUpdate, aggregate, get_method
+from florist.cli import app
+from florist.cli.errors import UserError, user_errors
+from florist.communication import RoundCommunication, round_communication
+
+DEFAULT_THRESHOLD = 0.9
+REPORT_NAME = "aggregation.json"
+BYTES_PER_PARAM = 4  # adapters are written in float32
+
+
+@app.command("aggregate")
+def aggregate_command(
+    clients: list[Path] = typer.Argument(
+        ..., metavar="CLIENT_DIR", help="The clients' PEFT LoRA adapter directories, one per client."
+    ),
+    method: str = typer.Option(..., "--method", "-m", help=f"Aggregation rule: {', '.join(METHODS)}."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="OUT", help="Directory to write; must not exist or be empty unless --overwrite."
+    ),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        "-t",
+        help=f"FLoRIST's energy threshold tau in (0, 1] (florist only; default {DEFAULT_THRESHOLD}).",
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", "-w", help="Comma-separated client weights (e.g. example counts), normalised; default equal."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Aggregate client LoRA adapters into the global update (FlexLoRA: one adapter per client)."""
+    console = Console()
+    with user_errors(AdapterError, AggregationError):
+        check_method(method)
+        tau = check_threshold(method, threshold)
+        client_weights = parse_weights(weights, clients)
+        check_output(output, overwrite)
+        check_output_apart(output, clients)
+        updates, infos = read_clients(clients, console)
+        aggregation = get_method(method, DEFAULT_THRESHOLD if tau is None else tau)
+        with console.status(f"aggregating {len(updates)} clients with {method}"):
+            result = aggregate(aggregation, updates, client_weights)
+        comm = round_communication(aggregation, updates, result, BYTES_PER_PARAM)
+        base_model = common_value(infos, "base_model", console)
+        task_type = common_value(infos, "task_type", console)
+        report = aggregation_report(method, tau, client_weights, clients, result, comm)
+        write_result(output, result, base_model, task_type, report, overwrite)
+    print_summary(console, method, tau, clients, result, comm, output)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def check_threshold(method: str, threshold: float | None) -> float | None:
+    """tau for florist (default 0.9); refused for the other methods, where it would be silently ignored."""
+    if method != "florist":
+        if threshold is not None:
+            raise UserError(f"--threshold applies to --method florist only, not {method}")
+        return None
+    tau = DEFAULT_THRESHOLD if threshold is None else threshold
+    if not (0.0 < tau <= 1.0):
+        raise UserError(f"--threshold must be in (0, 1], got {tau}")
+    return tau
+
+
+def parse_weights(text: str | None, clients: list[Path]) -> list[float] | None:
+    """The --weights list, one non-negative finite number per client, not all zero; None means equal weights."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    try:
+        values = [float(item) for item in items]
+    except ValueError:
+        bad = next(item for item in items if not is_number(item))
+        raise UserError(f"--weights: {bad!r} is not a number") from None
+    if len(values) != len(clients):
+        raise UserError(f"--weights gives {len(values)} weights for {len(clients)} clients")
+    for value, client in zip(values, clients):
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--weights: weight {value} for {client} is not a non-negative finite number")
+    if sum(values) <= 0:
+        raise UserError("--weights are all zero; nothing to weigh the clients by")
+    return values
+
+
+def check_output_apart(output: Path, clients: list[Path]) -> None:
+    """Writing OUT must not replace a client's adapter (possible with --overwrite)."""
+    out = output.resolve()
+    for client in clients:
+        c = client.resolve()
+        if c == out or out in c.parents:
+            raise UserError(f"--output {output} would replace the client directory {client}")
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_clients(clients: list[Path], console: Console) -> tuple[list[ClientUpdate], list[AdapterInfo]]:
+    """Read every client adapter; the directory as given names the client in every message."""
+    updates, infos = [], []
+    with Progress(console=console, transient=True) as progress:
+        for path in progress.track(clients, description="reading client adapters"):
+            modules, info = read_adapter(path, client_id=str(path))
+            updates.append(ClientUpdate(modules, num_examples=1, client_id=str(path)))
+            infos.append(info)
+    return updates, infos
+
+
+def common_value(infos: list[AdapterInfo], field: str, console: Console) -> str | None:
+    """The clients' shared base model / task type; the first client's, with a warning, when they differ."""
+    values = [getattr(info, field) for info in infos]
+    if len(set(values)) > 1:
+        differing = ", ".join(sorted(map(repr, set(values))))
+        console.print(f"warning: the clients give different {field} values ({differing}); using {values[0]!r}",
+                      style="yellow", markup=False, highlight=False)
+    return values[0]
+
+
+def aggregation_report(
+    method: str,
+    tau: float | None,
+    weights_given: list[float] | None,
+    clients: list[Path],
+    result: AggregationResult,
+    comm: RoundCommunication,
+) -> dict:
+    """What ``aggregation.json`` records: inputs, the adapters written, traffic and singular values."""
+    return {
+        "method": method,
+        "threshold": tau,
+        "weights": result.weights,
+        "weights_given": weights_given,
+        "clients": [str(c) for c in clients],
+        "adapters": [
+            {"path": path, "client": client, "ranks": {name: m.rank for name, m in adapter.items()}}
+            for path, client, adapter in written_adapters(result, clients)
+        ],
+        "communication": comm.to_dict(),
+        "singular_values": {
+            name: m.singular_values.tolist() for name, m in result.modules.items() if m.singular_values is not None
+        },
+    }
+
+
+def written_adapters(result: AggregationResult, clients: list[Path]) -> list[tuple[str, str | None, dict]]:
+    """(path relative to OUT, client, adapter) for each PEFT directory written: OUT itself, or one per client."""
+    if result.per_client is None:
+        return [(".", None, result.modules)]
+    return [(f"client_{k}", str(c), adapter) for k, (c, adapter) in enumerate(zip(clients, result.per_client))]
+
+
+def write_result(
+    output: Path,
+    result: AggregationResult,
+    base_model: str | None,
+    task_type: str | None,
+    report: dict,
+    overwrite: bool,
+) -> None:
+    extra = {REPORT_NAME: json.dumps(report, indent=2) + "\n"}
+    if result.per_client is None:
+        write_adapter(output, result.modules, base_model, extra_files=extra, overwrite=overwrite, task_type=task_type)
+    else:
+        adapters = {f"client_{k}": adapter for k, adapter in enumerate(result.per_client)}
+        write_adapters(output, adapters, base_model, extra_files=extra, overwrite=overwrite, task_type=task_type)
+
+
+def print_summary(
+    console: Console,
+    method: str,
+    tau: float | None,
+    clients: list[Path],
+    result: AggregationResult,
+    comm: RoundCommunication,
+    output: Path,
+) -> None:
+    ranks = [m.rank for k in range(len(clients)) for m in result.for_client(k).values()]
+    title = f"florist aggregate: {method}" + (f" (tau = {tau:g})" if tau is not None else "")
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("clients", str(len(clients)))
+    table.add_row("modules", str(len(result.modules)))
+    table.add_row("rank min / mean / max", f"{min(ranks)} / {sum(ranks) / len(ranks):.2f} / {max(ranks)}")
+    for label, params, nbytes in (
+        ("upload (all clients)", comm.total_upload_params, sum(comm.upload_bytes)),
+        ("download (all clients)", comm.total_download_params, sum(comm.download_bytes)),
+    ):
+        table.add_row(label, f"{params:,} params, {format_bytes(nbytes)}")
+    table.add_row("Eff x10^4", f"{comm.eff * 1e4:.2f}")
+    console.print(table)
+    console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+def format_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exponent = min(int(math.log(n, 1024)), 3)
+    return f"{n / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
