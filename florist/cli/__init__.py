@@ -1,0 +1,24 @@
+"""The ``florist`` command line: thin over the library. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="florist",
+    help="Federated LoRA fine-tuning of LLMs: FLoRIST and its baselines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Each module registers its command(s) on `app` when imported (one line per module, keep sorted).
+from . import aggregate as _aggregate  # noqa: E402,F401
+from . import data as _data  # noqa: E402,F401
+from . import demo as _demo  # noqa: E402,F401
+from . import eval as _eval  # noqa: E402,F401
+from . import run as _run  # noqa: E402,F401
+
+
+def main() -> None:
+    app()
