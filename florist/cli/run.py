@@ -1,0 +1,51 @@
+"""``florist run``: a federated fine-tuning run from a TOML config, with command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from . import app
+from .errors import user_errors
+
+console = Console()
+
+
+@app.command("run")
+def run_command(
+    config: Path = typer.Argument(None, help="TOML config (defaults: the embedded model on the built-in dataset)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: section.key=value (repeatable)"),
+    methods: str = typer.Option(None, help="comma-separated: florist,flora,fedit,flexlora,ffa"),
+    thresholds: str = typer.Option(None, help="FLoRIST tau: 0.9, 0.8,0.9 or a range 0.80:1.00:0.01"),
+    rounds: int = typer.Option(None, help="communication rounds"),
+    model: str = typer.Option(None, help="model alias, hub id or local directory"),
+    data: str = typer.Option(None, help="training data: builtin, a hub id, a JSON/JSONL file or a folder of client files"),
+    output: str = typer.Option(None, help="run directory (resumed if it holds an unfinished run of the same config)"),
+    overwrite: bool = typer.Option(False, help="start afresh even if the run directory holds another run"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Train clients, aggregate with every method, evaluate, and write the paper-style results table."""
+    from ..adapters import AdapterError
+    from ..config import ConfigError, load_config
+    from ..data import DataError
+    from ..evaluation import EvalDataError
+    from ..models import ModelLoadError
+    from ..run import run
+    from ..rundir import RunDirError
+
+    shortcuts = {"federation.methods": methods and _list(methods), "federation.thresholds": thresholds and f'"{thresholds}"',
+                 "federation.rounds": rounds, "model.name": model and f'"{model}"', "data.train": data and f'"{data}"',
+                 "output": output and f'"{output}"'}
+    overrides = list(set_) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError):
+        cfg = load_config(config, overrides)
+        path = run(cfg, overwrite=overwrite, progress=not quiet)
+    console.print(Markdown((path / "results.md").read_text()))
+    console.print(f"\nrun directory: [bold]{path}[/]")
+
+
+def _list(csv: str) -> str:
+    return "[" + ",".join(f'"{x.strip()}"' for x in csv.split(",") if x.strip()) + "]"

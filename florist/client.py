@@ -1,0 +1,237 @@
+"""Local training: one client's LoRA fine-tuning with PEFT on its own examples.
+
+The base model is shared: PEFT injects this client's LoRA layers into it, training runs,
+the factors are read out and ``unload`` puts the original layers back. No client ever
+holds a copy of the base model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import peft
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .aggregation import ClientUpdate, LoraFactors, ModuleAggregate
+from .config import LoraConfig, TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """How a client's LoRA starts this round.
+
+    ``init``: the global adapter to start from (re-init scheme; scaling folded into B), or None
+    for a fresh LoRA. ``frozen_a``: FFA-LoRA's shared frozen A per module (rank >= this client's),
+    or None to train A.
+    """
+
+    rank: int
+    alpha: float
+    seed: int
+    init: dict[str, ModuleAggregate] | None = None
+    frozen_a: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class TrainingLog:
+    steps: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    seconds: float = 0.0
+
+
+def shared_frozen_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """FFA-LoRA's A: the same on every client, drawn from ``seed`` like PEFT's init, U(-1/sqrt(n), 1/sqrt(n)).
+
+    Clients of smaller rank take the leading rows, so heterogeneous ranks still share one A.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        n = shapes[name][1]
+        bound = 1.0 / math.sqrt(n)
+        out[name] = (torch.rand(rank, n, generator=g) * 2 - 1) * bound
+    return out
+
+
+def length_grouped_batches(lengths: Sequence[int], micro_batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+    """A seeded shuffle, then examples sorted by length within windows of ``group`` micro-batches.
+
+    Neighbours in a micro-batch have similar lengths, so little of each batch is padding, while
+    the order across windows stays random.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    window = micro_batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def collate(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padded label positions are -100 so they carry no loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class LocalTrainer:
+    """Trains one client's LoRA on the shared base model and returns its factors."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_token_id: int,
+        lora: LoraConfig,
+        train: TrainConfig,
+        dtype: str = "bfloat16",
+        device: str = "cpu",
+        gradient_checkpointing: bool = False,
+    ):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.lora = lora
+        self.train_config = train
+        self.dtype = DTYPES[dtype]
+        self.device = device
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def train(
+        self,
+        examples: Sequence[dict],
+        start: ClientStart,
+        client_id: str = "",
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> tuple[ClientUpdate, TrainingLog]:
+        """Fine-tune a fresh (or global-initialised) LoRA on ``examples`` (tokenized: input_ids, labels)."""
+        if len(examples) == 0:
+            raise ValueError(f"{client_id or 'client'}: no training examples")
+        began = time.perf_counter()
+        torch.manual_seed(start.seed)  # PEFT draws A's init from the global generator
+        peft_model = peft.get_peft_model(self.model, self._peft_config(start))
+        try:
+            self._initialise(start)
+            log = self._fit(peft_model, examples, start.seed, on_step)
+            modules = lora_factors(self.model)
+        finally:
+            peft_model.unload()  # the shared base gets its original layers back, unmerged
+        log.seconds = time.perf_counter() - began
+        return ClientUpdate(modules, num_examples=len(examples), client_id=client_id), log
+
+    def _peft_config(self, start: ClientStart) -> peft.LoraConfig:
+        return peft.LoraConfig(
+            r=start.rank,
+            lora_alpha=start.alpha,
+            target_modules=list(self.lora.target_modules),
+            lora_dropout=self.lora.dropout,
+            use_rslora=self.lora.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    @torch.no_grad()
+    def _initialise(self, start: ClientStart) -> None:
+        for name, layer in lora_layers(self.model):
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            if start.init is not None:
+                load_global(A, B, start.init[name], layer.scaling["default"])
+            if start.frozen_a is not None:
+                A.copy_(start.frozen_a[name][: A.shape[0]])
+                A.requires_grad_(False)
+
+    def _fit(self, peft_model, examples, seed: int, on_step) -> TrainingLog:
+        cfg = self.train_config
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        accumulation = cfg.batch_size // cfg.micro_batch_size
+        steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
+        total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total)  # linear, no warm-up
+        if self.gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable()
+            peft_model.enable_input_require_grads()
+        peft_model.train()
+        lengths = [len(e["input_ids"]) for e in examples]
+        log, stream = TrainingLog(), self._micro_batch_stream(lengths, seed)
+        autocast = (
+            torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else nullcontext()
+        )
+        while log.steps < total:
+            group = [next(stream) for _ in range(accumulation)]
+            group = [b for b in group if b]
+            labelled = sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for b in group for i in b)
+            step_loss = 0.0
+            for batch_idx in group:
+                batch = collate([examples[i] for i in batch_idx], self.pad_token_id, self.device)
+                with autocast:
+                    out = peft_model(**batch, use_cache=False, num_items_in_batch=max(labelled, 1))
+                out.loss.backward()
+                step_loss += float(out.loss.detach())
+                log.tokens += int(batch["attention_mask"].sum())
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.steps += 1
+            log.losses.append(step_loss)
+            if on_step:
+                on_step(log.steps, total, step_loss)
+        peft_model.eval()
+        if self.gradient_checkpointing:
+            peft_model.gradient_checkpointing_disable()
+        return log
+
+    def _micro_batch_stream(self, lengths, seed):
+        """Micro-batches epoch after epoch, each epoch reshuffled from the client's seed."""
+        epoch = 0
+        while True:
+            yield from length_grouped_batches(lengths, self.train_config.micro_batch_size, seed * 1000 + epoch)
+            epoch += 1
+
+
+def lora_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
+    """The trained pairs, as float32 CPU tensors, keyed by the adapted module's name in the base model."""
+    return {
+        name: LoraFactors(
+            A=layer.lora_A["default"].weight.detach().float().cpu().clone(),
+            B=layer.lora_B["default"].weight.detach().float().cpu().clone(),
+            scaling=float(layer.scaling["default"]),
+        )
+        for name, layer in lora_layers(model)
+    }
+
+
+def load_global(A: torch.Tensor, B: torch.Tensor, module: ModuleAggregate, scaling: float) -> None:
+    """Start from the global adapter: its top-r components, or all of them with the rest left fresh.
+
+    B gets the global B divided by this client's scaling, so scaling * B @ A equals the global update.
+    Components beyond the global rank keep PEFT's fresh init (random A, zero B): the update is
+    unchanged, and unlike zero-padded rows they can still learn.
+    """
+    p = min(A.shape[0], module.rank)
+    A[:p].copy_(module.A[:p].to(A.dtype))
+    B[:, :p].copy_((module.B[:, :p] / scaling).to(B.dtype))
+    B[:, p:].zero_()

@@ -1,0 +1,228 @@
+"""The federated loop: rounds, client sampling, aggregation, evaluation. Engine-agnostic.
+
+Every method under comparison is a ``Branch`` followed through the rounds. Branches whose
+clients would start from the same state (round 1: the same base, fresh adapters) share one
+round of client training, so FedIT, FLoRA, FlexLoRA and every FLoRIST threshold are aggregated
+from the very same client adapters: the tau sweep costs evaluation time, not training.
+
+An engine trains a list of ``ClientJob``s and returns their updates; the in-process simulator
+and the Flower app are two such engines over the same ``LocalTrainer``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .aggregation import AggregationMethod, AggregationResult, ClientUpdate, FLoRIST, get_method, prepare, sweep
+from .base_weights import Delta
+from .client import ClientStart, TrainingLog
+from .communication import round_communication
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's training this round: its data index, where its LoRA starts, and the base it trains on."""
+
+    client: int
+    start: ClientStart
+    base_deltas: tuple[Delta, ...] = ()
+
+
+@dataclass
+class ClientResult:
+    client: int
+    update: ClientUpdate
+    log: TrainingLog
+
+
+class Engine(Protocol):
+    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Train every job; results in job order. Jobs whose client failed may be missing."""
+
+
+@dataclass
+class Branch:
+    """One aggregation method (FLoRIST at one tau) and the global results of its finished rounds."""
+
+    label: str
+    method: AggregationMethod
+    threshold: float | None = None
+    history: list[AggregationResult] = field(default_factory=list)
+
+    def base_deltas(self, client: int, scheme: str) -> tuple[Delta, ...]:
+        """Merge scheme: every past global update is merged into this client's base."""
+        return tuple(r.for_client(client) for r in self.history) if scheme == "merge" else ()
+
+    def init_adapter(self, client: int, scheme: str) -> Delta | None:
+        """Re-init scheme: the client's LoRA starts from the latest global adapter."""
+        return self.history[-1].for_client(client) if scheme == "reinit" and self.history else None
+
+    def model_deltas(self, client: int, scheme: str) -> tuple[Delta, ...]:
+        """The updates that make up client ``client``'s model now: all merged rounds, or the latest adapter."""
+        if scheme == "merge":
+            return tuple(r.for_client(client) for r in self.history)
+        return (self.history[-1].for_client(client),) if self.history else ()
+
+    def training_key(self) -> tuple:
+        """Branches with equal keys start their clients identically and can share their training."""
+        return ("fresh", self.method.sends_a) if not self.history else ("own", self.label)
+
+
+def make_branches(methods: Sequence[str], thresholds: Sequence[float]) -> list[Branch]:
+    branches = []
+    for name in methods:
+        if name == FLoRIST.name:
+            branches += [Branch(f"florist@{t:.2f}", FLoRIST(t), t) for t in thresholds]
+        else:
+            branches.append(Branch(name, get_method(name)))
+    return branches
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_number: int) -> list[int]:
+    """The clients taking part in a round, drawn from the run's seed and the round number (all if per_round is 0)."""
+    if per_round in (0, num_clients):
+        return list(range(num_clients))
+    return sorted(random.Random(seed * 7919 + round_number).sample(range(num_clients), per_round))
+
+
+def client_seed(seed: int, round_number: int, client: int) -> int:
+    """Each client's seed for its LoRA init and data order: the same for every branch, so training can be shared."""
+    return seed * 1_000_003 + round_number * 1009 + client
+
+
+@dataclass
+class RoundRecord:
+    """One branch's outcome in one round (round 0: the base model)."""
+
+    round: int
+    branch: str
+    method: str
+    threshold: float | None
+    participants: list[int]
+    ranks: dict[str, int]
+    communication: dict
+    evaluation: dict
+    train: dict
+    server_seconds: float
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+class Federation:
+    """Runs the rounds. ``evaluate(branch_deltas_per_client, weights)`` scores a model state and returns metrics.
+
+    ``frozen_a(round_number)`` gives FFA-LoRA's shared A for a round; ``save_clients`` and ``save_round``
+    persist what a round produced (the run directory does it; tests may pass no-ops).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        branches: list[Branch],
+        *,
+        ranks: Sequence[int],
+        alpha_per_rank: float,
+        scheme: str,
+        seed: int,
+        clients_per_round: int,
+        min_clients: int,
+        frozen_a: Callable[[int, int], dict],
+        evaluate: Callable[[Branch | None], dict],
+        on_clients: Callable[[int, str, list[ClientResult]], None] = lambda *a: None,
+        on_round: Callable[[int, list[Branch], list[RoundRecord]], None] = lambda *a: None,
+        log: Callable[[str], None] = print,
+    ):
+        self.engine, self.branches = engine, branches
+        self.ranks, self.alpha_per_rank = list(ranks), alpha_per_rank
+        self.scheme, self.seed = scheme, seed
+        self.clients_per_round, self.min_clients = clients_per_round, min_clients
+        self.frozen_a, self.evaluate = frozen_a, evaluate
+        self.on_clients, self.on_round, self.log = on_clients, on_round, log
+
+    def run_round(self, round_number: int) -> list[RoundRecord]:
+        sampled = sample_clients(len(self.ranks), self.clients_per_round, self.seed, round_number)
+        groups: dict[tuple, list[Branch]] = {}
+        for b in self.branches:
+            groups.setdefault(b.training_key(), []).append(b)
+        records = []
+        for key, branches in groups.items():
+            group_name = "shared" if key[0] == "fresh" and key[1] else ("ffa" if key[0] == "fresh" else key[1])
+            self.log(f"round {round_number}: training {len(sampled)} clients for {', '.join(b.label for b in branches)}")
+            results = self.engine.train(round_number, [self._job(branches[0], k, round_number) for k in sampled])
+            if len(results) < self.min_clients:
+                raise RuntimeError(f"round {round_number}: {len(results)} clients replied, fewer than min_clients={self.min_clients}")
+            self.on_clients(round_number, group_name, results)
+            records += self._aggregate(round_number, branches, results)
+        self.on_round(round_number, self.branches, records)
+        return records
+
+    def _job(self, branch: Branch, client: int, round_number: int) -> ClientJob:
+        rank = self.ranks[client]
+        start = ClientStart(
+            rank=rank,
+            alpha=self.alpha_per_rank * rank,
+            seed=client_seed(self.seed, round_number, client),
+            init=branch.init_adapter(client, self.scheme),
+            frozen_a=None if branch.method.sends_a else self.frozen_a(round_number, max(self.ranks)),
+        )
+        return ClientJob(client, start, branch.base_deltas(client, self.scheme))
+
+    def _aggregate(self, round_number: int, branches: list[Branch], results: list[ClientResult]) -> list[RoundRecord]:
+        updates = [r.update for r in results]
+        prepared, weights = prepare(updates)
+        florist_branches = [b for b in branches if b.threshold is not None]
+        start = time.perf_counter()
+        swept = sweep(prepared, weights, [b.threshold for b in florist_branches]) if florist_branches else {}
+        sweep_seconds = (time.perf_counter() - start) / max(1, len(florist_branches))
+        records = []
+        for b in branches:
+            start = time.perf_counter()
+            result = swept[b.threshold] if b.threshold is not None else b.method.aggregate(prepared, weights)
+            seconds = sweep_seconds if b.threshold is not None else time.perf_counter() - start
+            # a client's index in this round's results, for per-client adapters, is its position in `results`
+            result = _index_by_client(result, [r.client for r in results], len(self.ranks))
+            b.history.append(result)
+            records.append(self._record(round_number, b, results, prepared, result, seconds))
+        return records
+
+    def _record(self, round_number, branch, results, prepared, result, seconds) -> RoundRecord:
+        comm = round_communication(branch.method, prepared, _compact(result, [r.client for r in results]))
+        losses = [r.log.losses[-1] for r in results if r.log.losses]
+        return RoundRecord(
+            round=round_number,
+            branch=branch.label,
+            method=branch.method.name,
+            threshold=branch.threshold,
+            participants=[r.client for r in results],
+            ranks=result.ranks,
+            communication=comm.to_dict(),
+            evaluation=self.evaluate(branch),
+            train={
+                "final_loss_mean": sum(losses) / len(losses) if losses else None,
+                "tokens": sum(r.log.tokens for r in results),
+                "seconds": sum(r.log.seconds for r in results),
+            },
+            server_seconds=seconds,
+        )
+
+
+def _index_by_client(result: AggregationResult, clients: list[int], num_clients: int) -> AggregationResult:
+    """Re-key per-client adapters from this round's reply order to client indices (non-participants get the global)."""
+    if result.per_client is None:
+        return result
+    per_client = [result.modules] * num_clients
+    for position, client in enumerate(clients):
+        per_client[client] = result.per_client[position]
+    return AggregationResult(result.method, result.modules, per_client, result.weights)
+
+
+def _compact(result: AggregationResult, clients: list[int]) -> AggregationResult:
+    """The inverse view: per-client adapters in reply order, for accounting over this round's participants."""
+    if result.per_client is None:
+        return result
+    return AggregationResult(result.method, result.modules, [result.per_client[c] for c in clients], result.weights)

@@ -1,0 +1,143 @@
+"""The federated loop on the tiny config-built Llama: sharing, resume, schemes, sampling, run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import florist.run as run_module
+from florist.adapters import read_adapter
+from florist.config import load_config
+from florist.models import tiny_llama
+from florist.server import Federation
+
+FAST = [
+    "data.clients=3", "data.max_examples_per_client=6", "data.cutoff=32", "data.partition=\"iid\"",
+    "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.01", "eval.limit=8", "eval.batch_size=8",
+    "lora.ranks=[4]",
+]
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(run_module, "load_model", lambda name, dtype, device: tiny_llama(0))
+
+
+def run(tmp_path, name, *overrides, **kw):
+    cfg = load_config(None, FAST + [f'output="{tmp_path / name}"', *overrides])
+    return run_module.run(cfg, progress=False, log=lambda m: None, **kw)
+
+
+def global_factors(path, round_number, label):
+    factors, _ = read_adapter(path / "rounds" / f"{round_number:03d}" / label)
+    return factors
+
+
+def assert_same_adapters(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n].A, b[n].A) and torch.equal(a[n].B, b[n].B), n
+
+
+def test_a_method_alone_equals_the_same_method_inside_the_sweep(tmp_path):
+    swept = run(tmp_path, "sweep", 'federation.methods=["fedit","florist","flora"]', 'federation.thresholds="0.5,0.9"')
+    alone = run(tmp_path, "alone", 'federation.methods=["florist"]', 'federation.thresholds="0.9"')
+    assert_same_adapters(global_factors(swept, 1, "florist@0.90"), global_factors(alone, 1, "florist@0.90"))
+    # every branch was aggregated from the same client adapters, saved once
+    assert [p.name for p in (swept / "rounds" / "001" / "clients").iterdir()] == ["shared"]
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    args = ('federation.methods=["florist","fedit"]', "federation.rounds=2")
+    whole = run(tmp_path, "whole", *args)
+
+    real = Federation.run_round
+
+    def die_in_round_two(self, round_number):
+        if round_number == 2:
+            raise KeyboardInterrupt
+        return real(self, round_number)
+
+    monkeypatch.setattr(Federation, "run_round", die_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", *args)
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["completed_rounds"] == 1
+    monkeypatch.setattr(Federation, "run_round", real)
+    resumed = run(tmp_path, "killed", *args)
+    for label in ("florist@0.90", "fedit"):
+        assert_same_adapters(global_factors(whole, 2, label), global_factors(resumed, 2, label))
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2  # base, then two branches for two rounds
+
+
+def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
+    from florist.rundir import RunDirError
+
+    run(tmp_path, "r", 'federation.methods=["fedit"]')
+    with pytest.raises(RunDirError, match="different configuration"):
+        run(tmp_path, "r", 'federation.methods=["flora"]')
+
+
+def test_run_directory_holds_config_clients_globals_metrics_and_results(tmp_path):
+    path = run(tmp_path, "r", 'federation.methods=["flexlora","ffa"]', "lora.ranks=[4,2,2]")
+    assert (path / "config.toml").exists() and (path / "results.md").exists() and (path / "results.csv").exists()
+    r1 = path / "rounds" / "001"
+    assert sorted(p.name for p in (r1 / "clients").iterdir()) == ["ffa", "shared"]
+    # heterogeneous FlexLoRA: one adapter per client at its own rank
+    for k, rank in enumerate([4, 2, 2]):
+        factors, _ = read_adapter(r1 / "flexlora" / f"client_{k}")
+        assert {f.rank for f in factors.values()} == {rank}
+    # FFA-LoRA: every client's A is the shared frozen one, and the global keeps it
+    a = [read_adapter(r1 / "clients" / "ffa" / f"client_{k}")[0] for k in range(3)]
+    g = global_factors(path, 1, "ffa")
+    for n in g:
+        for k, rank in enumerate([4, 2, 2]):
+            assert torch.equal(a[k][n].A, g[n].A[:rank])
+    records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    flex = next(r for r in records if r["branch"] == "flexlora")
+    assert len(flex["evaluation"]["per_client"]) == 3  # the data-weighted mean of the client models
+    results = (path / "results.md").read_text()
+    assert "| flexlora |" in results and "| ffa |" in results
+
+
+def test_client_sampling_is_seeded_and_recorded(tmp_path):
+    path = run(tmp_path, "r", 'federation.methods=["fedit"]', "federation.clients_per_round=2", "federation.rounds=2")
+    records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(len(r["participants"]) == 2 for r in records)
+    again = run(tmp_path, "r2", 'federation.methods=["fedit"]', "federation.clients_per_round=2", "federation.rounds=2")
+    assert [json.loads(x)["participants"] for x in (again / "metrics.jsonl").read_text().splitlines()][1:] == [
+        r["participants"] for r in records
+    ]
+
+
+def test_reinit_scheme_starts_clients_from_the_global_adapter(tmp_path, monkeypatch):
+    starts = []
+    from florist.client import LocalTrainer
+
+    real = LocalTrainer.train
+
+    def spy(self, examples, start, client_id="", on_step=None):
+        starts.append(start)
+        return real(self, examples, start, client_id, on_step)
+
+    monkeypatch.setattr(LocalTrainer, "train", spy)
+    run(tmp_path, "r", 'federation.methods=["florist"]', 'federation.scheme="reinit"', "federation.rounds=2")
+    assert all(s.init is None for s in starts[:3])
+    assert all(s.init is not None for s in starts[3:])
+
+
+def test_merge_scheme_merges_every_past_global_update(tmp_path, monkeypatch):
+    from florist.engines.inprocess import InProcessEngine
+
+    merged = []
+    real = InProcessEngine.train
+
+    def spy(self, round_number, jobs):
+        merged.append([len(j.base_deltas) for j in jobs])
+        return real(self, round_number, jobs)
+
+    monkeypatch.setattr(InProcessEngine, "train", spy)
+    run(tmp_path, "r", 'federation.methods=["fedit"]', "federation.rounds=3", 'eval.questions="none"')
+    assert merged == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]  # round r trains on the base plus rounds 1..r-1
