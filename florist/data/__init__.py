@@ -1,0 +1,46 @@
+"""Instruction data for federated fine-tuning: load, prompt, tokenize, split over clients.
+
+    >>> clients = load_clients("builtin", num_clients=8, scheme="dirichlet", alpha=0.5, seed=0)
+    >>> train = tokenize_dataset(clients[0], tokenizer, cutoff=512)
+"""
+
+from __future__ import annotations
+
+from .builtin import builtin_heldout, builtin_train
+from .instructions import (
+    BUILTIN,
+    COLUMNS,
+    DATASET_ALIASES,
+    IGNORE_INDEX,
+    DataError,
+    build_prompt,
+    client_files,
+    is_client_folder,
+    load_client_folder,
+    load_instructions,
+    normalize_row,
+    tokenize_dataset,
+)
+from .partition import SCHEMES, heterogeneity, load_clients, partition, summary_table
+
+__all__ = [
+    "BUILTIN",
+    "COLUMNS",
+    "DATASET_ALIASES",
+    "IGNORE_INDEX",
+    "SCHEMES",
+    "DataError",
+    "build_prompt",
+    "builtin_heldout",
+    "builtin_train",
+    "client_files",
+    "heterogeneity",
+    "is_client_folder",
+    "load_client_folder",
+    "load_clients",
+    "load_instructions",
+    "normalize_row",
+    "partition",
+    "summary_table",
+    "tokenize_dataset",
+]

@@ -1,0 +1,160 @@
+"""Split one instruction dataset over N clients with flwr-datasets' partitioners, seeded and reproducible.
+
+- ``iid``: a seeded shuffle, then N equal contiguous parts.
+- ``dirichlet``: for every category, client shares drawn from Dirichlet(alpha) (FLoRA/FLoRIST's non-IID split,
+  alpha 0.5); a smaller alpha concentrates each category on fewer clients. Rows of a category are dealt out in their
+  dataset order, so neighbouring rows (such as several phrasings of one fact) mostly go to the same client.
+- ``shards``: rows sorted by category, cut into equal shards, ``shards_per_client`` random shards to each client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import datasets
+from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
+from rich.table import Table
+
+from .instructions import DataError, load_client_folder, is_client_folder, load_instructions
+
+SCHEMES = ("iid", "dirichlet", "shards")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars for the partitioners' small internal steps (flattening indices, sorting)."""
+    was_enabled = is_progress_bar_enabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_progress_bars()
+
+
+def _partitioner(
+    ds: datasets.Dataset, num_clients: int, scheme: str, alpha: float, seed: int, column: str,
+    min_size: int, shards_per_client: int,
+) -> tuple[Partitioner, datasets.Dataset]:
+    if scheme == "iid":
+        # IidPartitioner cuts contiguous blocks; the seeded shuffle is what makes them IID.
+        return IidPartitioner(num_partitions=num_clients), ds.shuffle(seed=seed)
+    if column not in ds.column_names:
+        raise DataError(f"{scheme} split needs column {column!r}; the dataset has {', '.join(ds.column_names)}")
+    if scheme == "dirichlet":
+        if not alpha > 0:
+            raise DataError(f"alpha must be positive, got {alpha}")
+        return DirichletPartitioner(
+            num_partitions=num_clients, partition_by=column, alpha=float(alpha),
+            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
+        ), ds
+    if scheme == "shards":
+        if shards_per_client < 1:
+            raise DataError(f"shards per client must be at least 1, got {shards_per_client}")
+        # Shards of ceil(rows / shards) rows, the last one shorter, so that no row is dropped.
+        return ShardPartitioner(
+            num_partitions=num_clients, partition_by=column, shard_size=math.ceil(len(ds) / (num_clients * shards_per_client)),
+            keep_incomplete_shard=True, shuffle=True, seed=seed,
+        ), ds
+    raise DataError(f"unknown partition scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+
+
+def partition(
+    ds: datasets.Dataset,
+    num_clients: int,
+    scheme: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+    column: str = "category",
+    min_size: int = 1,
+    shards_per_client: int = 2,
+) -> list[datasets.Dataset]:
+    """``num_clients`` Datasets, the same ones for the same arguments.
+
+    ``min_size`` (dirichlet): the Dirichlet draw is repeated, up to 10 times, until every client has at least this
+    many rows; then it fails with an error. No scheme returns an empty client.
+    """
+    if num_clients < 1:
+        raise DataError(f"the number of clients must be at least 1, got {num_clients}")
+    if num_clients > len(ds):
+        raise DataError(f"{len(ds)} rows cannot fill {num_clients} clients")
+    partitioner, source = _partitioner(ds, num_clients, scheme, alpha, seed, column, min_size, shards_per_client)
+    partitioner.dataset = source
+    try:
+        with _quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Dirichlet retries warn before they either succeed or raise
+            clients = [partitioner.load_partition(k) for k in range(num_clients)]
+    except ValueError as e:
+        raise DataError(
+            f"{scheme} split of {len(ds)} rows over {num_clients} clients failed: {e} "
+            f"(try a larger alpha, fewer clients or a smaller min size)"
+        ) from None
+    for k, client in enumerate(clients):
+        if len(client) == 0:
+            raise DataError(f"{scheme} split leaves client {k} empty; use fewer clients or another scheme")
+    return clients
+
+
+def load_clients(
+    spec: str,
+    num_clients: int | None = None,
+    scheme: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+    column: str = "category",
+) -> list[datasets.Dataset]:
+    """Client datasets from a data spec: a folder of client files as it is, anything else loaded and partitioned
+    (``num_clients`` defaults to 8, the paper's setting). ``seed`` also draws the facts of ``builtin``."""
+    if is_client_folder(spec):
+        clients = load_client_folder(spec)
+        if num_clients is not None and num_clients != len(clients):
+            raise DataError(f"{spec} holds {len(clients)} client files, but {num_clients} clients were asked for")
+        return clients
+    return partition(load_instructions(spec, seed), num_clients or 8, scheme, alpha, seed, column)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Describing a split
+
+
+def category_counts(clients: Sequence[datasets.Dataset], column: str = "category") -> list[Counter[str]]:
+    """Rows per category, per client (one empty category when the column is missing)."""
+    return [Counter(c[column]) if column in c.column_names else Counter({"": len(c)}) for c in clients]
+
+
+def heterogeneity(clients: Sequence[datasets.Dataset], column: str = "category") -> float:
+    """Mean total-variation distance between each client's category mix and the whole: 0 when every client mirrors
+    the whole, approaching 1 when clients hold disjoint categories."""
+    counts = category_counts(clients, column)
+    whole = sum(counts, Counter())
+    total = sum(whole.values())
+    distances = []
+    for c in counts:
+        n = sum(c.values())
+        distances.append(0.5 * sum(abs(c[k] / n - whole[k] / total) for k in whole))
+    return sum(distances) / len(distances)
+
+
+def summary_table(clients: Sequence[datasets.Dataset], column: str = "category", title: str | None = None) -> Table:
+    """Rows, share and category mix of each client."""
+    counts = category_counts(clients, column)
+    total = sum(sum(c.values()) for c in counts)
+    table = Table(title=title, caption=f"heterogeneity (mean TV distance to the whole): {heterogeneity(clients, column):.2f}")
+    table.add_column("client", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("categories", justify="right")
+    table.add_column(f"largest {column} shares")
+    for k, c in enumerate(counts):
+        n = sum(c.values())
+        mix = ", ".join(f"{name or '(none)'} {count / n:.0%}" for name, count in c.most_common(3))
+        table.add_row(str(k), str(n), f"{n / total:.1%}", str(len(c)), mix)
+    whole = sum(counts, Counter())
+    table.add_section()
+    table.add_row("all", str(total), "100%", str(len(whole)), "")
+    return table
