@@ -44,6 +44,10 @@ class Engine(Protocol):
         """Train every job; results in job order. Jobs whose client failed may be missing."""
 
 
+class RoundFailed(RuntimeError):
+    """Too few clients replied; the round left nothing behind and the run can be resumed."""
+
+
 @dataclass
 class Branch:
     """One aggregation method (FLoRIST at one tau) and the global results of its finished rounds."""
@@ -70,6 +74,15 @@ class Branch:
     def training_key(self) -> tuple:
         """Branches with equal keys start their clients identically and can share their training."""
         return ("fresh", self.method.sends_a) if not self.history else ("own", self.label)
+
+
+@dataclass
+class TrainingGroup:
+    """Branches that share one round of client training, and the jobs that training consists of."""
+
+    name: str  # "shared", "ffa", or a branch label once branches have diverged
+    branches: list[Branch]
+    jobs: list[ClientJob]
 
 
 def make_branches(methods: Sequence[str], thresholds: Sequence[float]) -> list[Branch]:
@@ -145,19 +158,40 @@ class Federation:
         self.on_clients, self.on_round, self.log = on_clients, on_round, log
 
     def run_round(self, round_number: int) -> list[RoundRecord]:
+        """Plan the round, have the engine train every group's jobs, aggregate, evaluate, persist."""
+        groups = self.plan_round(round_number)
+        results = {}
+        for g in groups:
+            self.log(f"round {round_number}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}")
+            results[g.name] = self.engine.train(round_number, g.jobs)
+        return self.finish_round(round_number, groups, results)
+
+    def plan_round(self, round_number: int) -> list[TrainingGroup]:
+        """Sample this round's clients and group the branches that can share their training."""
         sampled = sample_clients(len(self.ranks), self.clients_per_round, self.seed, round_number)
-        groups: dict[tuple, list[Branch]] = {}
+        by_key: dict[tuple, list[Branch]] = {}
         for b in self.branches:
-            groups.setdefault(b.training_key(), []).append(b)
+            by_key.setdefault(b.training_key(), []).append(b)
+        groups = []
+        for key, branches in by_key.items():
+            name = ("shared" if key[1] else "ffa") if key[0] == "fresh" else key[1]
+            groups.append(TrainingGroup(name, branches, [self._job(branches[0], k, round_number) for k in sampled]))
+        return groups
+
+    def finish_round(
+        self, round_number: int, groups: Sequence[TrainingGroup], results: dict[str, list[ClientResult]]
+    ) -> list[RoundRecord]:
+        """Aggregate every branch from its group's client results; fails cleanly below ``min_clients``."""
+        for g in groups:
+            if len(results[g.name]) < self.min_clients:
+                raise RoundFailed(
+                    f"round {round_number}: {len(results[g.name])} of {len(g.jobs)} clients replied for "
+                    f"{g.name}, fewer than min_clients={self.min_clients}"
+                )
         records = []
-        for key, branches in groups.items():
-            group_name = "shared" if key[0] == "fresh" and key[1] else ("ffa" if key[0] == "fresh" else key[1])
-            self.log(f"round {round_number}: training {len(sampled)} clients for {', '.join(b.label for b in branches)}")
-            results = self.engine.train(round_number, [self._job(branches[0], k, round_number) for k in sampled])
-            if len(results) < self.min_clients:
-                raise RuntimeError(f"round {round_number}: {len(results)} clients replied, fewer than min_clients={self.min_clients}")
-            self.on_clients(round_number, group_name, results)
-            records += self._aggregate(round_number, branches, results)
+        for g in groups:
+            self.on_clients(round_number, g.name, results[g.name])
+            records += self._aggregate(round_number, g.branches, results[g.name])
         self.on_round(round_number, self.branches, records)
         return records
 
