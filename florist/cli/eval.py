@@ -1,0 +1,125 @@
+"""``florist eval``: multiple-choice accuracy (MMLU) of a model, optionally with a LoRA adapter."""
+
+from __future__ import annotations
+
+import enum
+import random
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import evaluation
+from ..adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from . import app
+from .errors import UserError, user_errors
+
+# Where the 1,444-question MMLU subset sits beside a checkout of this project.
+DEFAULT_MMLU = Path("../shared/data/mmlu/mmlu_1444.json")
+
+console = Console()
+
+
+class Mode(str, enum.Enum):
+    letter = "letter"
+    option = "option"
+
+
+class Protocol(str, enum.Enum):
+    loglik = "loglik"
+    generate = "generate"
+
+
+@app.command("eval")
+def eval_command(
+    model: str | None = typer.Option(None, "--model", help="model name or directory (default: the embedded SmolLM2-135M-Instruct)"),
+    adapter: Path | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply (safetensors)"),
+    mmlu: str | None = typer.Option(None, "--mmlu", help="questions: the MMLU JSON file, a local cais/mmlu copy, or cais/mmlu"),
+    builtin: bool = typer.Option(False, "--builtin", help="use the built-in held-out question set instead"),
+    mode: Mode | None = typer.Option(None, "--mode", help="loglik scoring: letter (default) or option (the default for --builtin)"),
+    protocol: Protocol = typer.Option(Protocol.loglik, "--protocol", help="loglik (deterministic) or generate (the paper's sampling)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="evaluate a seeded random sample of N questions"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", "--device"),
+    seed: int = typer.Option(0, "--seed", help="picks the --limit sample and seeds the generate protocol"),
+    per_subject: bool = typer.Option(False, "--per-subject", help="also print a table of per-subject accuracy"),
+) -> None:
+    """Accuracy macro-averaged over subjects (the paper's number), micro accuracy, question count and time."""
+    with user_errors(evaluation.EvalDataError):
+        questions = _questions(mmlu, builtin, seed)
+        if limit is not None and limit < len(questions):
+            keep = sorted(random.Random(seed).sample(range(len(questions)), limit))
+            questions = [questions[i] for i in keep]
+        if adapter is not None:
+            _check_adapter_dir(adapter)
+        chosen_mode = (mode.value if mode else None) or ("option" if builtin else "letter")
+        lm, tokenizer = _load(model, adapter, dtype, device)
+        try:
+            result = evaluation.evaluate(
+                lm, tokenizer, questions, mode=chosen_mode, protocol=protocol.value, batch_size=batch_size, seed=seed
+            )
+        except ValueError as e:  # a tokenizer that cannot score letters, for one
+            raise UserError(str(e)) from None
+    _print_result(result, per_subject)
+
+
+def _questions(mmlu: str | None, builtin: bool, seed: int) -> list[evaluation.Question]:
+    if builtin and mmlu is not None:
+        raise UserError("--mmlu and --builtin exclude each other; pass one")
+    if builtin:
+        from ..data.builtin import builtin_heldout
+
+        return evaluation.questions_from_records(builtin_heldout(seed=seed), "the built-in question set")
+    if mmlu is None:
+        if not DEFAULT_MMLU.is_file():
+            raise UserError(f"no questions: {DEFAULT_MMLU} not found from here; pass --mmlu FILE (or --builtin)")
+        mmlu = str(DEFAULT_MMLU)
+    return evaluation.load_questions(mmlu)
+
+
+def _check_adapter_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"--adapter {path}: no such directory")
+    if not (path / CONFIG_NAME).is_file():
+        raise UserError(f"--adapter {path}: no {CONFIG_NAME}, not a PEFT adapter directory")
+    if not (path / WEIGHTS_NAME).is_file():
+        pickled = " (it holds only a pickled adapter_model.bin, which is never loaded)" if (path / PICKLE_NAME).exists() else ""
+        raise UserError(f"--adapter {path}: no {WEIGHTS_NAME}{pickled}")
+
+
+def _load(model: str | None, adapter: Path | None, dtype: str, device: str):
+    from ..models import ModelLoadError, load_model
+
+    try:
+        lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"--adapter {adapter}: {_first_line(e)}") from None
+    return lm, tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _print_result(result: evaluation.EvalResult, per_subject: bool) -> None:
+    subjects = len(result.per_subject)
+    console.print(
+        f"accuracy {result.accuracy:.4f} (macro over {subjects} subjects), micro {result.micro_accuracy:.4f}, "
+        f"{result.n_questions} questions, {result.seconds:.1f} s ({result.questions_per_second:.2f} questions/s), "
+        f"scored by {result.method}"
+    )
+    if per_subject:
+        table = Table("subject", "questions", "accuracy")
+        for subject, accuracy in result.per_subject.items():
+            table.add_row(subject, str(result.subject_counts[subject]), f"{accuracy:.4f}")
+        console.print(table)
