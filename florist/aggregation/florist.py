@@ -16,8 +16,6 @@ from .base import AggregationMethod, AggregationResult, ClientUpdate, ModuleAggr
 from .stacking import stack
 from .svd import energy_rank, stacked_svd
 
-Decomposition = dict[str, tuple[Tensor, Tensor, Tensor]]
-
 
 class FLoRIST(AggregationMethod):
     name = "florist"
@@ -28,28 +26,26 @@ class FLoRIST(AggregationMethod):
         self.threshold = threshold
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
-        return threshold_decomposition(decompose(updates, weights), self.threshold, weights)
+        return sweep(updates, weights, [self.threshold])[self.threshold]
 
 
-def decompose(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> Decomposition:
-    """Per module, the SVD (U, S, Vh) of the exact weighted update. Shared by every tau of a sweep."""
-    out = {}
+def sweep(
+    updates: Sequence[ClientUpdate], weights: Sequence[float], thresholds: Sequence[float]
+) -> dict[float, AggregationResult]:
+    """FLoRIST at every tau from one decomposition per module: a sweep costs one SVD per module, not one per tau.
+
+    Modules are done one at a time and only the kept components are copied out, so the working
+    set is one module's stacks plus the outputs, never every module's full decomposition.
+    """
+    per_tau: dict[float, dict[str, ModuleAggregate]] = {t: {} for t in thresholds}
     for name in updates[0].modules:
         B_st, A_st = stack([u.modules[name] for u in updates], weights)
-        out[name] = stacked_svd(B_st, A_st)
-    return out
+        U, S, Vh = stacked_svd(B_st, A_st)
+        for t in thresholds:
+            per_tau[t][name] = keep_top(U, S, Vh, energy_rank(S, t))
+    return {t: AggregationResult(FLoRIST.name, modules, weights=list(weights)) for t, modules in per_tau.items()}
 
 
-def threshold_decomposition(svds: Decomposition, threshold: float, weights: Sequence[float]) -> AggregationResult:
-    """Keep, per module, the top-p components whose energy reaches ``threshold``; singular values go to B."""
-    modules = {}
-    for name, (U, S, Vh) in svds.items():
-        p = energy_rank(S, threshold)
-        modules[name] = ModuleAggregate(A=Vh[:p].contiguous(), B=U[:, :p] * S[:p], singular_values=S)
-    return AggregationResult(FLoRIST.name, modules, weights=list(weights))
-
-
-def sweep(updates: Sequence[ClientUpdate], weights: Sequence[float], thresholds: Sequence[float]) -> dict[float, AggregationResult]:
-    """FLoRIST at every tau from one decomposition: the sweep costs one SVD per module, not one per tau."""
-    svds = decompose(updates, weights)
-    return {t: threshold_decomposition(svds, t, weights) for t in thresholds}
+def keep_top(U: Tensor, S: Tensor, Vh: Tensor, p: int) -> ModuleAggregate:
+    """The top-p components as a pair, singular values in B; copies, so the full U and Vh can be freed."""
+    return ModuleAggregate(A=Vh[:p].clone(), B=U[:, :p] * S[:p], singular_values=S)
