@@ -80,10 +80,14 @@ class EvalConfig:
     every_round: bool = True
 
 
+ENGINES = ("inprocess", "flower")
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
     output: str = "runs/default"
+    engine: str = "inprocess"  # inprocess | flower (Flower's simulation engine, one SuperNode per client)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -119,6 +123,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
     for item in overrides:
         _apply_override(raw, item)
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def config_from_toml(text: str, where: str = "config") -> RunConfig:
+    """A validated ``RunConfig`` from TOML text, such as ``RunConfig.to_toml()`` wrote (a run sent over the wire)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: invalid TOML: {e}") from None
     config = _build(RunConfig, raw, "")
     validate(config)
     return config
@@ -206,6 +221,7 @@ def validate(c: RunConfig) -> None:
         (c.eval.mode in ("option", "letter"), "eval.mode must be option or letter"),
         (c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
         (bool(c.federation.methods), "federation.methods is empty"),
+        (c.engine in ENGINES, f"engine must be {' or '.join(ENGINES)}; got {c.engine!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -17,12 +19,13 @@ from . import data as datasets_api
 from .base_weights import BaseWeights, Delta, adapted_module_names
 from .client import DTYPES, LocalTrainer, shared_frozen_a
 from .config import RunConfig, parse_thresholds
+from .data.instructions import load_file
 from .engines.inprocess import InProcessEngine
 from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
 from .models import DEFAULT_MODEL, load_model
 from .results import paper_table, rows_from_records, to_csv, to_markdown
 from .rundir import RunDirectory, atomic_write_text
-from .server import Branch, Federation, RoundRecord, make_branches
+from .server import Branch, Engine, Federation, RoundRecord, make_branches
 
 console = Console(stderr=True)
 
@@ -31,13 +34,38 @@ def load_client_examples(config: RunConfig, tokenizer) -> tuple[list[list[dict]]
     """Each client's tokenized examples (input_ids, labels) and its raw dataset, from ``config.data``."""
     d = config.data
     clients = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)
-    if d.max_examples_per_client:
-        clients = [c.shuffle(seed=config.seed).select(range(min(len(c), d.max_examples_per_client))) for c in clients]
-    examples = []
-    for c in clients:
-        tokenized = datasets_api.tokenize_dataset(c, tokenizer, d.cutoff, d.train_on_inputs, d.template)
-        examples.append([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized])
-    return examples, clients
+    clients = [_limit(config, c) for c in clients]
+    return [_tokenized(config, c, tokenizer) for c in clients], clients
+
+
+def load_partition_examples(config: RunConfig, tokenizer, client: int) -> list[dict]:
+    """Client ``client``'s examples alone, equal to ``load_client_examples(...)[0][client]``.
+
+    From a folder of client files only that client's file is read; any other source is split as for the
+    whole federation (the split is seeded) and only this client's part is kept.
+    """
+    d = config.data
+    if not 0 <= client < d.clients:
+        raise datasets_api.DataError(f"client {client} is out of range: the run has data.clients={d.clients}")
+    if datasets_api.is_client_folder(d.train):
+        files = datasets_api.client_files(d.train)
+        if len(files) != d.clients:
+            raise datasets_api.DataError(f"{d.train} holds {len(files)} client files, but {d.clients} clients were asked for")
+        rows = load_file(files[client])
+    else:
+        rows = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)[client]
+    return _tokenized(config, _limit(config, rows), tokenizer)
+
+
+def _limit(config: RunConfig, rows):
+    n = config.data.max_examples_per_client
+    return rows.shuffle(seed=config.seed).select(range(min(len(rows), n))) if n else rows
+
+
+def _tokenized(config: RunConfig, rows, tokenizer) -> list[dict]:
+    d = config.data
+    tokenized = datasets_api.tokenize_dataset(rows, tokenizer, d.cutoff, d.train_on_inputs, d.template)
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
 
 
 def load_eval_questions(config: RunConfig):
@@ -114,7 +142,7 @@ def _weighted(scores: list[dict], sizes: list[int]) -> dict:
 
 
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """Run (or resume) the federation ``config`` describes; returns the run directory."""
+    """Run (or resume) the federation ``config`` describes, on ``config.engine``; returns the run directory."""
     log = log or (lambda msg: console.print(f"[dim]{msg}[/]"))
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=overwrite)
@@ -122,24 +150,73 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: 
         log(f"{rundir.path}: all {done} rounds already finished")
         write_results(rundir, config)
         return rundir.path
-    log(f"loading model {config.model.name or DEFAULT_MODEL}")
-    model, tokenizer = load_model(config.model.name, dtype="float32", device=config.model.device)
+    if config.engine == "flower":
+        from .engines.flower import run_simulation  # flwr and ray are imported only for this engine
+
+        run_simulation(config, rundir, done, progress=progress, log=log)
+    else:
+        _run_in_process(config, rundir, done, progress, log)
+    write_results(rundir, config)
+    return rundir.path
+
+
+def _run_in_process(config: RunConfig, rundir: RunDirectory, done: int, progress: bool, log: Callable[[str], None]) -> None:
+    server = load_server_model(config, log)
     log(f"loading and tokenizing data {config.data.train!r}")
-    examples, _ = load_client_examples(config, tokenizer)
+    examples, _ = load_client_examples(config, server.tokenizer)
     sizes = [len(e) for e in examples]
     log("client sizes: " + ", ".join(str(n) for n in sizes))
-    base = BaseWeights(model, adapted_module_names(model, config.lora.target_modules))
-    shapes = {n: tuple(w.shape) for n, w in base.pristine.items()}
-    trainer = LocalTrainer(model, tokenizer.pad_token_id, config.lora, config.train, config.model.dtype,
-                           config.model.device, config.model.gradient_checkpointing)
-    evaluator = BranchEvaluator(base, model, tokenizer, load_eval_questions(config), _heldout(config, tokenizer), config, sizes)
+    engine = InProcessEngine(server.base, local_trainer(config, server.model, server.tokenizer), examples, progress=progress)
+    federation = build_federation(config, server, rundir, done, sizes, engine, log)
+    for round_number in range(done + 1, config.federation.rounds + 1):
+        federation.run_round(round_number)
+        log(f"round {round_number} finished and saved")
+
+
+@dataclass
+class ServerModel:
+    """The base model the server scores every branch with (in-process, the clients train on it too)."""
+
+    model: Any
+    tokenizer: Any
+    base: BaseWeights
+
+
+def load_server_model(config: RunConfig, log: Callable[[str], None], load: Callable | None = None) -> ServerModel:
+    """``load``: a replacement for ``florist.models.load_model`` (same call), e.g. a test's tiny model."""
+    log(f"loading model {config.model.name or DEFAULT_MODEL}")
+    model, tokenizer = (load or load_model)(config.model.name, dtype="float32", device=config.model.device)
+    return ServerModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
+
+
+def local_trainer(config: RunConfig, model, tokenizer) -> LocalTrainer:
+    return LocalTrainer(model, tokenizer.pad_token_id, config.lora, config.train, config.model.dtype,
+                        config.model.device, config.model.gradient_checkpointing)
+
+
+def build_federation(
+    config: RunConfig,
+    server: ServerModel,
+    rundir: RunDirectory,
+    done: int,
+    client_sizes: Sequence[int],
+    engine: Engine | None,
+    log: Callable[[str], None],
+) -> Federation:
+    """The loop, ready for ``engine``: branches restored from the run directory, the evaluator, round 0 scored.
+
+    ``engine`` may be None for a driver that calls ``plan_round`` and ``finish_round`` itself (the Flower strategy).
+    """
+    shapes = {n: tuple(w.shape) for n, w in server.base.pristine.items()}
+    evaluator = BranchEvaluator(server.base, server.model, server.tokenizer, load_eval_questions(config),
+                                _heldout(config, server.tokenizer), config, client_sizes)
     branches = make_branches(config.federation.methods, parse_thresholds(config.federation.thresholds))
-    rundir.restore_history(branches, done, len(sizes))
+    rundir.restore_history(branches, done, len(client_sizes))
     if done == 0:
         log("evaluating the base model (round 0)")
         rundir.append_metrics([_base_record(evaluator(None))])
-    federation = Federation(
-        InProcessEngine(base, trainer, examples, progress=progress),
+    return Federation(
+        engine,
         branches,
         ranks=config.client_ranks(),
         alpha_per_rank=config.lora.alpha_per_rank,
@@ -153,11 +230,6 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: 
         on_round=rundir.save_round,
         log=log,
     )
-    for round_number in range(done + 1, config.federation.rounds + 1):
-        federation.run_round(round_number)
-        log(f"round {round_number} finished and saved")
-    write_results(rundir, config)
-    return rundir.path
 
 
 def _heldout(config: RunConfig, tokenizer) -> list[dict]:

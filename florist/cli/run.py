@@ -24,6 +24,7 @@ def run_command(
     model: str = typer.Option(None, help="model alias, hub id or local directory"),
     data: str = typer.Option(None, help="training data: builtin, a hub id, a JSON/JSONL file or a folder of client files"),
     output: str = typer.Option(None, help="run directory (resumed if it holds an unfinished run of the same config)"),
+    engine: str = typer.Option(None, help="inprocess (default) or flower: Flower's simulation engine, a SuperNode per client"),
     overwrite: bool = typer.Option(False, help="start afresh even if the run directory holds another run"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
@@ -35,12 +36,13 @@ def run_command(
     from ..models import ModelLoadError
     from ..run import run
     from ..rundir import RunDirError
+    from ..server import RoundFailed
 
     shortcuts = {"federation.methods": methods and _list(methods), "federation.thresholds": thresholds and f'"{thresholds}"',
                  "federation.rounds": rounds, "model.name": model and f'"{model}"', "data.train": data and f'"{data}"',
-                 "output": output and f'"{output}"'}
+                 "output": output and f'"{output}"', "engine": engine and f'"{engine}"'}
     overrides = list(set_) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError):
+    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed):
         cfg = load_config(config, overrides)
         path = run(cfg, overwrite=overwrite, progress=not quiet)
     console.print(Markdown((path / "results.md").read_text()))

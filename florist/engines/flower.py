@@ -1,0 +1,361 @@
+"""florist on Flower: the server side of the Message API, and the simulation engine behind ``--engine flower``.
+
+The loop stays florist's (``Federation.plan_round`` / ``finish_round``); Flower carries it:
+
+- ``NodeDirectory`` asks every SuperNode which client it is (its ``partition-id``) and how many examples it holds;
+- ``FloristStrategy.configure_train`` turns each training group's ``ClientJob``s into one message per client,
+  ``aggregate_train`` turns the replies back into ``ClientResult``s and calls ``Federation.finish_round``, which
+  aggregates with ``florist.aggregation``, scores every branch and writes the round to the run directory;
+- ``serve`` drives the rounds on a ``Grid``: the same code under the simulation engine and in a deployment.
+
+Every round also appends to ``flower_traffic.jsonl`` in the run directory: per client, what went down and came
+up, counted from the arrays in the messages, and whether (and why not) the client replied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import run as run_module
+from ..config import RunConfig
+from ..models import load_model
+from ..rundir import RunDirectory, atomic_write_text
+from ..server import ClientResult, Federation, RoundFailed, TrainingGroup
+from .flower_messages import (
+    DESCRIBE,
+    JOB,
+    NODE,
+    TRAIN,
+    MessageError,
+    downlink_bytes,
+    job_content,
+    read_update,
+    uplink_bytes,
+)
+
+TRAFFIC_FILE = "flower_traffic.jsonl"
+
+# Two cores are enough: one CPU per virtual SuperNode, as many SuperNodes at once as there are cores.
+SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+POLL_SECONDS = 0.5
+
+
+# --- sending and receiving -------------------------------------------------------------------------------------------
+
+
+def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None, what: str, progress: bool) -> list[Message]:
+    """Push ``messages`` and pull their replies until all arrived or ``timeout`` seconds passed (None: no limit).
+
+    Flower answers a message whose SuperNode went offline with an error reply, so a dead node ends the wait too.
+    """
+    ids = {i for i in grid.push_messages(messages) if i}
+    replies: list[Message] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _progress(progress) as bar:
+        task = bar.add_task(what, total=len(messages))
+        while ids and (deadline is None or time.monotonic() < deadline):
+            arrived = list(grid.pull_messages(ids))
+            replies += arrived
+            ids -= {m.metadata.reply_to_message_id for m in arrived}
+            bar.update(task, completed=len(replies))
+            if ids:
+                time.sleep(POLL_SECONDS)
+    return replies
+
+
+def _progress(enabled: bool):
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+# --- which SuperNode is which client ---------------------------------------------------------------------------------
+
+
+class NodeDirectory:
+    """Maps clients to the SuperNodes that hold their data, from each node's answer to a ``query.describe``.
+
+    A SuperNode knows its client index from its node config (``partition-id``); the server never reads client data.
+    Nodes that go offline are forgotten; new ones (a restarted SuperNode) are asked when they appear, and a node
+    that cannot take part (a wrong node config, a second node for one client) is not asked again.
+    """
+
+    def __init__(self, grid: Grid, config_toml: str, num_clients: int, log: Callable[[str], None], progress: bool = False):
+        self.grid, self.config_toml, self.num_clients = grid, config_toml, num_clients
+        self.log, self.progress = log, progress
+        self.node_of: dict[int, int] = {}  # client -> node id
+        self.sizes = [0] * num_clients  # examples per client, as its node reported them
+        self._refused: set[int] = set()
+
+    def refresh(self, timeout: float | None = None) -> None:
+        online = set(self.grid.get_node_ids())
+        for client, node in list(self.node_of.items()):
+            if node not in online:
+                self.log(f"client {client}: SuperNode {node} is offline")
+                del self.node_of[client]
+        new = sorted(online - set(self.node_of.values()) - self._refused)
+        if not new:
+            return
+        query = [Message(RecordDict({JOB: ConfigRecord({"config": self.config_toml})}), dst_node_id=n,
+                         message_type=DESCRIBE) for n in new]
+        for reply in exchange(self.grid, query, timeout, "asking SuperNodes which client they are", self.progress):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.log(f"SuperNode {node} cannot take part: {reply.error.reason}")
+                self._refused.add(node)
+                continue
+            info = reply.content.config_records[NODE]
+            client, size = int(info["partition-id"]), int(info["num-examples"])
+            if client in self.node_of:  # two online nodes for one client: the first keeps it
+                self.log(f"SuperNode {node} is not used: client {client} is SuperNode {self.node_of[client]}")
+                self._refused.add(node)
+                continue
+            self.node_of[client], self.sizes[client] = node, size
+            self.log(f"client {client}: SuperNode {node}, {size} examples")
+
+    def wait(self, min_clients: int, timeout: float) -> None:
+        """Until every client's SuperNode answered, or ``timeout`` s passed with at least ``min_clients`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh(timeout=max(1.0, deadline - time.monotonic()))
+            if len(self.node_of) == self.num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        missing = [k for k in range(self.num_clients) if k not in self.node_of]
+        if len(self.node_of) < max(1, min_clients):
+            raise RoundFailed(
+                f"{len(self.node_of)} of {self.num_clients} clients' SuperNodes answered within {timeout:.0f} s, "
+                f"fewer than federation.min_clients={min_clients} (missing clients: {missing})"
+            )
+        if missing:
+            self.log(f"going on without clients {missing}: no SuperNode answered for them")
+
+
+# --- the traffic record ----------------------------------------------------------------------------------------------
+
+
+class TrafficLog:
+    """``flower_traffic.jsonl``: one line per round and training group. Lines of unfinished rounds are dropped."""
+
+    def __init__(self, path: Path, done: int):
+        self.path = path
+        kept = [x for x in self.lines() if x["round"] <= done]
+        if kept != self.lines():
+            self._write(kept)
+
+    def lines(self) -> list[dict]:
+        return [json.loads(x) for x in self.path.read_text().splitlines() if x] if self.path.exists() else []
+
+    def append(self, lines: Iterable[dict]) -> None:
+        self._write(self.lines() + list(lines))
+
+    def _write(self, lines: list[dict]) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(x) + "\n" for x in lines))
+
+
+# --- the strategy ----------------------------------------------------------------------------------------------------
+
+
+NO_REPLY = "no reply within the round's timeout"
+NO_NODE = "no SuperNode online for this client"
+
+
+@dataclass
+class _Sent:
+    """One training message and what became of it."""
+
+    group: str
+    index: int  # the job's position in its group
+    message: Message
+    down: dict
+    status: str = NO_REPLY
+    up: dict | None = None
+
+
+@dataclass
+class _Plan:
+    round: int
+    groups: list[TrainingGroup]
+    sent: list[_Sent] = field(default_factory=list)
+
+
+class FloristStrategy(Strategy):
+    """Flower's strategy interface over florist's loop: per-client payloads out, florist aggregation in.
+
+    ``configure_train`` plans the round (``Federation.plan_round``) and builds one message per client and training
+    group, each carrying that client's own start (rank, init adapter, frozen A) and merged base updates.
+    ``aggregate_train`` reads the replies in job order and hands them to ``Federation.finish_round``: below
+    ``federation.min_clients`` replies per group it raises ``RoundFailed`` and the round leaves nothing behind.
+    Evaluation is the server's (``finish_round`` scores every branch), so ``configure_evaluate`` sends nothing.
+    """
+
+    def __init__(self, federation: Federation, nodes: NodeDirectory, config_toml: str,
+                 traffic: TrafficLog | None = None, log: Callable[[str], None] = print):
+        self.federation, self.nodes, self.config_toml = federation, nodes, config_toml
+        self.traffic, self.log = traffic, log
+        self._plan: _Plan | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        plan = _Plan(server_round, self.federation.plan_round(server_round))
+        for g in plan.groups:
+            sends_a = g.branches[0].method.sends_a
+            self.log(f"round {server_round}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}")
+            for index, job in enumerate(g.jobs):
+                node = self.nodes.node_of.get(job.client)
+                if node is None:
+                    self.log(f"round {server_round}: client {job.client} ({g.name}): {NO_NODE}")
+                    continue
+                content = job_content(job, server_round, g.name, sends_a, self.config_toml)
+                message = Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(server_round))
+                plan.sent.append(_Sent(g.name, index, message, downlink_bytes(content)))
+        self._plan = plan
+        return [s.message for s in plan.sent]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        plan = self._plan
+        if plan is None or plan.round != server_round:
+            raise RuntimeError(f"round {server_round}: aggregate_train without configure_train")
+        by_id = {s.message.metadata.message_id: s for s in plan.sent}
+        jobs = {g.name: g.jobs for g in plan.groups}
+        results: dict[str, list[tuple[int, ClientResult]]] = {g.name: [] for g in plan.groups}
+        for reply in replies:
+            sent = by_id.get(reply.metadata.reply_to_message_id)
+            if sent is None:
+                continue  # not a reply to this round's messages
+            job = jobs[sent.group][sent.index]
+            try:
+                if reply.has_error():
+                    raise MessageError(reply.error.reason)
+                result = read_update(reply.content, job)
+                _check_echo(reply, server_round, sent.group, job.client)
+            except MessageError as e:
+                sent.status = f"error: {e}"
+                continue
+            results[sent.group].append((sent.index, result))
+            sent.status, sent.up = "replied", uplink_bytes(reply.content)
+        for s in plan.sent:
+            if s.status != "replied":
+                self.log(f"round {server_round}: client {jobs[s.group][s.index].client} ({s.group}): {s.status}")
+        if self.traffic is not None:
+            self.traffic.append(self._traffic_lines(plan))
+        ordered = {name: [r for _, r in sorted(pairs, key=lambda p: p[0])] for name, pairs in results.items()}
+        self.federation.finish_round(server_round, plan.groups, ordered)
+        self._plan = None
+        return None, MetricRecord({"messages-sent": len(plan.sent), "replies": sum(len(v) for v in ordered.values())})
+
+    @staticmethod
+    def _traffic_lines(plan: _Plan) -> list[dict]:
+        lines = []
+        for g in plan.groups:
+            sent = {s.index: s for s in plan.sent if s.group == g.name}
+            clients = []
+            for index, job in enumerate(g.jobs):
+                s = sent.get(index)
+                clients.append({"client": job.client, "node": s.message.metadata.dst_node_id if s else None,
+                                "status": s.status if s else NO_NODE, "down": s.down if s else None,
+                                "up": s.up if s else None})
+            lines.append({"round": plan.round, "group": g.name, "branches": [b.label for b in g.branches],
+                          "clients": clients})
+        return lines
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        return []  # the server scores every branch itself, in Federation.finish_round
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        self.log(f"florist strategy: {', '.join(b.label for b in self.federation.branches)}; "
+                 f"{len(self.nodes.node_of)} SuperNodes")
+
+
+def _check_echo(reply: Message, round_number: int, group: str, client: int) -> None:
+    meta = reply.content.config_records["meta"]
+    if (int(meta["round"]), str(meta["group"]), int(meta["client"])) != (round_number, group, client):
+        raise MessageError(
+            f"reply for round {meta['round']} group {meta['group']} client {meta['client']} answers the job for "
+            f"round {round_number} group {group} client {client}"
+        )
+
+
+# --- the rounds ------------------------------------------------------------------------------------------------------
+
+
+def serve(
+    grid: Grid,
+    config: RunConfig,
+    done: int,
+    start_federation: Callable[[list[int]], Federation],
+    *,
+    traffic: TrafficLog | None,
+    round_timeout: float | None,
+    node_wait: float,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """Rounds ``done + 1`` .. ``config.federation.rounds`` on ``grid``: the body of every florist ServerApp.
+
+    ``start_federation(client_sizes)`` builds the loop once the SuperNodes have said how much data they hold.
+    """
+    config_toml = config.to_toml()
+    nodes = NodeDirectory(grid, config_toml, config.data.clients, log, progress)
+    nodes.wait(config.federation.min_clients, node_wait)
+    log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
+    strategy = FloristStrategy(start_federation(nodes.sizes), nodes, config_toml, traffic, log)
+    strategy.summary()
+    for round_number in range(done + 1, config.federation.rounds + 1):
+        nodes.refresh(timeout=node_wait)
+        messages = strategy.configure_train(round_number, ArrayRecord(), ConfigRecord(), grid)
+        replies = exchange(grid, messages, round_timeout, f"round {round_number}: client updates", progress)
+        strategy.aggregate_train(round_number, replies)
+        log(f"round {round_number} finished and saved")
+
+
+def serve_run(grid: Grid, config: RunConfig, rundir: RunDirectory, done: int, *, round_timeout: float | None = None,
+              node_wait: float = 600.0, progress: bool = True, log: Callable[[str], None] = print,
+              load_model: Callable | None = None) -> None:
+    """A florist ServerApp's work on ``grid`` for an opened run directory: the server's model, the rounds, the traffic.
+
+    ``load_model`` replaces ``florist.models.load_model`` for the server's copy of the model (same call).
+    """
+    server = run_module.load_server_model(config, log, load_model)
+
+    def start_federation(sizes: list[int]) -> Federation:
+        return run_module.build_federation(config, server, rundir, done, sizes, None, log)
+
+    serve(grid, config, done, start_federation, traffic=TrafficLog(rundir.path / TRAFFIC_FILE, done),
+          round_timeout=round_timeout, node_wait=node_wait, progress=progress, log=log)
+
+
+def run_simulation(config: RunConfig, rundir: RunDirectory, done: int, progress: bool = True,
+                   log: Callable[[str], None] = print, backend_config: dict | None = None) -> None:
+    """The rounds on Flower's simulation engine: one virtual SuperNode per client, each loading its own partition.
+
+    The server loads the base model to score the branches; each ClientApp loads the model (with
+    ``florist.models.load_model``, as this module names it when called) and its own client's data only.
+    """
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from .flower_app import client_app
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # an offline tool: no usage reports unless asked for
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        serve_run(grid, config, rundir, done, progress=progress, log=log)
+
+    log(f"starting Flower's simulation engine: {config.data.clients} SuperNodes")
+    flower_run_simulation(app, client_app(load_model), num_supernodes=config.data.clients,
+                          backend_config=copy.deepcopy(backend_config or SIMULATION_BACKEND))

@@ -1,0 +1,180 @@
+"""florist's ServerApp and ClientApp for Flower deployments (``flwr run``), and the ClientApp of the simulation.
+
+    [tool.flwr.app.components]
+    serverapp = "florist.engines.flower_app:server"
+    clientapp = "florist.engines.flower_app:client"
+
+The ClientApp trains one client: the SuperNode's ``partition-id`` (node config) says which, and the node reads
+that client's data only. Every training message carries the run's config, so a ClientApp process needs nothing
+but the message and its node config; it keeps the model and its examples between messages.
+
+The ServerApp reads from the run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
+``config`` (path of the florist TOML on the ServerApp's machine), ``overwrite`` (start the run directory
+afresh), ``round-timeout`` (seconds to wait for a round's replies; 0: until every message is answered, which
+Flower does with an error for a SuperNode that stopped sending heartbeats) and ``node-wait`` (seconds to wait
+for every client's SuperNode at the start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .. import models
+from ..base_weights import BaseWeights, adapted_module_names
+from ..config import ConfigError, RunConfig, config_from_toml, load_config
+from ..models import DEFAULT_MODEL
+from ..run import load_partition_examples, local_trainer, write_results
+from ..rundir import RunDirectory
+from .flower import serve_run
+from .flower_messages import NODE, MessageError, job_config, read_job, update_content
+
+# --- the client ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _NodeModel:
+    model: object
+    tokenizer: object
+    base: BaseWeights
+
+
+_models: dict[str, _NodeModel] = {}  # one model per ClientApp process: the latest run's
+_examples: dict[str, list[dict]] = {}
+
+
+def client_app(load_model: Callable | None = None, mods: Sequence = ()) -> ClientApp:
+    """A florist ClientApp. ``load_model`` replaces ``florist.models.load_model`` (same call), e.g. a test's tiny
+    model; ``mods`` are Flower mods wrapped around every message."""
+    loader = load_model or models.load_model
+    app = ClientApp(mods=list(mods))
+    # The simulation ships this app to its worker processes by value; the handlers stay thin and call module-level
+    # functions, which those processes import, so the model and data caches below live once per process.
+
+    @app.query("describe")
+    def describe(message: Message, context: Context) -> Message:
+        return describe_node(message, context, loader)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return train_job(message, context, loader)
+
+    return app
+
+
+def node_client(context: Context, config: RunConfig) -> int:
+    """The client this SuperNode is: its node config's ``partition-id``, checked against the run."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise MessageError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K num-partitions=N'")
+    client = int(node_config["partition-id"])
+    partitions = node_config.get("num-partitions")
+    if partitions is not None and int(partitions) != config.data.clients:
+        raise MessageError(f"node config num-partitions={partitions}, but the run has data.clients={config.data.clients}")
+    if not 0 <= client < config.data.clients:
+        raise MessageError(f"node config partition-id={client} is out of range for data.clients={config.data.clients}")
+    return client
+
+
+def describe_node(message: Message, context: Context, loader: Callable) -> Message:
+    """Which client this node is and how many examples it holds (it loads them, so training starts warm)."""
+    config = config_from_toml(str(job_config(message.content)["config"]), "the run's config")
+    client = node_client(context, config)
+    node = _node_model(config, loader)
+    examples = _node_examples(config, node.tokenizer, client, loader)
+    return Message(RecordDict({NODE: ConfigRecord({"partition-id": client, "num-examples": len(examples)})}),
+                   reply_to=message)
+
+
+def train_job(message: Message, context: Context, loader: Callable) -> Message:
+    """Train this node's client on the job in ``message`` and reply with its LoRA factors."""
+    job_record = job_config(message.content)
+    config = config_from_toml(str(job_record["config"]), "the run's config")
+    client = node_client(context, config)
+    if int(job_record["client"]) != client:
+        raise MessageError(f"this SuperNode holds client {client}'s data, not client {job_record['client']}'s")
+    node = _node_model(config, loader)
+    examples = _node_examples(config, node.tokenizer, client, loader)
+    job = read_job(message.content)
+    node.base.set_deltas(job.base_deltas)
+    try:
+        trainer = local_trainer(config, node.model, node.tokenizer)
+        update, log = trainer.train(examples, job.start, client_id=f"client {client}")
+    finally:
+        node.base.restore()
+    return Message(update_content(job_record, update, log), reply_to=message)
+
+
+def _loader_key(loader: Callable) -> str:
+    return f"{getattr(loader, '__module__', '')}.{getattr(loader, '__qualname__', repr(loader))}"
+
+
+def _node_model(config: RunConfig, loader: Callable) -> _NodeModel:
+    key = json.dumps([dataclasses.asdict(config.model), config.lora.target_modules, _loader_key(loader)])
+    if key not in _models:
+        _models.clear()  # free the previous run's model before loading another
+        model, tokenizer = loader(config.model.name, dtype="float32", device=config.model.device)
+        _models[key] = _NodeModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
+    return _models[key]
+
+
+def _node_examples(config: RunConfig, tokenizer, client: int, loader: Callable) -> list[dict]:
+    key = json.dumps([dataclasses.asdict(config.data), config.seed, config.model.name, _loader_key(loader), client])
+    if key not in _examples:
+        _examples[key] = load_partition_examples(config, tokenizer, client)
+    return _examples[key]
+
+
+# --- the server (deployment) -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    config: str
+    overwrite: bool = False
+    round_timeout: float = 0.0  # 0: wait until every message is answered
+    node_wait: float = 300.0
+
+    @classmethod
+    def from_run_config(cls, run_config) -> DeploymentSettings:
+        if not run_config.get("config"):
+            raise ConfigError("the run config has no 'config': pass --run-config 'config=\"/path/to/run.toml\"'")
+        return cls(config=str(run_config["config"]), overwrite=bool(run_config.get("overwrite", False)),
+                   round_timeout=float(run_config.get("round-timeout", 0.0)),
+                   node_wait=float(run_config.get("node-wait", 300.0)))
+
+
+def server_app(load_model: Callable | None = None) -> ServerApp:
+    """A florist ServerApp for a deployment; ``load_model`` as for ``client_app``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve_deployment(grid, DeploymentSettings.from_run_config(context.run_config), load_model)
+
+    return app
+
+
+def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Callable | None = None) -> None:
+    """Run (or resume) the florist config ``settings.config`` over the SuperNodes connected to ``grid``."""
+    def log(message: str) -> None:
+        print(f"florist: {message}", flush=True)
+
+    config = dataclasses.replace(load_config(settings.config), engine="flower")
+    rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
+    done = rundir.open(config.to_toml(), overwrite=settings.overwrite)
+    if done < config.federation.rounds:
+        serve_run(grid, config, rundir, done, round_timeout=settings.round_timeout or None, node_wait=settings.node_wait,
+                  progress=False, log=log, load_model=load_model)
+    write_results(rundir, config)
+    log(f"results in {rundir.path}")
+
+
+server = server_app()
+client = client_app()
