@@ -330,8 +330,11 @@ def test_a_failing_client_is_left_out_while_min_clients_reply(tmp_path, loopback
 
 
 @pytest.mark.slow
-def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_models, one_thread):
+def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_models, one_thread, monkeypatch):
     from florist.cli import app
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))  # Flower's own files, out of the home directory
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
 
     args = [ALL_METHODS, "federation.rounds=2", 'federation.thresholds="0.5,0.9"']
     began = time.perf_counter()

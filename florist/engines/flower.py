@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -349,7 +348,6 @@ def run_simulation(config: RunConfig, rundir: RunDirectory, done: int, progress:
 
     from .flower_app import client_app
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # an offline tool: no usage reports unless asked for
     app = ServerApp()
 
     @app.main()
