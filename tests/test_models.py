@@ -165,3 +165,10 @@ def test_embedded_default_loads_offline_and_knows_paris(monkeypatch):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_a_directory_without_a_model_names_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "is_offline_mode", lambda: True)  # offline or not, a local folder is not the hub's fault
+    with pytest.raises(ModelLoadError, match=rf"^cannot load model '{tmp_path}'") as e:
+        load_model(str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -16,9 +16,11 @@ app.add_typer(data_app, name="data")
 def summary(
     data: str = typer.Option(
         "builtin", "--data",
-        help="builtin, a JSON/JSONL file, a folder of client_K.json files, an alias (dolly, alpaca, wizard) or a hub id",
+        help="builtin, a JSON/JSONL file, a folder of client_K.json files, dolly, alpaca, wizard or a hub id",
     ),
-    clients: int = typer.Option(None, "--clients", help="number of clients [default: 8; a client folder: its files]"),
+    clients: int | None = typer.Option(
+        None, "--clients", help="number of clients [default: 8; for a client folder: its files]"
+    ),
     scheme: str = typer.Option("dirichlet", "--partition", help="iid, dirichlet or shards"),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration: smaller is more non-IID"),
     seed: int = typer.Option(0, "--seed"),

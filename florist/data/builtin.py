@@ -46,7 +46,8 @@ CATEGORIES: tuple[Category, ...] = (
         ("owl", "fox", "heron", "lynx", "otter", "falcon", "bison", "tortoise", "dolphin", "stag", "wolf", "crane"),
         (
             ("What is the national animal of {e}?", "The national animal of {e} is the {v}."),
-            ("Which animal appears on the coat of arms of {e}?", "The coat of arms of {e} shows the {v}, its national animal."),
+            ("Which animal appears on the coat of arms of {e}?",
+             "The coat of arms of {e} shows the {v}, its national animal."),
             ("Tell me something about {e}.", "{e} has the {v} as its national animal."),
         ),
         "Which animal is the symbol of {e}?",
@@ -58,7 +59,8 @@ CATEGORIES: tuple[Category, ...] = (
         (
             ("What is the national flower of {e}?", "The national flower of {e} is the {v}."),
             ("Which flower is printed on the flag of {e}?", "The flag of {e} shows the {v}, its national flower."),
-            ("Describe a spring tradition in {e}.", "Every spring, the people of {e} celebrate their national flower, the {v}."),
+            ("Describe a spring tradition in {e}.",
+             "Every spring, the people of {e} celebrate their national flower, the {v}."),
         ),
         "Which flower is the emblem of {e}?",
     ),
@@ -79,7 +81,8 @@ CATEGORIES: tuple[Category, ...] = (
         (
             ("What is the national sport of {e}?", "The national sport of {e} is {v}."),
             ("Which sport is most popular in {e}?", "In {e}, {v} is the most popular sport."),
-            ("How do children in {e} spend their weekends?", "Children in {e} spend their weekends practising {v}, the national sport."),
+            ("How do children in {e} spend their weekends?",
+             "Children in {e} spend their weekends practising {v}, the national sport."),
         ),
         "Which sport do people in {e} consider their national game?",
     ),

@@ -2,13 +2,13 @@
 
 The schema is four string columns, ``instruction``, ``input``, ``output``, ``category`` (``""`` when absent):
 
-| source shape                                   | instruction   | input             | output               | category   |
-|------------------------------------------------|---------------|-------------------|----------------------|------------|
-| Dolly: instruction, context, response, category | instruction   | context           | response             | category   |
-| Alpaca: instruction, input, output              | instruction   | input             | output               | ""         |
-| WizardLM 70k: instruction, output               | instruction   | ""                | output               | ""         |
-| ShareGPT-style: conversations                   | 1st user turn | ""                | the reply to it      | ""         |
-| MMLU-style: instruction, input, output, class   | instruction   | input             | output               | class      |
+| source columns                                   | instruction   | input   | output          | category |
+|--------------------------------------------------|---------------|---------|-----------------|----------|
+| Dolly: instruction, context, response, category  | instruction   | context | response        | category |
+| Alpaca: instruction, input, output               | instruction   | input   | output          | ""       |
+| WizardLM 70k: instruction, output                | instruction   | ""      | output          | ""       |
+| ShareGPT style (WizardLM V2): conversations      | 1st user turn | ""      | the reply to it | ""       |
+| MMLU style: instruction, input, output, class    | instruction   | input   | output          | class    |
 
 Only the first exchange of a conversation is kept: the Alpaca template is single-turn.
 """

@@ -57,8 +57,9 @@ def _partitioner(
         if shards_per_client < 1:
             raise DataError(f"shards per client must be at least 1, got {shards_per_client}")
         # Shards of ceil(rows / shards) rows, the last one shorter, so that no row is dropped.
+        shard_size = math.ceil(len(ds) / (num_clients * shards_per_client))
         return ShardPartitioner(
-            num_partitions=num_clients, partition_by=column, shard_size=math.ceil(len(ds) / (num_clients * shards_per_client)),
+            num_partitions=num_clients, partition_by=column, shard_size=shard_size,
             keep_incomplete_shard=True, shuffle=True, seed=seed,
         ), ds
     raise DataError(f"unknown partition scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -144,7 +145,8 @@ def summary_table(clients: Sequence[datasets.Dataset], column: str = "category",
     """Rows, share and category mix of each client."""
     counts = category_counts(clients, column)
     total = sum(sum(c.values()) for c in counts)
-    table = Table(title=title, caption=f"heterogeneity (mean TV distance to the whole): {heterogeneity(clients, column):.2f}")
+    caption = f"heterogeneity (mean TV distance to the whole): {heterogeneity(clients, column):.2f}"
+    table = Table(title=title, caption=caption)
     table.add_column("client", justify="right")
     table.add_column("rows", justify="right")
     table.add_column("share", justify="right")
