@@ -277,7 +277,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -447,7 +449,8 @@ def _score_options(model: Any, plans: Sequence[_OptionPlan], pad_id: int, device
     totals, used = [], 0
     for q, feed, n in zip(owner, feeds, scored, strict=True):
         from_rest = min(n, len(feed) - 1)
-        total = rest[used : used + from_rest].gather(1, torch.as_tensor(feed[len(feed) - from_rest :], device=device)[:, None]).sum()
+        targets = torch.as_tensor(feed[len(feed) - from_rest :], device=device)
+        total = rest[used : used + from_rest].gather(1, targets[:, None]).sum()
         if n > from_rest:  # the first fed token is scored too: its distribution came from the prompt pass
             total = total + first[q, feed[0]]
         totals.append(total.item() / n)
@@ -474,7 +477,9 @@ def generate_answers(
 
     seqs = [_encode(tokenizer, mmlu_prompt(q)) for q in questions]
     pad_id, out = _pad_id(tokenizer), [""] * len(questions)
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
     config = GenerationConfig(
         do_sample=True,
         temperature=sampling.temperature,

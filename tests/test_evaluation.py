@@ -78,7 +78,10 @@ CAIS = [
 
 
 def test_loads_cais_mmlu_records_and_local_copies(tmp_path):
-    expected = [Question("math", "2 + 2?", ["3", "4", "5", "6"], 1), Question("nature", "Sky colour?", ["blue", "green", "red", "black"], 0)]
+    expected = [
+        Question("math", "2 + 2?", ["3", "4", "5", "6"], 1),
+        Question("nature", "Sky colour?", ["blue", "green", "red", "black"], 0),
+    ]
     assert ev.questions_from_records(CAIS) == expected
     ds = datasets.Dataset.from_list(CAIS)
     ds.to_parquet(tmp_path / "test.parquet")
@@ -298,6 +301,9 @@ def test_cli_reports_accuracy_with_a_tiny_model(tiny_loader, shared_data):
     assert result.exit_code == 0, result.output
     assert "6 questions" in result.output and "macro over" in result.output and "scored by letter" in result.output
     assert "subject" in result.output  # the per-subject table
+    result = run_cli("--builtin", "--limit", "4")
+    assert result.exit_code == 0, result.output
+    assert "4 questions" in result.output and "scored by option" in result.output
 
 
 def test_cli_applies_a_safetensors_adapter(tiny_loader, shared_data, tmp_path):
@@ -330,7 +336,10 @@ def test_cli_one_line_errors(tmp_path, shared_data, monkeypatch):
         (["--mmlu", mmlu, "--builtin"], "exclude each other"),
         (["--mmlu", mmlu, "--adapter", str(tmp_path / "nowhere")], "no such directory"),
         (["--mmlu", mmlu, "--adapter", str(tmp_path / "pickled")], "only a pickled adapter_model.bin"),
+        (["--mmlu", mmlu, "--device", "blah"], "not a device name"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--mmlu", mmlu, "--device", "cuda"], "no CUDA device"))
     for args, message in cases:
         result = run_cli(*args)
         assert result.exit_code == 2, (args, result.output)
@@ -339,6 +348,11 @@ def test_cli_one_line_errors(tmp_path, shared_data, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
     result = run_cli()
     assert result.exit_code == 2 and "pass --mmlu FILE" in result.output
+
+
+def test_cli_unknown_dtype_is_refused_before_loading(shared_data):
+    result = run_cli("--mmlu", str(shared_data / MMLU), "--dtype", "int8")
+    assert result.exit_code == 2 and "florist: unknown dtype 'int8'" in result.output
 
 
 @pytest.mark.slow

@@ -33,14 +33,22 @@ class Protocol(str, enum.Enum):
 
 @app.command("eval")
 def eval_command(
-    model: str | None = typer.Option(None, "--model", help="model name or directory (default: the embedded SmolLM2-135M-Instruct)"),
+    model: str | None = typer.Option(
+        None, "--model", help="model alias, hub id or directory (default: the embedded SmolLM2-135M-Instruct)"
+    ),
     adapter: Path | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply (safetensors)"),
-    mmlu: str | None = typer.Option(None, "--mmlu", help="questions: the MMLU JSON file, a local cais/mmlu copy, or cais/mmlu"),
+    mmlu: str | None = typer.Option(
+        None, "--mmlu", help="questions: the MMLU JSON file, a local cais/mmlu copy, or cais/mmlu"
+    ),
     builtin: bool = typer.Option(False, "--builtin", help="use the built-in held-out question set instead"),
-    mode: Mode | None = typer.Option(None, "--mode", help="loglik scoring: letter (default) or option (the default for --builtin)"),
-    protocol: Protocol = typer.Option(Protocol.loglik, "--protocol", help="loglik (deterministic) or generate (the paper's sampling)"),
+    mode: Mode | None = typer.Option(
+        None, "--mode", help="loglik scoring: letter (default) or option (the default for --builtin)"
+    ),
+    protocol: Protocol = typer.Option(
+        Protocol.loglik, "--protocol", help="loglik (deterministic) or generate (the paper's sampling)"
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="evaluate a seeded random sample of N questions"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="questions per batch"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", "--device"),
     seed: int = typer.Option(0, "--seed", help="picks the --limit sample and seeds the generate protocol"),
@@ -54,14 +62,17 @@ def eval_command(
             questions = [questions[i] for i in keep]
         if adapter is not None:
             _check_adapter_dir(adapter)
-        chosen_mode = (mode.value if mode else None) or ("option" if builtin else "letter")
+        _check_device(device)
+        chosen_mode = mode.value if mode else ("option" if builtin else "letter")
         lm, tokenizer = _load(model, adapter, dtype, device)
-        try:
-            result = evaluation.evaluate(
-                lm, tokenizer, questions, mode=chosen_mode, protocol=protocol.value, batch_size=batch_size, seed=seed
-            )
-        except ValueError as e:  # a tokenizer that cannot score letters, for one
-            raise UserError(str(e)) from None
+        if protocol is Protocol.loglik and chosen_mode == "letter":
+            try:
+                evaluation.letter_token_ids(tokenizer, max(len(q.options) for q in questions))
+            except ValueError as e:
+                raise UserError(f"--mode letter: {e}") from None
+    result = evaluation.evaluate(
+        lm, tokenizer, questions, mode=chosen_mode, protocol=protocol.value, batch_size=batch_size, seed=seed
+    )
     _print_result(result, per_subject)
 
 
@@ -79,14 +90,28 @@ def _questions(mmlu: str | None, builtin: bool, seed: int) -> list[evaluation.Qu
     return evaluation.load_questions(mmlu)
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: no MPS device is available here")
+
+
 def _check_adapter_dir(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"--adapter {path}: no such directory")
     if not (path / CONFIG_NAME).is_file():
         raise UserError(f"--adapter {path}: no {CONFIG_NAME}, not a PEFT adapter directory")
     if not (path / WEIGHTS_NAME).is_file():
-        pickled = " (it holds only a pickled adapter_model.bin, which is never loaded)" if (path / PICKLE_NAME).exists() else ""
-        raise UserError(f"--adapter {path}: no {WEIGHTS_NAME}{pickled}")
+        pickled = (path / PICKLE_NAME).exists()
+        why = " (it holds only a pickled adapter_model.bin, which is never loaded)" if pickled else ""
+        raise UserError(f"--adapter {path}: no {WEIGHTS_NAME}{why}")
 
 
 def _load(model: str | None, adapter: Path | None, dtype: str, device: str):
