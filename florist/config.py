@@ -69,12 +69,18 @@ class FederationConfig:
     thresholds: str = "0.80:1.00:0.02"  # one tau, a list "0.8,0.9" or a range "0.80:1.00:0.01"
     florist_e_tolerance: float = 0.01  # FLoRIST-E: least download within this accuracy of the best
     min_clients: int = 1
+    max_update_norm: float = 0.0  # refuse a client module whose ||s B A||_F exceeds this (0: no bound)
+    max_update_bytes: int = 2**31  # Flower: refuse a reply whose arrays hold more bytes than this (0: no limit)
+    client_timeout: float = 0.0  # seconds a client may train in a round before it is left out (0: no limit)
 
 
 @dataclass
 class EvalConfig:
     questions: str = "builtin"  # "builtin", an MMLU-format JSON file, or "none"
-    mode: str = "option"  # option | letter
+    # answer: each option's text as the answer to the bare question, which shows taught facts
+    # best; letter: the answer letter after the lettered prompt (MMLU's standard); option: the
+    # option's text after the lettered prompt
+    mode: str = "answer"
     limit: int = 0  # 0: every question
     batch_size: int = 16
     heldout_loss: bool = True
@@ -220,10 +226,13 @@ def validate(c: RunConfig) -> None:
         (c.federation.scheme in ("merge", "reinit"), "federation.scheme must be merge or reinit"),
         (0 <= c.federation.clients_per_round <= c.data.clients, "federation.clients_per_round must be between 0 and data.clients"),
         (c.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
-        (c.eval.mode in ("option", "letter"), "eval.mode must be option or letter"),
+        (c.eval.mode in ("answer", "option", "letter"), "eval.mode must be answer, option or letter"),
         (c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
         (bool(c.federation.methods), "federation.methods is empty"),
         (c.engine in ENGINES, f"engine must be {' or '.join(ENGINES)}; got {c.engine!r}"),
+        (c.federation.max_update_norm >= 0, "federation.max_update_norm must be 0 (no bound) or positive"),
+        (c.federation.max_update_bytes >= 0, "federation.max_update_bytes must be 0 (no limit) or positive"),
+        (c.federation.client_timeout >= 0, "federation.client_timeout must be 0 (no limit) or positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .data.instructions import IGNORE_INDEX, build_prompt
 
-Mode = Literal["letter", "option"]
+Mode = Literal["letter", "option", "answer"]
 Protocol = Literal["loglik", "generate"]
 
 LETTERS = string.ascii_uppercase
@@ -384,12 +384,15 @@ class _OptionPlan:
     scored: list[int]
 
 
-def _option_plan(tokenizer: Any, question: Question) -> _OptionPlan:
-    context = _scoring_context(question)
+def _option_plan(tokenizer: Any, question: Question, bare: bool = False) -> _OptionPlan:
+    # bare: each option is the response to the question alone (Alpaca prompt, no lettered list), the way
+    # facts are taught; otherwise it follows the multiple-choice prompt's "The answer is:".
+    context = build_prompt(question.question) if bare else _scoring_context(question)
+    joiner = "" if bare else " "
     context_ids = _encode(tokenizer, context)
     # As lm-evaluation-harness: encode the whole text and score what lies past the context's tokens, so the
     # option's first token is the one a tokenizer produces in running text.
-    wholes = [_encode(tokenizer, f"{context} {option.strip()}") for option in question.options]
+    wholes = [_encode(tokenizer, f"{context}{joiner}{option.strip()}") for option in question.options]
     scored = [max(1, len(w) - len(context_ids)) for w in wholes]
     # The shared part: the context's tokens, cut back should a tokenizer merge across the boundary.
     shared = min(len(w) - n for w, n in zip(wholes, scored, strict=True))
@@ -401,14 +404,20 @@ def _option_plan(tokenizer: Any, question: Question) -> _OptionPlan:
 
 
 def option_log_probs(
-    model: Any, tokenizer: Any, questions: Sequence[Question], *, batch_size: int = 16, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[Question],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    bare: bool = False,
 ) -> list[list[float]]:
     """Per question, the mean per-token log-probability of each option's text after the prompt.
 
     The prompt runs once per question (``batch_size`` questions at a time) and its key/value cache is shared by
     the question's options, which then cost only their own few tokens.
     """
-    plans = [_option_plan(tokenizer, q) for q in questions]
+    plans = [_option_plan(tokenizer, q, bare) for q in questions]
     lengths = [len(p.context) + max(len(f) for f in p.feeds) for p in plans]
     pad_id, device, out = _pad_id(tokenizer), _device(model), [[] for _ in questions]
     with _inference(model):
@@ -553,10 +562,12 @@ def evaluate(
     elif protocol == "loglik":
         if mode == "letter":
             scores = letter_log_probs(model, tokenizer, questions, batch_size=batch_size, progress=progress)
-        elif mode == "option":
-            scores = option_log_probs(model, tokenizer, questions, batch_size=batch_size, progress=progress)
+        elif mode in ("option", "answer"):
+            scores = option_log_probs(
+                model, tokenizer, questions, batch_size=batch_size, progress=progress, bare=mode == "answer"
+            )
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose letter or option")
+            raise ValueError(f"unknown mode {mode!r}; choose letter, option or answer")
         hits = [_argmax(s) == q.answer for q, s in zip(questions, scores, strict=True)]
         method = mode
     else:

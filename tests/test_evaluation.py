@@ -187,6 +187,21 @@ def test_option_scores_equal_an_unbatched_full_forward(tiny, mixed):
             assert score == pytest.approx(want, abs=1e-4)
 
 
+def test_answer_scores_score_each_option_as_the_response_to_the_bare_question(tiny, mixed):
+    from florist.data import build_prompt
+
+    model, tokenizer = tiny
+    got = ev.option_log_probs(model, tokenizer, mixed, batch_size=5, progress=False, bare=True)
+    for q, scores in zip(mixed, got, strict=True):
+        context = build_prompt(q.question)
+        n_context = len(tokenizer(context)["input_ids"])
+        for option, score in zip(q.options, scores, strict=True):
+            ids = tokenizer(f"{context}{option.strip()}")["input_ids"]
+            log_probs = reference_next_token_log_probs(model, ids)
+            want = sum(log_probs[t - 1, ids[t]].item() for t in range(n_context, len(ids))) / (len(ids) - n_context)
+            assert score == pytest.approx(want, abs=1e-4)
+
+
 def test_scores_do_not_depend_on_batching(tiny, mixed):
     model, tokenizer = tiny
     one = ev.option_log_probs(model, tokenizer, mixed[:4], batch_size=1, progress=False)
@@ -303,7 +318,7 @@ def test_cli_reports_accuracy_with_a_tiny_model(tiny_loader, shared_data):
     assert "subject" in result.output  # the per-subject table
     result = run_cli("--builtin", "--limit", "4")
     assert result.exit_code == 0, result.output
-    assert "4 questions" in result.output and "scored by option" in result.output
+    assert "4 questions" in result.output and "scored by answer" in result.output
 
 
 def test_cli_applies_a_safetensors_adapter(tiny_loader, shared_data, tmp_path):

@@ -24,6 +24,7 @@ console = Console()
 class Mode(str, enum.Enum):
     letter = "letter"
     option = "option"
+    answer = "answer"
 
 
 class Protocol(str, enum.Enum):
@@ -42,7 +43,8 @@ def eval_command(
     ),
     builtin: bool = typer.Option(False, "--builtin", help="use the built-in held-out question set instead"),
     mode: Mode | None = typer.Option(
-        None, "--mode", help="loglik scoring: letter (default) or option (the default for --builtin)"
+        None, "--mode", help="loglik scoring: letter (default), option (option text after the lettered prompt) or answer "
+        "(option text as the answer to the bare question; the default for --builtin)"
     ),
     protocol: Protocol = typer.Option(
         Protocol.loglik, "--protocol", help="loglik (deterministic) or generate (the paper's sampling)"
@@ -63,7 +65,7 @@ def eval_command(
         if adapter is not None:
             _check_adapter_dir(adapter)
         _check_device(device)
-        chosen_mode = mode.value if mode else ("option" if builtin else "letter")
+        chosen_mode = mode.value if mode else ("answer" if builtin else "letter")
         lm, tokenizer = _load(model, adapter, dtype, device)
         if protocol is Protocol.loglik and chosen_mode == "letter":
             try:
