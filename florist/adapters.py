@@ -220,20 +220,31 @@ def module_factors(module: str, pair: Mapping[str, torch.Tensor], config: Mappin
     rank = A.shape[0]
     if B.shape[1] != rank:
         raise AdapterError(f"{where}: lora_B is {tuple(B.shape)} but lora_A is {tuple(A.shape)}; their ranks differ")
+    if rank < 1:
+        raise AdapterError(f"{where}: lora_A and lora_B have rank 0")
     return LoraFactors(A=A, B=B, scaling=module_scaling(module, rank, config, where))
 
 
 def module_scaling(module: str, rank: int, config: Mapping[str, Any], where: str) -> float:
     """PEFT's scaling for ``module``: alpha / r (alpha / sqrt(r) under rsLoRA), patterns matched as PEFT does."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    r = pattern_value(config, "rank_pattern", module, config.get("r", 8), where)
+    alpha = pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8), where)
     if not isinstance(r, int) or isinstance(r, bool) or r != rank:
         raise AdapterError(f"{where}: the tensors have rank {rank} but {CONFIG_NAME} gives r={r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterError(f"{where}: lora_alpha {alpha!r} in {CONFIG_NAME} is not a positive number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def pattern_value(config: Mapping[str, Any], field: str, module: str, default: Any, where: str) -> Any:
+    """The value of ``config[field]`` (a PEFT pattern dict) for ``module``, or ``default`` if no key matches."""
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, Mapping):
+        raise AdapterError(f"{where}: {field} in {CONFIG_NAME} is not an object")
+    try:
+        return pattern.get(get_pattern_key(pattern.keys(), module), default)
+    except re.error as e:
+        raise AdapterError(f"{where}: a {field} key in {CONFIG_NAME} is not a valid pattern ({e})") from None
 
 
 def one_line(e: BaseException) -> str:

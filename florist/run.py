@@ -166,7 +166,8 @@ def _run_in_process(config: RunConfig, rundir: RunDirectory, done: int, progress
     examples, _ = load_client_examples(config, server.tokenizer)
     sizes = [len(e) for e in examples]
     log("client sizes: " + ", ".join(str(n) for n in sizes))
-    engine = InProcessEngine(server.base, local_trainer(config, server.model, server.tokenizer), examples, progress=progress)
+    engine = InProcessEngine(server.base, local_trainer(config, server.model, server.tokenizer), examples, progress=progress,
+                             client_timeout=config.federation.client_timeout, log=log)
     federation = build_federation(config, server, rundir, done, sizes, engine, log)
     for round_number in range(done + 1, config.federation.rounds + 1):
         federation.run_round(round_number)
@@ -229,6 +230,8 @@ def build_federation(
         on_clients=rundir.save_clients,
         on_round=rundir.save_round,
         log=log,
+        module_shapes=shapes,
+        max_update_norm=config.federation.max_update_norm,
     )
 
 

@@ -9,7 +9,8 @@
       results.md, results.csv       the paper-style table
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old
-file or the new one. A round that did not finish is removed and run again on resume.
+file or the new one. A round that did not finish is removed and run again on resume, and so
+are the temporary files a kill left behind.
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ class RunDirectory:
         for d in rounds.glob("*") if rounds.exists() else []:
             if d.name.isdigit() and int(d.name) > done:
                 shutil.rmtree(d)
-        kept = [m for m in self.metrics() if m["round"] <= done]
+        # with no round finished the base model is scored again (round 0), so its earlier line goes too
+        kept = [m for m in self.metrics() if m["round"] <= done] if done else []
         if kept != self.metrics():
             self._write_metrics(kept)
+        for leftover in sorted(self.path.rglob(".*.tmp")):  # atomic writes' temporary names, cut short by a kill
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def completed_rounds(self) -> int:
         state = self.path / "state.json"

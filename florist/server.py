@@ -7,17 +7,32 @@ from the very same client adapters: the tau sweep costs evaluation time, not tra
 
 An engine trains a list of ``ClientJob``s and returns their updates; the in-process simulator
 and the Flower app are two such engines over the same ``LocalTrainer``.
+
+Nothing a client sends is trusted: every update is screened on its own (module names and shapes against the
+base model's, dtypes, finiteness, the rank the client was asked for, an optional norm bound) before any
+aggregation. A bad update is left out with its reason recorded; a round that keeps fewer than ``min_clients``
+updates fails as a whole (``RoundFailed``) before anything of it is written, so the run can be resumed.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .aggregation import AggregationMethod, AggregationResult, ClientUpdate, FLoRIST, get_method, prepare, sweep
+from .aggregation import (
+    AggregationError,
+    AggregationMethod,
+    AggregationResult,
+    ClientUpdate,
+    FLoRIST,
+    get_method,
+    prepare,
+    screen_updates,
+    sweep,
+)
 from .base_weights import Delta
 from .client import ClientStart, TrainingLog
 from .communication import round_communication
@@ -40,6 +55,9 @@ class ClientResult:
 
 
 class Engine(Protocol):
+    """Trains a round's jobs. An engine may also keep ``failures``, {client: reason} for the jobs of its latest
+    ``train`` call that it left out; the round's record then says why each of those clients is missing."""
+
     def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
         """Train every job; results in job order. Jobs whose client failed may be missing."""
 
@@ -121,6 +139,7 @@ class RoundRecord:
     evaluation: dict
     train: dict
     server_seconds: float
+    rejected: dict[str, str] = field(default_factory=dict)  # client index -> why its update was left out
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -131,6 +150,9 @@ class Federation:
 
     ``frozen_a(round_number)`` gives FFA-LoRA's shared A for a round; ``save_clients`` and ``save_round``
     persist what a round produced (the run directory does it; tests may pass no-ops).
+    ``module_shapes`` ({module: (out, in)}, the base model's adapted weights) is what every update is screened
+    against; without it updates are checked against each other only. ``max_update_norm`` bounds each module's
+    ``||s B A||_F`` (0: no bound).
     """
 
     def __init__(
@@ -149,8 +171,11 @@ class Federation:
         on_clients: Callable[[int, str, list[ClientResult]], None] = lambda *a: None,
         on_round: Callable[[int, list[Branch], list[RoundRecord]], None] = lambda *a: None,
         log: Callable[[str], None] = print,
+        module_shapes: Mapping[str, tuple[int, int]] | None = None,
+        max_update_norm: float = 0.0,
     ):
         self.engine, self.branches = engine, branches
+        self.module_shapes, self.max_update_norm = module_shapes, max_update_norm
         self.ranks, self.alpha_per_rank = list(ranks), alpha_per_rank
         self.scheme, self.seed = scheme, seed
         self.clients_per_round, self.min_clients = clients_per_round, min_clients
@@ -160,11 +185,12 @@ class Federation:
     def run_round(self, round_number: int) -> list[RoundRecord]:
         """Plan the round, have the engine train every group's jobs, aggregate, evaluate, persist."""
         groups = self.plan_round(round_number)
-        results = {}
+        results, failures = {}, {}
         for g in groups:
             self.log(f"round {round_number}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}")
             results[g.name] = self.engine.train(round_number, g.jobs)
-        return self.finish_round(round_number, groups, results)
+            failures[g.name] = dict(getattr(self.engine, "failures", {}))
+        return self.finish_round(round_number, groups, results, failures)
 
     def plan_round(self, round_number: int) -> list[TrainingGroup]:
         """Sample this round's clients and group the branches that can share their training."""
@@ -179,21 +205,63 @@ class Federation:
         return groups
 
     def finish_round(
-        self, round_number: int, groups: Sequence[TrainingGroup], results: dict[str, list[ClientResult]]
+        self,
+        round_number: int,
+        groups: Sequence[TrainingGroup],
+        results: dict[str, list[ClientResult]],
+        failures: Mapping[str, Mapping[int, str]] | None = None,
     ) -> list[RoundRecord]:
-        """Aggregate every branch from its group's client results; fails cleanly below ``min_clients``."""
+        """Screen every update, aggregate every branch from its group's accepted ones, score, persist.
+
+        ``failures``: per group, why the clients without a result have none (the engine's word). Raises
+        ``RoundFailed``, having written nothing, when a group keeps fewer than ``min_clients`` updates or its
+        updates cannot be aggregated.
+        """
+        screened = {g.name: self._screen(round_number, g, results.get(g.name, []), (failures or {}).get(g.name, {}))
+                    for g in groups}
         for g in groups:
-            if len(results[g.name]) < self.min_clients:
+            accepted, rejected = screened[g.name]
+            if len(accepted) < max(1, self.min_clients):
+                replied = len({r.client for r in results.get(g.name, [])} & {j.client for j in g.jobs})
+                why = "; ".join(f"client {c}: {reason}" for c, reason in rejected.items())
                 raise RoundFailed(
-                    f"round {round_number}: {len(results[g.name])} of {len(g.jobs)} clients replied for "
-                    f"{g.name}, fewer than min_clients={self.min_clients}"
+                    f"round {round_number}: {replied} of {len(g.jobs)} clients replied for {g.name} and {len(accepted)} "
+                    f"updates passed the checks, fewer than min_clients={self.min_clients}" + (f" ({why})" if why else "")
                 )
-        records = []
+        kept = {b.label: len(b.history) for b in self.branches}
+        try:
+            records = []
+            for g in groups:
+                records += self._aggregate(round_number, g.branches, *screened[g.name])
+        except BaseException as e:
+            for b in self.branches:  # the round never happened: no branch keeps a result of it
+                del b.history[kept[b.label]:]
+            if isinstance(e, AggregationError):
+                raise RoundFailed(f"round {round_number}: {e}") from None
+            raise
         for g in groups:
-            self.on_clients(round_number, g.name, results[g.name])
-            records += self._aggregate(round_number, g.branches, results[g.name])
+            self.on_clients(round_number, g.name, screened[g.name][0])
         self.on_round(round_number, self.branches, records)
         return records
+
+    def _screen(
+        self, round_number: int, group: TrainingGroup, results: Sequence[ClientResult], failures: Mapping[int, str]
+    ) -> tuple[list[ClientResult], dict[str, str]]:
+        """This group's results that pass every check, and {client: reason} for each job left out."""
+        rank_of = {job.client: job.start.rank for job in group.jobs}
+        # the server names each update by the job it answers: a client cannot pass itself off as another
+        results = [ClientResult(r.client, ClientUpdate(r.update.modules, r.update.num_examples, f"client {r.client}"), r.log)
+                   for r in results if r.client in rank_of]
+        accepted, reasons = screen_updates([r.update for r in results], self.module_shapes,
+                                           max_ranks=[rank_of[r.client] for r in results], max_norm=self.max_update_norm)
+        replied = {r.client for r in results}
+        rejected = {str(job.client): failures.get(job.client, "no update: the client failed or did not reply")
+                    for job in group.jobs if job.client not in replied}
+        for k, reason in reasons.items():
+            rejected[str(results[k].client)] = reason
+        for client, reason in rejected.items():
+            self.log(f"round {round_number} ({group.name}): left out client {client}: {reason}")
+        return [results[k] for k in accepted], dict(sorted(rejected.items(), key=lambda x: int(x[0])))
 
     def _job(self, branch: Branch, client: int, round_number: int) -> ClientJob:
         rank = self.ranks[client]
@@ -206,9 +274,11 @@ class Federation:
         )
         return ClientJob(client, start, branch.base_deltas(client, self.scheme))
 
-    def _aggregate(self, round_number: int, branches: list[Branch], results: list[ClientResult]) -> list[RoundRecord]:
+    def _aggregate(
+        self, round_number: int, branches: list[Branch], results: list[ClientResult], rejected: dict[str, str]
+    ) -> list[RoundRecord]:
         updates = [r.update for r in results]
-        prepared, weights = prepare(updates)
+        prepared, weights = prepare(updates, max_norm=self.max_update_norm)
         florist_branches = [b for b in branches if b.threshold is not None]
         start = time.perf_counter()
         swept = sweep(prepared, weights, [b.threshold for b in florist_branches]) if florist_branches else {}
@@ -221,10 +291,10 @@ class Federation:
             # a client's index in this round's results, for per-client adapters, is its position in `results`
             result = _index_by_client(result, [r.client for r in results], len(self.ranks))
             b.history.append(result)
-            records.append(self._record(round_number, b, results, prepared, result, seconds))
+            records.append(self._record(round_number, b, results, prepared, result, seconds, rejected))
         return records
 
-    def _record(self, round_number, branch, results, prepared, result, seconds) -> RoundRecord:
+    def _record(self, round_number, branch, results, prepared, result, seconds, rejected) -> RoundRecord:
         comm = round_communication(branch.method, prepared, _compact(result, [r.client for r in results]))
         losses = [r.log.losses[-1] for r in results if r.log.losses]
         return RoundRecord(
@@ -242,6 +312,7 @@ class Federation:
                 "seconds": sum(r.log.seconds for r in results),
             },
             server_seconds=seconds,
+            rejected=dict(rejected),
         )
 
 

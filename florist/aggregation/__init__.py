@@ -24,7 +24,7 @@ from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .florist import FLoRIST, sweep
 from .svd import energy_rank, stacked_svd
-from .validate import as_dtype, check_updates, compute_dtype, normalized_weights
+from .validate import as_dtype, check_update, check_updates, compute_dtype, normalized_weights, screen_updates
 
 METHODS: dict[str, type[AggregationMethod]] = {
     m.name: m for m in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)
@@ -39,10 +39,16 @@ def get_method(name: str, threshold: float = 0.9) -> AggregationMethod:
 
 
 def prepare(
-    updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, max_rank: int | None = None
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float] | None = None,
+    max_rank: int | None = None,
+    max_norm: float = 0.0,
 ) -> tuple[list[ClientUpdate], list[float]]:
-    """Validate, normalise weights and cast to the compute dtype: the common front of every method."""
-    check_updates(updates, max_rank=max_rank)
+    """Validate, normalise weights and cast to the compute dtype: the common front of every method.
+
+    ``max_rank`` bounds every pair's rank and ``max_norm`` every module's ``||s B A||_F`` (0: no bound).
+    """
+    check_updates(updates, max_rank=max_rank, max_norm=max_norm)
     w = normalized_weights(updates, weights)
     return as_dtype(updates, compute_dtype(updates)), w
 
@@ -62,5 +68,5 @@ def aggregate(
 __all__ = [
     "METHODS", "AggregationError", "AggregationMethod", "AggregationResult", "ClientUpdate", "LoraFactors",
     "ModuleAggregate", "FLoRIST", "FLoRA", "FedIT", "FlexLoRA", "FFALoRA", "aggregate", "get_method", "prepare",
-    "sweep", "energy_rank", "stacked_svd",
+    "sweep", "energy_rank", "stacked_svd", "check_update", "check_updates", "screen_updates",
 ]

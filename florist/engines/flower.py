@@ -200,9 +200,9 @@ class FloristStrategy(Strategy):
     """
 
     def __init__(self, federation: Federation, nodes: NodeDirectory, config_toml: str,
-                 traffic: TrafficLog | None = None, log: Callable[[str], None] = print):
+                 traffic: TrafficLog | None = None, log: Callable[[str], None] = print, max_update_bytes: int = 0):
         self.federation, self.nodes, self.config_toml = federation, nodes, config_toml
-        self.traffic, self.log = traffic, log
+        self.traffic, self.log, self.max_update_bytes = traffic, log, max_update_bytes
         self._plan: _Plan | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
@@ -236,8 +236,8 @@ class FloristStrategy(Strategy):
             try:
                 if reply.has_error():
                     raise MessageError(reply.error.reason)
-                result = read_update(reply.content, job)
                 _check_echo(reply, server_round, sent.group, job.client)
+                result = read_update(reply.content, job, self.max_update_bytes)
             except MessageError as e:
                 sent.status = f"error: {e}"
                 continue
@@ -249,7 +249,11 @@ class FloristStrategy(Strategy):
         if self.traffic is not None:
             self.traffic.append(self._traffic_lines(plan))
         ordered = {name: [r for _, r in sorted(pairs, key=lambda p: p[0])] for name, pairs in results.items()}
-        self.federation.finish_round(server_round, plan.groups, ordered)
+        failures = {g.name: {} for g in plan.groups}
+        for s in plan.sent:
+            if s.status != "replied":
+                failures[s.group][jobs[s.group][s.index].client] = s.status
+        self.federation.finish_round(server_round, plan.groups, ordered, failures)
         self._plan = None
         return None, MetricRecord({"messages-sent": len(plan.sent), "replies": sum(len(v) for v in ordered.values())})
 
@@ -280,8 +284,12 @@ class FloristStrategy(Strategy):
 
 
 def _check_echo(reply: Message, round_number: int, group: str, client: int) -> None:
-    meta = reply.content.config_records["meta"]
-    if (int(meta["round"]), str(meta["group"]), int(meta["client"])) != (round_number, group, client):
+    try:
+        meta = reply.content.config_records["meta"]
+        echo = (int(meta["round"]), str(meta["group"]), int(meta["client"]))
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise MessageError(f"reply without a readable round, group and client ({type(e).__name__}: {e})") from None
+    if echo != (round_number, group, client):
         raise MessageError(
             f"reply for round {meta['round']} group {meta['group']} client {meta['client']} answers the job for "
             f"round {round_number} group {group} client {client}"
@@ -311,7 +319,8 @@ def serve(
     nodes = NodeDirectory(grid, config_toml, config.data.clients, log, progress)
     nodes.wait(config.federation.min_clients, node_wait)
     log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
-    strategy = FloristStrategy(start_federation(nodes.sizes), nodes, config_toml, traffic, log)
+    strategy = FloristStrategy(start_federation(nodes.sizes), nodes, config_toml, traffic, log,
+                               max_update_bytes=config.federation.max_update_bytes)
     strategy.summary()
     for round_number in range(done + 1, config.federation.rounds + 1):
         nodes.refresh(timeout=node_wait)
@@ -352,7 +361,8 @@ def run_simulation(config: RunConfig, rundir: RunDirectory, done: int, progress:
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        serve_run(grid, config, rundir, done, progress=progress, log=log)
+        serve_run(grid, config, rundir, done, round_timeout=config.federation.client_timeout or None,
+                  progress=progress, log=log)
 
     log(f"starting Flower's simulation engine: {config.data.clients} SuperNodes")
     flower_run_simulation(app, client_app(load_model), num_supernodes=config.data.clients,

@@ -10,9 +10,9 @@ but the message and its node config; it keeps the model and its examples between
 
 The ServerApp reads from the run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 ``config`` (path of the florist TOML on the ServerApp's machine), ``overwrite`` (start the run directory
-afresh), ``round-timeout`` (seconds to wait for a round's replies; 0: until every message is answered, which
-Flower does with an error for a SuperNode that stopped sending heartbeats) and ``node-wait`` (seconds to wait
-for every client's SuperNode at the start).
+afresh), ``round-timeout`` (seconds to wait for a round's replies; 0: the config's ``federation.client_timeout``,
+and if that is 0 too, until every message is answered, which Flower does with an error for a SuperNode that
+stopped sending heartbeats) and ``node-wait`` (seconds to wait for every client's SuperNode at the start).
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Calla
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=settings.overwrite)
     if done < config.federation.rounds:
-        serve_run(grid, config, rundir, done, round_timeout=settings.round_timeout or None, node_wait=settings.node_wait,
+        round_timeout = settings.round_timeout or config.federation.client_timeout or None
+        serve_run(grid, config, rundir, done, round_timeout=round_timeout, node_wait=settings.node_wait,
                   progress=False, log=log, load_model=load_model)
     write_results(rundir, config)
     log(f"results in {rundir.path}")

@@ -12,10 +12,17 @@ the client index, and its number of examples). A training message for one client
 The reply holds ``update`` (ArrayRecord: each module's B, and A unless the method keeps A frozen) and
 ``meta`` (ConfigRecord: example count, scalings, training log). Arrays travel as float32 numpy arrays,
 which Flower serialises with ``allow_pickle=False``: nothing is ever pickled.
+
+A reply is untrusted: ``read_update`` turns whatever is malformed in it into a ``MessageError``, reads an array
+only after checking its header against its bytes (a header cannot make the server allocate more than was sent),
+and refuses a reply whose arrays hold more than ``max_bytes``. The factors it returns are then screened by the
+server (``florist.aggregation.screen_updates``).
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,6 +56,33 @@ def _tensor(a: Array) -> torch.Tensor:
     return torch.from_numpy(a.numpy().copy())
 
 
+def _checked_tensor(a: object, where: str) -> torch.Tensor:
+    """An untrusted array: a floating point .npy whose header's shape accounts for exactly the bytes sent."""
+    data = getattr(a, "data", None)
+    if not isinstance(a, Array) or not isinstance(data, bytes):
+        raise MessageError(f"{where}: not an array")
+    try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(stream)
+    except Exception as e:  # numpy raises ValueError, SyntaxError, ... on a broken header
+        raise MessageError(f"{where}: not a readable .npy array ({type(e).__name__})") from None
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise MessageError(f"{where}: dtype {dtype}, expected float16, float32 or float64")
+    if int(np.prod(shape, dtype=object)) * dtype.itemsize != len(data) - stream.tell():
+        raise MessageError(f"{where}: its header claims shape {shape} of {dtype}, which the {len(data)} bytes sent do not hold")
+    try:
+        return _tensor(a)
+    except Exception as e:
+        raise MessageError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def arrays_bytes(content: RecordDict) -> int:
+    """The bytes of every array in a message as sent (not as their headers claim)."""
+    return sum(len(getattr(a, "data", b"") or b"") for record in content.array_records.values() for a in record.values())
+
+
 def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors], with_a: bool = True) -> ArrayRecord:
     """``{module}.B`` (and ``{module}.A``) for every module, float32, in the adapter's module order."""
     record = ArrayRecord()
@@ -59,11 +93,11 @@ def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors], with_a:
     return record
 
 
-def _factor(record: ArrayRecord, name: str, factor: str, where: str) -> torch.Tensor:
+def _factor(record: ArrayRecord, name: str, factor: str, where: str, checked: bool = False) -> torch.Tensor:
     key = f"{name}.{factor}"
     if key not in record:
         raise MessageError(f"{where}: no array {key!r}")
-    return _tensor(record[key])
+    return _checked_tensor(record[key], f"{where}, array {key!r}") if checked else _tensor(record[key])
 
 
 def _module_names(record: ArrayRecord) -> list[str]:
@@ -81,11 +115,17 @@ def frozen_a_record(frozen_a: Mapping[str, torch.Tensor], rank: int) -> ArrayRec
 
 def payload_bytes(record: ArrayRecord, keys=None) -> int:
     """Bytes of the array data (elements x item size), without Flower's framing: what the adapter costs on the wire."""
-    return sum(
-        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
-        for key, a in record.items()
-        if keys is None or key in keys
-    )
+    return sum(_data_bytes(a) for key, a in record.items() if keys is None or key in keys)
+
+
+def _data_bytes(a: Array) -> int:
+    try:
+        dims, itemsize = [int(d) for d in a.shape], np.dtype(a.dtype).itemsize
+    except (TypeError, ValueError):
+        dims, itemsize = [-1], 0
+    if any(d < 0 for d in dims):  # a reply's array whose declared dtype or shape means nothing: count what came
+        return len(a.data)
+    return math.prod(dims) * itemsize
 
 
 # --- the job (server -> client) --------------------------------------------------------------------------------------
@@ -161,22 +201,41 @@ def update_content(job: ConfigRecord, update: ClientUpdate, log: TrainingLog) ->
     return RecordDict({UPDATE: adapter_record(update.modules, with_a=bool(job["sends-a"])), META: meta})
 
 
-def read_update(content: RecordDict, job: ClientJob) -> ClientResult:
-    """The client's result; under FFA-LoRA its A is the frozen one the server sent (the client keeps it fixed)."""
+def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0) -> ClientResult:
+    """The client's result; under FFA-LoRA its A is the frozen one the server sent (the client keeps it fixed).
+
+    Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit).
+    """
+    where = f"client {job.client}'s update"
     if UPDATE not in content.array_records or META not in content.config_records:
         raise MessageError(f"client {job.client}: reply without 'update' and 'meta' records")
+    size = arrays_bytes(content)
+    if max_bytes and size > max_bytes:
+        raise MessageError(f"{where}: its arrays hold {size} bytes, over federation.max_update_bytes={max_bytes}")
+    try:
+        return _read_update(content, job, where)
+    except MessageError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise MessageError(f"{where}: malformed reply ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _read_update(content: RecordDict, job: ClientJob, where: str) -> ClientResult:
     record, meta = content.array_records[UPDATE], content.config_records[META]
-    where = f"client {job.client}'s update"
+    names, scalings = list(meta["modules"]), list(meta["scalings"])
+    if len(names) != len(scalings) or len(set(names)) != len(names):
+        raise MessageError(f"{where}: {len(names)} module names (some repeated?) for {len(scalings)} scalings")
+    frozen = job.start.frozen_a
     modules = {}
-    for name, scaling in zip(meta["modules"], meta["scalings"]):
-        B = _factor(record, name, "B", where)
-        if f"{name}.A" in record:
-            A = _factor(record, name, "A", where)
-        elif job.start.frozen_a is not None and name in job.start.frozen_a:
-            A = job.start.frozen_a[name][: job.start.rank].to(torch.float32).clone()
+    for name, scaling in zip(names, scalings):
+        B = _factor(record, name, "B", where, checked=True)
+        if frozen is not None:  # the method keeps A fixed: the server's A, whatever the reply holds
+            if name not in frozen:
+                raise MessageError(f"{where}: module {name!r} has no frozen A")
+            A = frozen[name][: job.start.rank].to(torch.float32).clone()
         else:
-            raise MessageError(f"{where}: no array '{name}.A' and no frozen A for it")
-        modules[name] = LoraFactors(A=A, B=B, scaling=float(scaling))
+            A = _factor(record, name, "A", where, checked=True)
+        modules[str(name)] = LoraFactors(A=A, B=B, scaling=float(scaling))
     update = ClientUpdate(modules, num_examples=int(meta["num-examples"]), client_id=str(meta["client-id"]))
     log = TrainingLog(steps=int(meta["steps"]), tokens=int(meta["tokens"]), losses=[float(x) for x in meta["losses"]],
                       seconds=float(meta["seconds"]))

@@ -1,14 +1,25 @@
-"""The in-process simulator: every client trains in turn on the one shared base model."""
+"""The in-process simulator: every client trains in turn on the one shared base model.
+
+A client whose training raises is left out of the round (the server decides whether enough remain). With a
+``client_timeout``, a client still training after that many seconds is stopped at its next optimizer step and
+left out too: clients share this process, so the limit is checked between steps and cannot cut a step short.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..base_weights import BaseWeights
 from ..client import LocalTrainer
 from ..server import ClientJob, ClientResult
+
+
+class ClientTimeout(RuntimeError):
+    """A client's training ran past ``client_timeout``."""
 
 
 def training_progress() -> Progress:
@@ -18,27 +29,51 @@ def training_progress() -> Progress:
     )
 
 
+def _stderr_log(message: str) -> None:
+    Console(stderr=True).print(f"[dim]{message}[/]")
+
+
 class InProcessEngine:
-    def __init__(self, base: BaseWeights, trainer: LocalTrainer, client_examples: Sequence[Sequence[dict]], progress: bool = True):
+    def __init__(
+        self,
+        base: BaseWeights,
+        trainer: LocalTrainer,
+        client_examples: Sequence[Sequence[dict]],
+        progress: bool = True,
+        *,
+        client_timeout: float = 0.0,
+        log: Callable[[str], None] = _stderr_log,
+    ):
         self.base, self.trainer, self.client_examples = base, trainer, client_examples
-        self.progress = progress
+        self.progress, self.client_timeout, self.log = progress, client_timeout, log
+        self.failures: dict[int, str] = {}  # the latest round's clients left out, and why
 
     def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
-        results = []
+        results, self.failures = [], {}
         with training_progress() if self.progress else _Silent() as bar:
             for job in jobs:
                 task = bar.add_task(f"round {round_number} client {job.client} (r={job.start.rank})", total=None, loss="-")
-
-                def on_step(step, total, loss, task=task):
-                    bar.update(task, completed=step, total=total, loss=f"{loss:.3f}")
-
-                self.base.set_deltas(job.base_deltas)
-                update, log = self.trainer.train(
-                    self.client_examples[job.client], job.start, client_id=f"client {job.client}", on_step=on_step
-                )
-                results.append(ClientResult(job.client, update, log))
+                try:
+                    results.append(self._train_one(job, bar, task))
+                except Exception as e:  # a client's failure is its own: the round goes on without it
+                    self.failures[job.client] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                    self.log(f"round {round_number}: client {job.client} failed: {self.failures[job.client]}")
         self.base.restore()
         return results
+
+    def _train_one(self, job: ClientJob, bar, task) -> ClientResult:
+        began = time.monotonic()
+
+        def on_step(step, total, loss):
+            bar.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+            if self.client_timeout and time.monotonic() - began > self.client_timeout:
+                raise ClientTimeout(f"still training after {self.client_timeout:g} s (step {step} of {total})")
+
+        self.base.set_deltas(job.base_deltas)
+        update, log = self.trainer.train(
+            self.client_examples[job.client], job.start, client_id=f"client {job.client}", on_step=on_step
+        )
+        return ClientResult(job.client, update, log)
 
 
 class _Silent:
