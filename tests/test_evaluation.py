@@ -174,29 +174,17 @@ def test_letter_scores_equal_an_unbatched_full_forward(tiny, mixed):
         assert max(range(len(scores)), key=scores.__getitem__) == int(want.argmax())
 
 
-def test_option_scores_equal_an_unbatched_full_forward(tiny, mixed):
-    model, tokenizer = tiny
-    got = ev.option_log_probs(model, tokenizer, mixed, batch_size=5, progress=False)
-    for q, scores in zip(mixed, got, strict=True):
-        context = ev.mmlu_prompt(q).rstrip(" ")
-        n_context = len(tokenizer(context)["input_ids"])
-        for option, score in zip(q.options, scores, strict=True):
-            ids = tokenizer(f"{context} {option.strip()}")["input_ids"]
-            log_probs = reference_next_token_log_probs(model, ids)
-            want = sum(log_probs[t - 1, ids[t]].item() for t in range(n_context, len(ids))) / (len(ids) - n_context)
-            assert score == pytest.approx(want, abs=1e-4)
-
-
-def test_answer_scores_score_each_option_as_the_response_to_the_bare_question(tiny, mixed):
+@pytest.mark.parametrize("bare", [False, True], ids=["after-the-lettered-prompt", "answer-to-the-bare-question"])
+def test_option_scores_equal_an_unbatched_full_forward(tiny, mixed, bare):
     from florist.data import build_prompt
 
     model, tokenizer = tiny
-    got = ev.option_log_probs(model, tokenizer, mixed, batch_size=5, progress=False, bare=True)
+    got = ev.option_log_probs(model, tokenizer, mixed, batch_size=5, progress=False, bare=bare)
     for q, scores in zip(mixed, got, strict=True):
-        context = build_prompt(q.question)
+        context = build_prompt(q.question) if bare else ev.mmlu_prompt(q).rstrip(" ")
         n_context = len(tokenizer(context)["input_ids"])
         for option, score in zip(q.options, scores, strict=True):
-            ids = tokenizer(f"{context}{option.strip()}")["input_ids"]
+            ids = tokenizer(f"{context}{'' if bare else ' '}{option.strip()}")["input_ids"]
             log_probs = reference_next_token_log_probs(model, ids)
             want = sum(log_probs[t - 1, ids[t]].item() for t in range(n_context, len(ids))) / (len(ids) - n_context)
             assert score == pytest.approx(want, abs=1e-4)
