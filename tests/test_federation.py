@@ -16,7 +16,7 @@ from florist.server import Federation
 FAST = [
     "data.clients=3", "data.max_examples_per_client=6", "data.cutoff=32", "data.partition=\"iid\"",
     "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.01", "eval.limit=8", "eval.batch_size=8",
-    "lora.ranks=[4]",
+    "lora.ranks=[4]", 'federation.thresholds="0.90"',
 ]
 
 
