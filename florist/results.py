@@ -54,12 +54,19 @@ def rows_from_records(records: Sequence[dict]) -> list[ResultRow]:
 
 def pick_florist(rows: Sequence[ResultRow], tolerance: float) -> tuple[ResultRow | None, ResultRow | None]:
     """FLoRIST-O: the tau with the best accuracy (ties: less download). FLoRIST-E: the least download
-    among taus within ``tolerance`` (absolute accuracy) of that best."""
-    florist = [r for r in rows if r.method == "florist" and r.accuracy is not None]
-    if not florist:
+    among taus within ``tolerance`` (absolute accuracy) of that best.
+
+    Without accuracy (no questions were asked) both are picked on held-out loss instead, lower being better.
+    """
+    florist = [r for r in rows if r.method == "florist"]
+    if florist and all(r.accuracy is not None for r in florist):
+        score = lambda r: r.accuracy  # noqa: E731
+    elif florist and all(r.heldout_loss is not None for r in florist):
+        score = lambda r: -r.heldout_loss  # noqa: E731
+    else:
         return None, None
-    best = max(florist, key=lambda r: (r.accuracy, r.eff_e4))
-    efficient = max((r for r in florist if r.accuracy >= best.accuracy - tolerance), key=lambda r: (r.eff_e4, r.accuracy))
+    best = max(florist, key=lambda r: (score(r), r.eff_e4))
+    efficient = max((r for r in florist if score(r) >= score(best) - tolerance), key=lambda r: (r.eff_e4, score(r)))
     return best, efficient
 
 
@@ -75,12 +82,61 @@ def paper_table(rows: Sequence[ResultRow], tolerance: float) -> list[ResultRow]:
     return table
 
 
+PICKS = ("FLoRIST-O", "FLoRIST-E")
+METHOD_NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
+
 COLUMNS = ["method", "τ", "accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", "mean rank", "params up", "params down", "MB up", "MB down"]
 
+# Columns whose best and second-best values are marked, as the paper does, and which way is better.
+MARKED_COLUMNS = {"accuracy (%)": "higher", "held-out loss": "lower", "Eff (×10⁻⁴)": "higher"}
 
-def _cells(r: ResultRow) -> list[str]:
+
+def display_name(r: ResultRow) -> str:
+    """FLoRIST-O/E picks by their label, every other row by its method's name in the paper."""
+    return r.label if r.label in PICKS else METHOD_NAMES.get(r.method, r.method)
+
+
+def compared(table: Sequence[ResultRow]) -> list[bool]:
+    """The rows the paper ranks against each other: the baselines and FLoRIST-O/E (not every tau of the sweep).
+
+    When there are no picks, every row competes.
+    """
+    if not any(r.label in PICKS for r in table):
+        return [True] * len(table)
+    return [r.method != "florist" or r.label in PICKS for r in table]
+
+
+def ranks_in_column(values: Sequence[float | None], higher_is_better: bool) -> list[str]:
+    """'best', 'second' or '' per value: ties share a mark; None values are never marked."""
+    distinct = sorted({v for v in values if v is not None}, reverse=higher_is_better)
+    marks = {v: m for v, m in zip(distinct, ("best", "second"))}
+    return [marks.get(v, "") if v is not None else "" for v in values]
+
+
+def _values(r: ResultRow) -> dict[str, float | None]:
+    """The marked columns' values, rounded as they are printed so that equal-looking cells get equal marks."""
+    return {
+        "accuracy (%)": None if r.accuracy is None else round(100 * r.accuracy, 2),
+        "held-out loss": None if r.heldout_loss is None else round(r.heldout_loss, 4),
+        "Eff (×10⁻⁴)": round(r.eff_e4, 2),
+    }
+
+
+def emphasis(table: Sequence[ResultRow]) -> list[dict[str, str]]:
+    """Per row, the marked columns that hold the best or second-best value among the compared rows."""
+    in_play = compared(table)
+    marks: list[dict[str, str]] = [{} for _ in table]
+    for column, direction in MARKED_COLUMNS.items():
+        values = [_values(r)[column] if play else None for r, play in zip(table, in_play)]
+        for row_marks, mark in zip(marks, ranks_in_column(values, direction == "higher")):
+            if mark:
+                row_marks[column] = mark
+    return marks
+
+
+def _cells(r: ResultRow, paper_names: bool) -> list[str]:
     return [
-        r.label or r.method,
+        display_name(r) if paper_names else r.label or r.method,
         "" if r.threshold is None else f"{r.threshold:.2f}",
         "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
         "" if r.heldout_loss is None else f"{r.heldout_loss:.4f}",
@@ -93,9 +149,21 @@ def _cells(r: ResultRow) -> list[str]:
     ]
 
 
-def to_markdown(table: Sequence[ResultRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in table]
+def _emphasize(cell: str, mark: str) -> str:
+    return {"best": f"**{cell}**", "second": f"*{cell}*"}.get(mark, cell) if cell else cell
+
+
+def to_markdown(table: Sequence[ResultRow], marks: bool = True, paper_names: bool = False) -> str:
+    """The table in markdown; with ``marks``, the best value of a marked column in bold and the second in italics.
+
+    Rows are named by branch label (``fedit``, ``florist@0.90``, ``FLoRIST-O``), or with ``paper_names`` as the
+    paper names the methods (FedIT, FFA-LoRA, FLoRIST with its tau in the next column).
+    """
+    row_marks = emphasis(table) if marks else [{} for _ in table]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for r, m in zip(table, row_marks):
+        cells = [_emphasize(cell, m.get(column, "")) for column, cell in zip(COLUMNS, _cells(r, paper_names))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

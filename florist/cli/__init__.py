@@ -17,6 +17,7 @@ from . import aggregate as _aggregate  # noqa: E402,F401
 from . import data as _data  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import eval as _eval  # noqa: E402,F401
+from . import report as _report  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
 
 
