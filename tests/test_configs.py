@@ -1,0 +1,68 @@
+"""The shipped configurations: every one loads and validates, and the paper's grid is complete and as generated."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from florist.config import load_config, parse_thresholds
+from florist.models import MODEL_ALIASES
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.toml"))
+CPU = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_paper_configs", ROOT / "configs" / "make_paper_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", PAPER + CPU, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.output.startswith("runs/")
+    assert set(config.federation.methods) == {"florist", "flora", "fedit", "flexlora", "ffa"}
+
+
+def test_paper_grid_is_every_model_dataset_and_rank_setting():
+    configs = [load_config(p) for p in PAPER]
+    cells = {(c.model.name, c.data.train, tuple(c.client_ranks())) for c in configs}
+    models = {"tinyllama", "llama-3.2-1b", "llama-7b"}
+    data = {"databricks/databricks-dolly-15k", "tatsu-lab/alpaca", "WizardLM/WizardLM_evol_instruct_70k"}
+    ranks = {(16,) * 8, (64, 32, 16, 16, 8, 8, 4, 4)}
+    assert len(PAPER) == 18
+    assert cells == {(m, d, r) for m in models for d in data for r in ranks}
+    assert models <= set(MODEL_ALIASES)
+    assert len({c.output for c in configs}) == 18
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
+def test_paper_configs_carry_the_authors_hyperparameters(path):
+    c = load_config(path)
+    assert (c.data.clients, c.data.partition, c.data.alpha, c.data.cutoff, c.data.train_on_inputs) == (8, "dirichlet", 0.5, 512, True)
+    assert (c.federation.rounds, c.train.epochs, c.train.lr, c.train.batch_size, c.train.micro_batch_size) == (1, 3.0, 3e-4, 128, 16)
+    assert (c.lora.alpha_per_rank, c.lora.dropout, c.lora.target_modules) == (2.0, 0.05, ["q_proj", "v_proj"])
+    assert c.model.dtype == "float32"
+    assert parse_thresholds(c.federation.thresholds) == pytest.approx([0.80 + 0.01 * i for i in range(21)])
+    assert (c.eval.questions, c.eval.mode, c.eval.limit) == ("../shared/data/mmlu/mmlu_1444.json", "letter", 0)
+
+
+def test_paper_configs_are_what_the_generator_writes():
+    generator = _generator()
+    expected = {name: header + "\n" + generator.to_toml(config) for name, (header, config) in generator.grid().items()}
+    assert {p.stem: p.read_text() for p in PAPER} == expected
+
+
+@pytest.mark.parametrize("path", CPU, ids=lambda p: p.name)
+def test_cpu_grid_reads_the_shared_data(path, shared_data):
+    c = load_config(path)
+    assert c.model.name is None  # the embedded SmolLM2-135M
+    for relative in (c.data.train, c.eval.heldout, c.eval.questions):
+        assert (ROOT / relative).resolve().is_relative_to(shared_data.resolve())
+        assert (ROOT / relative).exists()
+    assert len(parse_thresholds(c.federation.thresholds)) > 1 and c.eval.mode == "letter" and c.eval.limit > 0
