@@ -23,6 +23,12 @@ from .config import LoraConfig, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# On a CPU under bfloat16 autocast, plain attention (matmul, softmax, matmul) trains faster than SDPA's flash kernel
+# at instruction-tuning lengths (in float32 it gains nothing), but keeps every layer's batch × heads × length²
+# probabilities for the backward pass. Micro-batches whose probabilities fit this budget use it; longer ones keep
+# SDPA, whose memory grows only linearly with length.
+EAGER_ATTENTION_BUDGET = 512 * 2**20  # bytes
+
 
 @dataclass(frozen=True)
 class ClientStart:
@@ -127,12 +133,15 @@ class LocalTrainer:
         began = time.perf_counter()
         torch.manual_seed(start.seed)  # PEFT draws A's init from the global generator
         peft_model = peft.get_peft_model(self.model, self._peft_config(start))
+        attention = getattr(self.model.config, "_attn_implementation", None)
         try:
             self._initialise(start)
-            log = self._fit(peft_model, examples, start.seed, on_step)
+            log = self._fit(peft_model, examples, start.seed, on_step, attention)
             modules = lora_factors(self.model)
         finally:
             peft_model.unload()  # the shared base gets its original layers back, unmerged
+            if attention is not None and self.model.config._attn_implementation != attention:
+                self.model.set_attn_implementation(attention)
         log.seconds = time.perf_counter() - began
         return ClientUpdate(modules, num_examples=len(examples), client_id=client_id), log
 
@@ -157,7 +166,7 @@ class LocalTrainer:
                 A.copy_(start.frozen_a[name][: A.shape[0]])
                 A.requires_grad_(False)
 
-    def _fit(self, peft_model, examples, seed: int, on_step) -> TrainingLog:
+    def _fit(self, peft_model, examples, seed: int, on_step, attention: str | None) -> TrainingLog:
         cfg = self.train_config
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -183,6 +192,7 @@ class LocalTrainer:
             step_loss = 0.0
             for batch_idx in group:
                 batch = collate([examples[i] for i in batch_idx], self.pad_token_id, self.device)
+                self._set_attention(attention, *batch["input_ids"].shape)
                 with autocast:
                     out = peft_model(**batch, use_cache=False, num_items_in_batch=max(labelled, 1))
                 out.loss.backward()
@@ -199,6 +209,19 @@ class LocalTrainer:
         if self.gradient_checkpointing:
             peft_model.gradient_checkpointing_disable()
         return log
+
+    def _set_attention(self, default: str | None, batch: int, width: int) -> None:
+        """Plain attention for a low-precision CPU micro-batch whose attention probabilities fit
+        EAGER_ATTENTION_BUDGET, else the model's own (only a model loaded with SDPA is switched)."""
+        config = self.model.config
+        if default != "sdpa" or torch.device(self.device).type != "cpu" or self.dtype == torch.float32:
+            return
+        layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+        per_element = 4 + self.dtype.itemsize  # float32 probabilities and their copy in the compute dtype
+        fits = layers is not None and heads is not None and layers * batch * heads * width**2 * per_element <= EAGER_ATTENTION_BUDGET
+        wanted = "eager" if fits else "sdpa"
+        if config._attn_implementation != wanted:
+            self.model.set_attn_implementation(wanted)
 
     def _micro_batch_stream(self, lengths, seed):
         """Micro-batches epoch after epoch, each epoch reshuffled from the client's seed."""
