@@ -17,6 +17,7 @@ Accuracy is macro-averaged over subjects (the paper's number) and reported micro
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -300,7 +301,9 @@ def _inference(model: Any) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: under an autocast region only the former lets autocast cast each
+        # weight once and reuse it for every batch and generated token (inference_mode re-casts them every call).
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
@@ -363,15 +366,45 @@ def letter_log_probs(
     letter_ids = letter_token_ids(tokenizer, max(len(q.options) for q in questions))
     seqs = [_encode(tokenizer, _scoring_context(q)) for q in questions]
     pad_id, out = _pad_id(tokenizer), [[] for _ in questions]
+    # Every prompt opens with the same template and instruction (a third of MMLU's tokens): run that prefix once
+    # and give each batch a copy of its key/value cache, so only the questions' own tokens are computed per batch.
+    shared = _shared_prefix_length(seqs)
     with _inference(model):
+        prefix = model(input_ids=torch.as_tensor([seqs[0][:shared]], device=_device(model)), use_cache=True,
+                       logits_to_keep=1).past_key_values if shared else None
         for batch in _run_batches("letters", _batches([len(s) for s in seqs], batch_size), progress):
-            lengths = [len(seqs[i]) for i in batch]
-            keep = torch.zeros((len(batch), max(lengths)), dtype=torch.bool)
-            keep[torch.arange(len(batch)), torch.as_tensor(lengths) - 1] = True  # only the last prompt token
-            rows = _selected_log_probs(model, [seqs[i] for i in batch], keep, pad_id)
+            rows = _last_log_probs(model, [seqs[i][shared:] for i in batch], prefix, shared, pad_id)
             for row, i in enumerate(batch):
                 out[i] = rows[row, letter_ids[: len(questions[i].options)]].tolist()
     return out
+
+
+def _shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one of its own to each (whose logits are read)."""
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = next(k for k in range(n, -1, -1) if s[:k] == seqs[0][:k])
+    return max(n, 0)
+
+
+def _last_log_probs(model: Any, suffixes: Sequence[Sequence[int]], prefix: Any, shared: int, pad_id: int) -> torch.Tensor:
+    """Log-softmax of the next-token logits after each row's last token; the rows continue ``prefix`` (``shared``
+    tokens of key/value cache, or None) and are right-padded, positions counted on from the prefix."""
+    device = _device(model)
+    ids, mask = _pad(suffixes, pad_id, "right", device)
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    keep[torch.arange(len(suffixes)), torch.as_tensor([len(s) - 1 for s in suffixes], device=device)] = True
+    if prefix is None:
+        return _log_softmax_rows(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits)
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(len(suffixes))
+    return _log_softmax_rows(model(
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones((len(suffixes), shared), dtype=mask.dtype, device=device), mask], dim=1),
+        position_ids=shared + torch.arange(ids.shape[1], device=device).expand_as(ids),
+        past_key_values=cache,
+        logits_to_keep=keep,
+    ).logits)
 
 
 @dataclass(frozen=True)
