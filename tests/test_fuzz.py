@@ -9,6 +9,7 @@ never another exception, a crash or a hang. Each example runs under a hypothesis
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 import math
 import re
@@ -39,7 +40,7 @@ FUZZ = settings(
     deadline=timedelta(seconds=5),  # generous on a loaded machine; a hang is the alarm's to catch
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,  # the same inputs on every run: a failure here is a bug to fix, never a flake
-    max_examples=300,
+    max_examples=int(os.environ.get("FLORIST_FUZZ_EXAMPLES", "300")),  # per test; raise it for a deeper run
 )
 ALARM_SECONDS = 60
 
