@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from torch import nn
 
 from .aggregation import ClientUpdate, LoraFactors, ModuleAggregate
 from .config import LoraConfig, TrainConfig
+
+# peft 0.21 reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates: a warning per client
+# that says nothing to our users.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

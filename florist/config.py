@@ -84,7 +84,9 @@ class EvalConfig:
     limit: int = 0  # 0: every question
     batch_size: int = 16
     heldout_loss: bool = True
-    heldout: str = ""  # an instruction file whose loss is reported (e.g. ../shared/data/dolly/test.json)
+    # whose loss is reported: an instruction file (e.g. ../shared/data/dolly/test.json, whole texts), "builtin" (the
+    # built-in facts' test questions, answers only), "auto" (builtin when data.train is, else none) or "" (none)
+    heldout: str = "auto"
     every_round: bool = True
 
 

@@ -26,9 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from .aggregation.svd import energy_rank
 from .results import METHOD_NAMES, PICKS, ResultRow, compared, display_name, paper_table, rows_from_records, to_markdown
 
 BASELINE_STYLE = {  # marker and colour per baseline, the same in every plot
@@ -305,20 +307,6 @@ def plot_ranks(run: Run) -> Figure | None:
     return fig
 
 
-def energy_rank(values: Sequence[float], threshold: float) -> int:
-    """The smallest p whose energy sum(s_i^2, i<=p) / sum(s_i^2) reaches ``threshold`` (as FLoRIST keeps)."""
-    energy = [v * v for v in values]
-    total = sum(energy)
-    if total <= 0:
-        return 0
-    running = 0.0
-    for p, e in enumerate(energy, 1):
-        running += e
-        if running / total >= threshold - 1e-12:
-            return p
-    return len(values)
-
-
 def spectra_modules(names: Sequence[str], count: int = 4) -> list[str]:
     """A few modules to show: the first and last layer of each module kind."""
     by_kind: dict[str, list[tuple[int, str]]] = {}
@@ -368,7 +356,7 @@ def plot_spectra(run: Run) -> Figure | None:
         energy_ax.set_ylim(0, 101)
         energy_ax.set_ylabel("cumulative energy (%)", color="tab:orange")
         for t in taus:
-            p = energy_rank(values, t)
+            p = energy_rank(torch.tensor(values), t)  # the rule FLoRIST applied
             ax.axvline(p, color=colours[t], ls="--", lw=1.2, label=f"τ={t:.2f}: keeps {p}")
         ax.set_xlabel("component i")
         ax.set_ylabel("singular value σᵢ (log scale)")

@@ -237,10 +237,15 @@ def build_federation(
 
 def _heldout(config: RunConfig, tokenizer) -> list[dict]:
     spec = config.eval.heldout
+    if spec == "auto":
+        spec = "builtin" if config.data.train == "builtin" else ""
     if not config.eval.heldout_loss or not spec:
         return []
-    ds = datasets_api.load_instructions(spec)
-    tokenized = datasets_api.tokenize_dataset(ds, tokenizer, config.data.cutoff, True, config.data.template)
+    if spec == "builtin":  # the answers alone: the questions are a template the model would learn anyway
+        ds, whole_text = datasets_api.builtin_heldout_answers(config.seed), False
+    else:
+        ds, whole_text = datasets_api.load_instructions(spec), True
+    tokenized = datasets_api.tokenize_dataset(ds, tokenizer, config.data.cutoff, whole_text, config.data.template)
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
 
 

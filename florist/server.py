@@ -297,6 +297,9 @@ class Federation:
     def _record(self, round_number, branch, results, prepared, result, seconds, rejected) -> RoundRecord:
         comm = round_communication(branch.method, prepared, _compact(result, [r.client for r in results]))
         losses = [r.log.losses[-1] for r in results if r.log.losses]
+        began = time.perf_counter()
+        evaluation = self.evaluate(branch)
+        self.log(f"round {round_number}: {branch.label} scored in {time.perf_counter() - began:.0f} s{_scores(evaluation)}")
         return RoundRecord(
             round=round_number,
             branch=branch.label,
@@ -305,7 +308,7 @@ class Federation:
             participants=[r.client for r in results],
             ranks=result.ranks,
             communication=comm.to_dict(),
-            evaluation=self.evaluate(branch),
+            evaluation=evaluation,
             train={
                 "final_loss_mean": sum(losses) / len(losses) if losses else None,
                 "tokens": sum(r.log.tokens for r in results),
@@ -314,6 +317,15 @@ class Federation:
             server_seconds=seconds,
             rejected=dict(rejected),
         )
+
+
+def _scores(evaluation: dict) -> str:
+    parts = []
+    if evaluation.get("accuracy") is not None:
+        parts.append(f"accuracy {100 * evaluation['accuracy']:.2f}%")
+    if evaluation.get("heldout_loss") is not None:
+        parts.append(f"held-out loss {evaluation['heldout_loss']:.4f}")
+    return ": " + ", ".join(parts) if parts else ""
 
 
 def _index_by_client(result: AggregationResult, clients: list[int], num_clients: int) -> AggregationResult:

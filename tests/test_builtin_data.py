@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
-from florist.data import COLUMNS, builtin_heldout, builtin_train, heterogeneity, load_clients, load_instructions, partition
+from florist.data import COLUMNS, builtin_heldout, builtin_heldout_answers, builtin_train, heterogeneity, load_clients, load_instructions, partition
 from florist.data.builtin import CATEGORIES, FACTS_PER_CATEGORY, facts
 
 QUESTION = re.compile(r"^Question: (?P<q>.*?) Options: A\. (?P<A>.*?), B\. (?P<B>.*?), C\. (?P<C>.*?), D\. (?P<D>.*)$")
@@ -182,3 +182,20 @@ def test_embedded_model_learns_the_facts_it_is_taught():
           f"margin {margin_before:.3f} -> {margin_after:.3f}")
     assert after > before
     assert margin_after > margin_before
+
+
+def test_heldout_answers_ask_the_test_questions_and_score_only_the_answers():
+    from florist.config import load_config
+    from florist.models import tiny_llama
+    from florist.run import _heldout
+
+    answers = builtin_heldout_answers()
+    trained = set(builtin_train()["instruction"])
+    assert len(answers) == len(builtin_heldout()) and not trained & set(answers["instruction"])
+    _, tokenizer = tiny_llama(0)
+    default = _heldout(load_config(None, []), tokenizer)  # data.train = "builtin", eval.heldout = "auto"
+    assert len(default) == len(answers)
+    for example, row in zip(default, answers):
+        scored = [t for t in example["labels"] if t != -100]
+        assert tokenizer.decode(scored).strip().startswith(row["output"])  # the value (and end of text), no prompt
+    assert _heldout(load_config(None, ['data.train="dolly"']), tokenizer) == []  # auto: none for other data

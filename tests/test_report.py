@@ -15,7 +15,6 @@ from florist.communication import RoundCommunication
 from florist.report import (
     ReportError,
     cut_taus,
-    energy_rank,
     load_run,
     pareto_front,
     round_series,
@@ -217,10 +216,6 @@ def test_pareto_front_keeps_points_no_other_beats():
     points = [(1.0, 30.0), (2.0, 29.0), (3.0, 31.0), (0.5, 25.0), (3.0, 30.5)]
     assert pareto_front(points, higher_is_better=True) == [(0.5, 25.0), (1.0, 30.0), (3.0, 31.0)]
     assert pareto_front([(1.0, 2.0), (2.0, 1.5), (3.0, 1.8)], higher_is_better=False) == [(1.0, 2.0), (2.0, 1.5)]
-
-
-def test_energy_rank_matches_the_threshold_rule():
-    assert [energy_rank(SPECTRUM, t) for t in (0.5, 0.75, 0.80, 0.94, 0.99, 1.0)] == [1, 1, 2, 3, 4, 8]
 
 
 def test_module_helpers():

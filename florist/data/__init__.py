@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .builtin import builtin_heldout, builtin_train
+from .builtin import builtin_heldout, builtin_heldout_answers, builtin_train
 from .instructions import (
     BUILTIN,
     COLUMNS,
@@ -32,6 +32,7 @@ __all__ = [
     "DataError",
     "build_prompt",
     "builtin_heldout",
+    "builtin_heldout_answers",
     "builtin_train",
     "client_files",
     "heterogeneity",

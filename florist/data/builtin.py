@@ -195,6 +195,19 @@ def builtin_train(seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in COLUMNS})
 
 
+def builtin_heldout_answers(seed: int = 0) -> datasets.Dataset:
+    """Each fact's test question (a phrasing no client trains on) as an instruction whose response is the value.
+
+    The loss of the responses alone is a continuous measure of how much of the facts a model holds: it moves
+    with every method and tau where the four-way accuracy on the same questions moves in steps of a question.
+    """
+    rows = [
+        {"instruction": _fill(fact.category.question, fact), "input": "", "output": fact.value, "category": fact.category.name}
+        for fact in facts(seed)
+    ]
+    return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in COLUMNS})
+
+
 def builtin_heldout(seed: int = 0) -> list[dict[str, str]]:
     """One multiple-choice question per fact, shaped like the MMLU subset's rows; the answer letter is seeded."""
     rng = random.Random(f"heldout-{seed}")
