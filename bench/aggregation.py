@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from machine import status_kib
 
 from florist.aggregation import (
     AggregationResult,
@@ -181,17 +182,6 @@ def server_step(spec: MethodSpec, svd_seconds: SvdTimes) -> Callable[[list[Clien
 # ---------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where the kernel does not allow it."""
     try:
@@ -204,7 +194,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_kib(resettable: bool) -> int | None:
     if resettable:
-        return _status_kib("VmHWM")
+        return status_kib("VmHWM")
     if sys.platform.startswith("linux"):
         import resource
 
@@ -293,7 +283,7 @@ def measure(step: Callable[[list[ClientUpdate]], AggregationResult], inputs: Inp
     The fastest run is reported: on a shared machine the slower ones carry other processes' load, not the step's cost.
     """
     gc.collect()
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     resettable = reset_peak_rss()
     walls, cpus, peaks, kept = [], [], [], []
     for _ in range(repeats):

@@ -18,9 +18,7 @@ import datetime
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from matplotlib.figure import Figure
 
 from .aggregation.svd import energy_rank
 from .results import METHOD_NAMES, PICKS, ResultRow, compared, display_name, paper_table, rows_from_records, to_markdown
+from .rundir import atomic_write_bytes
 
 BASELINE_STYLE = {  # marker and colour per baseline, the same in every plot
     "fedit": ("s", "#1f77b4"),
@@ -457,8 +456,13 @@ def describe_setup(run: Run) -> list[str]:
     if questions != "none":
         limit = f" (first {ev['limit']})" if ev.get("limit") else ""
         lines.append(f"- accuracy: `{questions}`{limit}, {ev.get('mode', 'option')} mode")
-    if ev.get("heldout"):
-        lines.append(f"- held-out loss: `{ev['heldout']}`")
+    heldout = ev.get("heldout")
+    if heldout == "auto":
+        heldout = "builtin" if data.get("train", "builtin") == "builtin" else ""
+    if heldout == "builtin":
+        lines.append("- held-out loss: the built-in facts' test questions, answer tokens only")
+    elif heldout:
+        lines.append(f"- held-out loss: `{heldout}`")
     return lines
 
 
@@ -601,26 +605,6 @@ def _unique_names(runs: Sequence[Run]) -> list[str]:
     return names
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then rename; the file gets the usual permissions (umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_report(
     run_dirs: Sequence[str | Path], output: str | Path | None = None, title: str | None = None, plots: bool = True
 ) -> Path:
@@ -634,6 +618,6 @@ def write_report(
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out}: exists and is not a directory")
     for relative, png in report.images.items():
-        _atomic_write(out / relative, png)
-    _atomic_write(out / "report.md", report.markdown.encode())
+        atomic_write_bytes(out / relative, png)
+    atomic_write_bytes(out / "report.md", report.markdown.encode())
     return out / "report.md"

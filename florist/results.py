@@ -53,8 +53,8 @@ def rows_from_records(records: Sequence[dict]) -> list[ResultRow]:
 
 
 def pick_florist(rows: Sequence[ResultRow], tolerance: float) -> tuple[ResultRow | None, ResultRow | None]:
-    """FLoRIST-O: the tau with the best accuracy (ties: less download). FLoRIST-E: the least download
-    among taus within ``tolerance`` (absolute accuracy) of that best.
+    """FLoRIST-O: the tau with the best accuracy; ties go to the lower held-out loss, then to less download.
+    FLoRIST-E: the least download among taus within ``tolerance`` (absolute accuracy) of that best.
 
     Without accuracy (no questions were asked) both are picked on held-out loss instead, lower being better.
     """
@@ -65,7 +65,9 @@ def pick_florist(rows: Sequence[ResultRow], tolerance: float) -> tuple[ResultRow
         score = lambda r: -r.heldout_loss  # noqa: E731
     else:
         return None, None
-    best = max(florist, key=lambda r: (score(r), r.eff_e4))
+    # On a small question set many taus tie on accuracy; the loss separates them.
+    loss = lambda r: -r.heldout_loss if r.heldout_loss is not None else 0.0  # noqa: E731
+    best = max(florist, key=lambda r: (score(r), loss(r), r.eff_e4))
     efficient = max((r for r in florist if score(r) >= score(best) - tolerance), key=lambda r: (r.eff_e4, score(r)))
     return best, efficient
 

@@ -22,7 +22,7 @@ from florist.report import (
     split_module,
     write_report,
 )
-from florist.results import ranks_in_column
+from florist.results import ResultRow, pick_florist, ranks_in_column
 from florist.server import RoundRecord
 
 LAYERS = 3
@@ -223,3 +223,17 @@ def test_module_helpers():
     assert split_module("lm_head") == (None, "lm_head")
     assert spectra_modules(MODULES) == [MODULES[0], MODULES[-2], MODULES[1], MODULES[-1]]
     assert cut_taus([0.8 + 0.01 * i for i in range(21)]) == pytest.approx([0.80, 0.90, 0.95, 0.99, 1.00])
+
+
+def _row(tau, accuracy, loss, eff):
+    return ResultRow("florist", tau, accuracy, loss, eff, 0.0, 0, 0, 0, 0, f"florist@{tau:.2f}")
+
+
+def test_picks_break_accuracy_ties_by_loss_and_trade_accuracy_for_download():
+    rows = [_row(1.0, 0.30, 2.10, 1.0), _row(0.9, 0.30, 2.20, 5.0), _row(0.8, 0.295, 2.30, 9.0), _row(0.7, 0.25, 2.0, 20.0)]
+    best, efficient = pick_florist(rows, tolerance=0.01)
+    assert best.threshold == 1.0  # tied on accuracy with 0.9, lower loss
+    assert efficient.threshold == 0.8  # within 0.01 of the best accuracy, the most Eff; 0.7 is too far off
+    no_questions = [_row(t, None, loss, eff) for t, _, loss, eff in [(1.0, 0, 2.1, 1.0), (0.9, 0, 2.105, 5.0), (0.8, 0, 2.5, 9.0)]]
+    best, efficient = pick_florist(no_questions, tolerance=0.01)
+    assert (best.threshold, efficient.threshold) == (1.0, 0.9)  # on loss alone, lower is better
