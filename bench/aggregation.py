@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from machine import status_kib
+from machine import cpu_model, status_kib
 
 from florist.aggregation import (
     AggregationResult,
@@ -344,12 +344,7 @@ def spawn(case: Case) -> dict:
 
 
 def machine_line(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     mem = _meminfo_gib()
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
     return (

@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from machine import Stopwatch, load_average, machine_line  # noqa: E402
+from machine import Stopwatch, announce_machine, load_average  # noqa: E402
 
 from florist.evaluation import evaluate, load_questions, mmlu_prompt  # noqa: E402
 from florist.models import load_model  # noqa: E402
@@ -146,9 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_line(args.threads)
-    print(f"Machine: {machine}", file=sys.stderr)
+    machine = announce_machine(args.threads)
     model, tokenizer = load_model()
     questions = pick(load_questions(args.questions), args.limit, args.seed)
     results = {}

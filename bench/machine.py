@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,14 @@ def machine_line(threads: int) -> str:
         f"{cpu_model()} ({extras}), {os.cpu_count()} cores; Python {platform.python_version()}, "
         f"torch {torch.__version__}; torch threads {threads}; load average (1/5/15 min) {load_average()}"
     )
+
+
+def announce_machine(threads: int) -> str:
+    """Set torch's thread count, print the machine line to stderr, and return it for the report."""
+    torch.set_num_threads(threads)
+    line = machine_line(threads)
+    print(f"Machine: {line}", file=sys.stderr)
+    return line
 
 
 def status_kib(field: str) -> int | None:

@@ -117,10 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(measure_loaded() if args.child == "loaded" else measure_round(args, int(args.child.split("-")[1]))))
         return
-    from machine import load_average, machine_line
+    from machine import announce_machine, load_average
 
-    machine = machine_line(args.threads)
-    print(f"Machine: {machine}", file=sys.stderr)
+    machine = announce_machine(args.threads)
     loaded = child("loaded", args)
     print(f"loaded: {loaded['rss_loaded_mib']:.0f} MiB resident", file=sys.stderr)
     one, eight = child("round-1", args), child("round-8", args)

@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from machine import MatmulPeak, Stopwatch, load_average, machine_line, matmul_peak, peak_rss_mib, rss_mib  # noqa: E402
+from machine import MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, rss_mib  # noqa: E402
 
 import florist.client as client_module  # noqa: E402
 from florist.client import ClientStart, LocalTrainer  # noqa: E402
@@ -387,9 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_line(args.threads)
-    print(f"Machine: {machine}", file=sys.stderr)
+    machine = announce_machine(args.threads)
     peaks_before = measure_peaks(args.threads)
     model, tokenizer = load_model()
     n_params = sum(p.numel() for p in model.parameters())

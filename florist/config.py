@@ -74,6 +74,13 @@ class FederationConfig:
     client_timeout: float = 0.0  # seconds a client may train in a round before it is left out (0: no limit)
 
 
+def heldout_source(heldout: str, train: str) -> str:
+    """``eval.heldout`` with "auto" resolved: the built-in answers for the built-in data, else none ("")."""
+    if heldout == "auto":
+        return "builtin" if train == "builtin" else ""
+    return heldout
+
+
 @dataclass
 class EvalConfig:
     questions: str = "builtin"  # "builtin", an MMLU-format JSON file, or "none"

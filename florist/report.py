@@ -29,6 +29,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from .aggregation.svd import energy_rank
+from .config import heldout_source
 from .results import METHOD_NAMES, PICKS, ResultRow, compared, display_name, paper_table, rows_from_records, to_markdown
 from .rundir import atomic_write_bytes
 
@@ -456,9 +457,7 @@ def describe_setup(run: Run) -> list[str]:
     if questions != "none":
         limit = f" (first {ev['limit']})" if ev.get("limit") else ""
         lines.append(f"- accuracy: `{questions}`{limit}, {ev.get('mode', 'option')} mode")
-    heldout = ev.get("heldout")
-    if heldout == "auto":
-        heldout = "builtin" if data.get("train", "builtin") == "builtin" else ""
+    heldout = heldout_source(ev.get("heldout", ""), data.get("train", "builtin"))
     if heldout == "builtin":
         lines.append("- held-out loss: the built-in facts' test questions, answer tokens only")
     elif heldout:

@@ -18,7 +18,7 @@ from rich.console import Console
 from . import data as datasets_api
 from .base_weights import BaseWeights, Delta, adapted_module_names
 from .client import DTYPES, LocalTrainer, shared_frozen_a
-from .config import RunConfig, parse_thresholds
+from .config import RunConfig, heldout_source, parse_thresholds
 from .data.instructions import load_file
 from .engines.inprocess import InProcessEngine
 from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
@@ -236,9 +236,7 @@ def build_federation(
 
 
 def _heldout(config: RunConfig, tokenizer) -> list[dict]:
-    spec = config.eval.heldout
-    if spec == "auto":
-        spec = "builtin" if config.data.train == "builtin" else ""
+    spec = heldout_source(config.eval.heldout, config.data.train)
     if not config.eval.heldout_loss or not spec:
         return []
     if spec == "builtin":  # the answers alone: the questions are a template the model would learn anyway
