@@ -35,6 +35,45 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 EAGER_ATTENTION_BUDGET = 512 * 2**20  # bytes
 
 
+class FastDropout(nn.Module):
+    """Inverted dropout whose mask comes from 16 random bits per element instead of one Bernoulli draw each.
+
+    On a CPU, ``torch.nn.Dropout`` draws every element's Bernoulli separately and took about a tenth of a
+    bfloat16 LoRA step; four 16-bit lanes of each 64-bit draw make the same mask several times faster.
+    The drop probability is rounded to a multiple of 1/65536 (0.05 becomes 0.04999...) and the scale uses
+    the rounded value, so the output stays unbiased. Draws come from torch's global generator, so training
+    is as deterministic under a seed as with ``nn.Dropout`` (though the masks differ from its masks).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.dropped = round(p * 65536)  # of every 65,536 equally likely 16-bit values, this many drop
+        self.p = self.dropped / 65536
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropped == 0:
+            return x
+        if self.dropped == 65536:
+            return torch.zeros_like(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.dropped - 32768
+        return torch.where(keep, x, 0.0) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: nn.Module) -> None:
+    """Swap PEFT's ``nn.Dropout`` in every LoRA layer for a FastDropout of the same probability."""
+    for _, layer in lora_layers(model):
+        for key, dropout in layer.lora_dropout.items():
+            if isinstance(dropout, nn.Dropout):
+                layer.lora_dropout[key] = FastDropout(dropout.p)
+
+
 @dataclass(frozen=True)
 class ClientStart:
     """How a client's LoRA starts this round.
@@ -141,6 +180,7 @@ class LocalTrainer:
         attention = getattr(self.model.config, "_attn_implementation", None)
         try:
             self._initialise(start)
+            use_fast_dropout(self.model)
             log = self._fit(peft_model, examples, start.seed, on_step, attention)
             modules = lora_factors(self.model)
         finally:

@@ -1,5 +1,5 @@
-"""Local training: the shared base comes back untouched, batches cover every example, and the CPU attention switch
-changes speed only, not what a client learns."""
+"""Local training: the shared base comes back untouched, batches cover every example, the CPU attention switch
+changes speed only, not what a client learns, and the fast LoRA dropout is an unbiased, seeded dropout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import florist.client as client_module
-from florist.client import ClientStart, LocalTrainer, length_grouped_batches
+from florist.client import ClientStart, FastDropout, LocalTrainer, length_grouped_batches
 from florist.config import LoraConfig, TrainConfig
 from florist.models import tiny_llama
 
@@ -81,3 +81,59 @@ def test_length_grouped_batches_cover_every_example_once(lengths, micro, seed):
     assert sorted(flat) == list(range(len(lengths)))
     assert all(1 <= len(b) <= micro for b in batches)
     assert batches == length_grouped_batches(lengths, micro, seed)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_fast_dropout_drops_at_rate_p_and_rescales_the_rest(p):
+    x = torch.rand(1000, 1001) + 1.0  # no zeros of its own, and an odd count (the last 64-bit draw is cut)
+    torch.manual_seed(0)
+    y = FastDropout(p).train()(x)
+    kept = y != 0
+    assert y.shape == x.shape
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-5)
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # five standard errors
+    # Every 16-bit lane of a draw matters: the rate holds in each column position modulo 4.
+    for lane in range(4):
+        lane_rate = 1 - kept.flatten()[lane::4].float().mean().item()
+        assert abs(lane_rate - p) < 5 * (p * (1 - p) * 4 / x.numel()) ** 0.5, lane
+
+
+def test_fast_dropout_is_seeded_and_passes_gradients_through_its_mask():
+    x = torch.randn(64, 48, requires_grad=True)
+    layer = FastDropout(0.25).train()
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    again = layer(x)
+    torch.manual_seed(4)
+    other = layer(x)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    first.sum().backward()
+    assert torch.allclose(x.grad, (first != 0).float() / 0.75)
+
+
+def test_fast_dropout_edges():
+    x = torch.randn(5, 7)
+    assert FastDropout(0.5).eval()(x) is x  # evaluation: the identity
+    assert FastDropout(0.0).train()(x) is x
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout probability"):
+        FastDropout(1.5)
+
+
+def test_training_with_dropout_is_deterministic_under_the_seed_and_uses_the_fast_dropout(monkeypatch):
+    model, _ = tiny_llama(0, vocab_size=256)
+    calls = []
+    original = FastDropout.forward
+    monkeypatch.setattr(FastDropout, "forward", lambda self, x: (calls.append(self.training), original(self, x))[1])
+
+    def train(seed):
+        return LocalTrainer(model, pad_token_id=0, lora=LoraConfig(ranks=[4], dropout=0.2),
+                            train=TrainConfig(lr=1e-2, max_steps=2, batch_size=4, micro_batch_size=2),
+                            dtype="float32").train(examples(), ClientStart(rank=4, alpha=8, seed=seed))
+
+    (first, first_log), (again, again_log), (other, other_log) = train(1), train(1), train(2)
+    assert calls and all(calls)  # the LoRA layers dropped through FastDropout, in training mode
+    assert first_log.losses == again_log.losses and first_log.losses != other_log.losses
+    assert all(torch.equal(first.modules[k].B, again.modules[k].B) for k in first.modules)
