@@ -21,7 +21,7 @@ from .client import DTYPES, LocalTrainer, shared_frozen_a
 from .config import RunConfig, heldout_source, parse_thresholds
 from .data.instructions import load_file
 from .engines.inprocess import InProcessEngine
-from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
+from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records
 from .models import DEFAULT_MODEL, load_model
 from .results import paper_table, rows_from_records, to_csv, to_markdown
 from .rundir import RunDirectory, atomic_write_text
