@@ -24,6 +24,10 @@ loss sequences must agree to bfloat16's precision; the benchmark prints both and
 
     python bench/train.py --threads 1                     # about 10 minutes on a quiet 2-core machine
     python bench/train.py --threads 1 --steps 4 --markdown
+    python bench/train.py --variants florist-bf16 --profile    # where a step's CPU time goes, op by op
+
+Under ``--profile`` the florist variants run inside ``torch.profiler``, which slows them about twofold: the table
+it prints gives shares of CPU time, and that run's throughput figures are not comparable with the others.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,8 +136,9 @@ def train_florist(model, tokenizer, examples, args, dtype: str, checkpointing: b
     before = reset_peak()
     clock = Stopwatch()
     try:
-        _, log = trainer.train(examples, ClientStart(rank=args.rank, alpha=2 * args.rank, seed=args.seed),
-                               on_step=lambda s, n, loss: progress(name, s, n, loss))
+        with profiled(name, args.profile):
+            _, log = trainer.train(examples, ClientStart(rank=args.rank, alpha=2 * args.rank, seed=args.seed),
+                                   on_step=lambda s, n, loss: progress(name, s, n, loss))
     finally:
         client_module.collate = counter.collate
     t = clock.elapsed()
@@ -183,6 +189,23 @@ def train_reference(model, tokenizer, examples, args) -> Run:
     del trainer, client_model
     return Run("reference", t.wall, t.cpu, setup.wall, setup.cpu, steps, counter.real, counter.computed,
                peak_rss_mib() - before, 4.0, losses)
+
+
+@contextmanager
+def profiled(name: str, enabled: bool, rows: int = 15):
+    """Run the block under torch.profiler and print its costliest operators by self CPU time, when enabled."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{name}: share of self CPU time by operator (profiled run, {total / 1e6:.1f} CPU s)")
+    for e in events[:rows]:
+        print(f"  {e.self_cpu_time_total / total:6.1%}  {e.key}  ({e.count} calls)")
 
 
 def progress(name: str, step: int, total: int, loss: float) -> None:
@@ -367,6 +390,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated from reference, florist-fp32, florist-bf16, florist-bf16-ckpt")
     p.add_argument("--checkpointing", action="store_true", help="add florist-bf16-ckpt (gradient checkpointing)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table, ready for the README")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the florist variants with torch.profiler (slows them; shares of CPU time only)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where train.json and train_loss.png go (default bench/results)")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -407,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = report(runs, peaks, n_params, args, machine, load_average())
     out["peaks_measured"] = {"before": {k: v.as_dict() for k, v in peaks_before.items()},
                              "after": {k: v.as_dict() for k, v in peaks_after.items()}}
+    if args.profile:
+        print("\nprofiled run: its timings are slowed by the profiler, so nothing was written", file=sys.stderr)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps(out, indent=1))
     save_plot(runs, args.out / "train_loss.png")
