@@ -21,6 +21,7 @@ from torch import nn
 
 from .aggregation import ClientUpdate, LoraFactors, ModuleAggregate
 from .config import LoraConfig, TrainConfig
+from .loss import causal_lm_loss
 
 # peft 0.21 reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates: a warning per client
 # that says nothing to our users.
@@ -239,9 +240,9 @@ class LocalTrainer:
                 batch = collate([examples[i] for i in batch_idx], self.pad_token_id, self.device)
                 self._set_attention(attention, *batch["input_ids"].shape)
                 with autocast:
-                    out = peft_model(**batch, use_cache=False, num_items_in_batch=max(labelled, 1))
-                out.loss.backward()
-                step_loss += float(out.loss.detach())
+                    loss = causal_lm_loss(peft_model, batch, num_items=max(labelled, 1))
+                loss.backward()
+                step_loss += float(loss.detach())
                 log.tokens += int(batch["attention_mask"].sum())
             optimizer.step()
             scheduler.step()

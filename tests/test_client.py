@@ -1,5 +1,6 @@
 """Local training: the shared base comes back untouched, batches cover every example, the CPU attention switch
-changes speed only, not what a client learns, and the fast LoRA dropout is an unbiased, seeded dropout."""
+changes speed only, not what a client learns, nor does the fused loss, and the fast LoRA dropout is an unbiased,
+seeded dropout."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import florist.client as client_module
+import florist.loss as loss_module
 from florist.client import ClientStart, FastDropout, LocalTrainer, length_grouped_batches
 from florist.config import LoraConfig, TrainConfig
+from florist.loss import LinearCrossEntropy
 from florist.models import tiny_llama
 
 
@@ -61,6 +64,22 @@ def test_bf16_attention_switch_is_restored_and_learns_the_same(monkeypatch):
         g = sdpa.modules[name]
         delta_eager, delta_sdpa = f.B @ f.A, g.B @ g.A
         assert (delta_eager - delta_sdpa).norm() <= 0.25 * delta_sdpa.norm(), name
+
+
+def test_training_with_the_fused_loss_learns_what_the_models_own_loss_teaches(monkeypatch):
+    model, _ = tiny_llama(0, vocab_size=256)
+    calls = []
+    original = LinearCrossEntropy.apply
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: (calls.append(1), original(*a))[1])
+    fused, fused_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    assert len(calls) == 6  # 3 steps of 2 micro-batches
+
+    monkeypatch.setattr(loss_module, "FUSED_LOSS_MODEL_TYPES", frozenset())
+    own, own_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    assert len(calls) == 6
+    assert fused_log.losses == pytest.approx(own_log.losses, rel=1e-5)
+    for name, f in fused.modules.items():
+        torch.testing.assert_close(f.B @ f.A, own.modules[name].B @ own.modules[name].A, rtol=1e-3, atol=1e-6)
 
 
 def test_float32_training_keeps_the_models_attention():
