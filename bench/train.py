@@ -47,7 +47,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from machine import MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, rss_mib  # noqa: E402
+from machine import (  # noqa: E402
+    MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, release_free_memory, rss_mib,
+)
 
 import florist.client as client_module  # noqa: E402
 from florist.client import ClientStart, LocalTrainer  # noqa: E402
@@ -112,7 +114,8 @@ class TokenCounter:
 
 
 def reset_peak() -> float:
-    """Reset the kernel's peak-RSS mark (Linux) and return the resident MiB now."""
+    """Release freed memory, reset the kernel's peak-RSS mark (Linux) and return the resident MiB now."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
