@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 import florist.client as client_module
 import florist.loss as loss_module
@@ -80,6 +81,23 @@ def test_training_with_the_fused_loss_learns_what_the_models_own_loss_teaches(mo
     assert fused_log.losses == pytest.approx(own_log.losses, rel=1e-5)
     for name, f in fused.modules.items():
         torch.testing.assert_close(f.B @ f.A, own.modules[name].B @ own.modules[name].A, rtol=1e-3, atol=1e-6)
+
+
+def test_gradient_checkpointing_changes_memory_not_what_a_client_learns(monkeypatch):
+    model, _ = tiny_llama(0, vocab_size=256)
+    mlp_calls, mlp_forward = [], LlamaMLP.forward
+    # Counted in the class: the recomputation in the backward pass does not run module hooks.
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: (mlp_calls.append(1), mlp_forward(self, x))[1])
+    plain, plain_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    assert len(mlp_calls) == 6 * 2  # 3 steps of 2 micro-batches, 2 layers
+    checkpointed = trainer(model, "float32")
+    checkpointed.gradient_checkpointing = True
+    ckpt, ckpt_log = checkpointed.train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    assert len(mlp_calls) == 12 + 24  # each layer's forward ran again in the backward pass
+    assert not model.is_gradient_checkpointing  # switched off again for the next client
+    assert ckpt_log.losses == pytest.approx(plain_log.losses, rel=1e-5)
+    for name, f in plain.modules.items():
+        torch.testing.assert_close(ckpt.modules[name].B @ ckpt.modules[name].A, f.B @ f.A, rtol=1e-3, atol=1e-6)
 
 
 def test_float32_training_keeps_the_models_attention():
