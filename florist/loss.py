@@ -4,8 +4,8 @@ A causal LM's own loss materialises the logits (tokens × vocabulary) in the com
 takes a log-softmax, and in the backward pass builds a dense gradient of zeros, the log-softmax gradient and a cast
 back. Over a 49,152-token vocabulary that element-wise work cost about as much CPU time as the LM head's two matrix
 products. When the head is a frozen, bias-free linear map (as with LoRA on the attention or MLP projections), the
-gradient of the loss with respect to the hidden states is known in the forward pass: ``(softmax(z) - onehot(y)) @
-W``. ``LinearCrossEntropy`` computes it there, a block of rows at a time in float32, writing the probabilities over
+gradient of the loss with respect to the hidden states is known in the forward pass:
+``(softmax(z) - onehot(y)) @ W``. ``LinearCrossEntropy`` computes it there, a block of rows at a time in float32, writing the probabilities over
 the logits in place, so the logits are never copied whole to float32 nor kept for the backward pass, which only
 scales the saved gradient.
 
