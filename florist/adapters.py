@@ -24,15 +24,19 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .aggregation import LoraFactors, ModuleAggregate
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft (and through it transformers) is imported where it is used, not here: importing it takes seconds, and the
+# command line imports this module for every command, `florist --help` included.
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,6 +167,8 @@ def check_plain_lora(config: Mapping[str, Any], who: str) -> None:
 
 def lora_variant_fields() -> list[str]:
     """The LoraConfig fields PEFT marks as switching on a LoRA variant (DoRA, aLoRA, ...)."""
+    from peft import LoraConfig
+
     return [f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")]
 
 
@@ -241,6 +247,8 @@ def pattern_value(config: Mapping[str, Any], field: str, module: str, default: A
     pattern = config.get(field) or {}
     if not isinstance(pattern, Mapping):
         raise AdapterError(f"{where}: {field} in {CONFIG_NAME} is not an object")
+    from peft.utils.other import get_pattern_key
+
     try:
         return pattern.get(get_pattern_key(pattern.keys(), module), default)
     except re.error as e:
@@ -335,6 +343,8 @@ def unit_scaling_config(ranks: Mapping[str, int], base_model: str | None, task_t
     r = max(ranks.values())
     pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
     check_patterns_exact(pattern, ranks)
+    from peft import LoraConfig
+
     return LoraConfig(
         r=r,
         lora_alpha=r,
@@ -351,6 +361,8 @@ def unit_scaling_config(ranks: Mapping[str, int], base_model: str | None, task_t
 
 def check_patterns_exact(pattern: Mapping[str, int], modules: Mapping[str, int]) -> None:
     """Every written module must resolve, under PEFT's matching, to its own rank (first match wins)."""
+    from peft.utils.other import get_pattern_key
+
     r = max(modules.values())
     for name, rank in modules.items():
         resolved = pattern.get(get_pattern_key(pattern.keys(), name), r)

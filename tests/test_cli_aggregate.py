@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -316,3 +318,10 @@ def test_refuses_an_output_that_would_replace_a_client(clients):
     result = run("--method", "fedit", "--overwrite", "--output", paths[0].parent, *paths)
     assert result.exit_code == 2 and f"would replace the client directory {paths[0]}" in result.stderr
     assert sorted(p.name for p in paths[0].iterdir()) == before
+
+
+def test_the_command_line_starts_without_importing_peft_or_transformers():
+    """`florist --help` and a command's startup must not wait seconds for libraries only the work itself needs."""
+    code = "import sys, florist.cli; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -5,15 +5,18 @@ from __future__ import annotations
 import enum
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import evaluation
 from ..adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from . import app
 from .errors import UserError, user_errors
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalResult, Question
 
 # Where the 1,444-question MMLU subset sits beside a checkout of this project.
 DEFAULT_MMLU = Path("../shared/data/mmlu/mmlu_1444.json")
@@ -57,6 +60,8 @@ def eval_command(
     per_subject: bool = typer.Option(False, "--per-subject", help="also print a table of per-subject accuracy"),
 ) -> None:
     """Accuracy macro-averaged over subjects (the paper's number), micro accuracy, question count and time."""
+    from .. import evaluation  # here, not at the top: it imports transformers, which `florist --help` need not wait for
+
     with user_errors(evaluation.EvalDataError):
         questions = _questions(mmlu, builtin, seed)
         if limit is not None and limit < len(questions):
@@ -78,7 +83,9 @@ def eval_command(
     _print_result(result, per_subject)
 
 
-def _questions(mmlu: str | None, builtin: bool, seed: int) -> list[evaluation.Question]:
+def _questions(mmlu: str | None, builtin: bool, seed: int) -> list[Question]:
+    from .. import evaluation
+
     if builtin and mmlu is not None:
         raise UserError("--mmlu and --builtin exclude each other; pass one")
     if builtin:
@@ -138,7 +145,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _print_result(result: evaluation.EvalResult, per_subject: bool) -> None:
+def _print_result(result: EvalResult, per_subject: bool) -> None:
     subjects = len(result.per_subject)
     console.print(
         f"accuracy {result.accuracy:.4f} (macro over {subjects} subjects), micro {result.micro_accuracy:.4f}, "
