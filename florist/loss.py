@@ -5,9 +5,9 @@ takes a log-softmax, and in the backward pass builds a dense gradient of zeros, 
 back. Over a 49,152-token vocabulary that element-wise work cost about as much CPU time as the LM head's two matrix
 products. When the head is a frozen, bias-free linear map (as with LoRA on the attention or MLP projections), the
 gradient of the loss with respect to the hidden states is known in the forward pass:
-``(softmax(z) - onehot(y)) @ W``. ``LinearCrossEntropy`` computes it there, a block of rows at a time in float32, writing the probabilities over
-the logits in place, so the logits are never copied whole to float32 nor kept for the backward pass, which only
-scales the saved gradient.
+``(softmax(z) - onehot(y)) @ W``. ``LinearCrossEntropy`` computes it there, a block of rows at a time in float32,
+writing the probabilities over the logits in place, so the logits are never copied whole to float32 nor kept for
+the backward pass, which only scales the saved gradient.
 
 ``torch.nn.functional.linear_cross_entropy`` (torch 2.13) does a chunked version of this; on a CPU it was slower
 than the plain loss at these shapes and returns a bfloat16 loss under bfloat16 inputs, so it is not used.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .data.instructions import IGNORE_INDEX
 
 # Architectures whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping, logit scale
 # or bias. Others train with the model's own loss.
@@ -40,7 +40,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits = hidden.to(dtype) @ w.T
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, logits.shape[0], ROWS_PER_BLOCK):
-            loss += _softmax_minus_onehot_(logits[start : start + ROWS_PER_BLOCK], targets[start : start + ROWS_PER_BLOCK])
+            rows = slice(start, start + ROWS_PER_BLOCK)
+            loss += _softmax_minus_onehot_(logits[rows], targets[rows])
         ctx.save_for_backward((logits @ w).to(hidden.dtype))
         return loss
 
@@ -65,9 +66,14 @@ def _softmax_minus_onehot_(block: torch.Tensor, targets: torch.Tensor) -> torch.
     return loss
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a PEFT model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def fused_loss_applies(model: nn.Module) -> bool:
     """Whether ``causal_lm_loss`` may fuse the LM head of ``model`` (a transformers causal LM, PEFT-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     head = base.get_output_embeddings()
     return (
         getattr(base.config, "model_type", None) in FUSED_LOSS_MODEL_TYPES
@@ -84,7 +90,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: 
     """
     if not fused_loss_applies(model):
         return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX

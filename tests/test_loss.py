@@ -55,7 +55,10 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 def loss_and_grads(model, data, items: int, dtype: torch.dtype, fused: bool):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        loss = causal_lm_loss(model, data, items) if fused else model(**data, use_cache=False, num_items_in_batch=items).loss
+        if fused:
+            loss = causal_lm_loss(model, data, items)
+        else:
+            loss = model(**data, use_cache=False, num_items_in_batch=items).loss
     loss.backward()
     return loss.detach().float(), lora_grads(model)
 
