@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from machine import cpu_model, status_kib
+from machine import cpu_model, reset_peak_rss, status_kib
 
 from florist.aggregation import (
     AggregationResult,
@@ -180,16 +180,6 @@ def server_step(spec: MethodSpec, svd_seconds: SvdTimes) -> Callable[[list[Clien
 
 
 # ---------------------------------------------------------------- memory
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_rss_kib(resettable: bool) -> int | None:

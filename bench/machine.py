@@ -107,6 +107,16 @@ def release_free_memory() -> None:
         pass
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
     kib = status_kib("VmHWM")
     if kib is None:

@@ -48,7 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from machine import (  # noqa: E402
-    MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, release_free_memory, rss_mib,
+    MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, release_free_memory,
+    reset_peak_rss, rss_mib,
 )
 
 import florist.client as client_module  # noqa: E402
@@ -116,11 +117,7 @@ class TokenCounter:
 def reset_peak() -> float:
     """Release freed memory, reset the kernel's peak-RSS mark (Linux) and return the resident MiB now."""
     release_free_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()
     return rss_mib()
 
 
