@@ -8,25 +8,51 @@ a second model. Only the adapted modules are copied (q_proj and v_proj: a few pe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .aggregation import ModuleAggregate
+from .config import ConfigError
 
 Delta = dict[str, ModuleAggregate]  # module name -> (B, A) with scaling folded: the update is B @ A
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear layer but the output head
 
-def adapted_module_names(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """Names of the Linear layers whose leaf name is a target (as PEFT matches ``target_modules`` lists)."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules)
-    ]
+
+def targets(target_modules: str | Sequence[str], name: str) -> bool:
+    """Whether ``target_modules`` names the module of full name ``name``, as PEFT decides it: a string is a regex
+    that must match the whole name; a list holds full names and dotted tails ("v_proj", "self_attn.v_proj")."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in target_modules)
+
+
+def adapted_module_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """The full names of the modules LoRA adapts under ``target_modules`` (``lora.target_modules``), as PEFT picks
+    them, in the model's order. Every one must be a Linear layer, the only kind florist adapts, and there must be one.
+
+    ``model`` may be an empty model (``models.empty_model``): only its module names and types are read.
+    """
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [name for name in linear if model.get_submodule(name) is not head]
+    else:
+        matched = [(name, module) for name, module in model.named_modules() if name and targets(target_modules, name)]
+        for name, module in matched:
+            if not isinstance(module, nn.Linear):
+                raise ConfigError(f"config key 'lora.target_modules' {target_modules!r} matches {name} of type "
+                                  f"{type(module).__name__}; only Linear layers can be adapted")
+        names = [name for name, _ in matched]
     if not names:
-        raise ValueError(f"the model has no Linear layer named any of {list(target_modules)}")
+        leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
+        form = (f"a string is a regex for whole names such as {linear[0] if linear else '-'}; a list names modules"
+                if isinstance(target_modules, str) else "a list names modules by full name or dotted tail")
+        raise ConfigError(f"config key 'lora.target_modules' {target_modules!r} matches no module of the model "
+                          f"({form}); its Linear layers are named {leaves}")
     return names
 
 

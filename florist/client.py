@@ -195,7 +195,8 @@ class LocalTrainer:
         return peft.LoraConfig(
             r=start.rank,
             lora_alpha=start.alpha,
-            target_modules=list(self.lora.target_modules),
+            # a string is PEFT's regex over whole module names; a list, names or their dotted tails
+            target_modules=t if isinstance(t := self.lora.target_modules, str) else list(t),
             lora_dropout=self.lora.dropout,
             use_rslora=self.lora.use_rslora,
             bias="none",

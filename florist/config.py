@@ -7,8 +7,17 @@ the paper's settings are in ``configs/``.
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
+import re
+import reprlib
 import tomllib
+import types
+import typing
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +52,9 @@ class DataConfig:
 class LoraConfig:
     ranks: list[int] = field(default_factory=lambda: [16])  # one rank for all, or one per client
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper: alpha 32 at r 16)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # As PEFT reads them: a list of names, each a module's full name or its dotted tail ("v_proj", "self_attn.v_proj"),
+    # or one string, a regex that must match a module's full name, or "all-linear"
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     dropout: float = 0.05
     use_rslora: bool = False
 
@@ -128,7 +139,10 @@ def _drop_none(d: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the TOML file, then ``section.key=value`` overrides; validated."""
+    """Defaults, then the TOML file, then ``section.key=value`` overrides; validated.
+
+    A bad value is refused with a ``ConfigError`` naming the file and the key, before anything is loaded.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -138,11 +152,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{p}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config file: {getattr(e, 'strerror', None) or e}") from None
     for item in overrides:
         _apply_override(raw, item)
-    config = _build(RunConfig, raw, "")
-    validate(config)
-    return config
+    return _validated(raw, "" if path is None else f"{path}: ")
 
 
 def config_from_toml(text: str, where: str = "config") -> RunConfig:
@@ -151,8 +165,15 @@ def config_from_toml(text: str, where: str = "config") -> RunConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from None
-    config = _build(RunConfig, raw, "")
-    validate(config)
+    return _validated(raw, f"{where}: ")
+
+
+def _validated(raw: dict, prefix: str) -> RunConfig:
+    try:
+        config = _build(RunConfig, raw, "")
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
     return config
 
 
@@ -161,92 +182,298 @@ def _apply_override(raw: dict, item: str) -> None:
     if not sep:
         raise ConfigError(f"override {item!r}: expected section.key=value")
     try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
+        document = tomllib.loads(f"v = {value}")
     except tomllib.TOMLDecodeError:
-        parsed = value  # a bare string such as a path or a model id
+        document = {"v": value}  # a bare string such as a path or a model id
+    if list(document) != ["v"]:
+        raise ConfigError(f"override {item!r}: expected one value after '='")
     *sections, leaf = key.strip().split(".")
-    node = raw
+    node, where = raw, []
     for s in sections:
+        where.append(s)
         node = node.setdefault(s, {})
-    node[leaf] = parsed
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: config key {'.'.join(where)!r} is a value, not a section")
+    node[leaf] = document["v"]
 
 
 def _build(cls, raw: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """``cls`` from a TOML table: unknown keys refused, every value of the declared type of its field."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kinds = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}{key}"
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; known: {', '.join(fields)}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(kinds[key]):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} is a section; got {value!r}")
-            kwargs[key] = _build(type(default), value, f"{path}.")
+                raise ConfigError(f"config key {path!r} is a section; got {_shown(value)}")
+            kwargs[key] = _build(kinds[key], value, f"{path}.")
         else:
-            kwargs[key] = _coerce(value, default, path)
+            kwargs[key] = _coerce(value, kinds[key], path)
     return cls(**kwargs)
 
 
-def _coerce(value, default, path: str):
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {path!r} must be true or false; got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list) and isinstance(value, (int, str)):
-        return [value]  # a single rank or method where a list is expected
-    if default is not None and not isinstance(value, type(default)):
-        raise ConfigError(f"config key {path!r} must be {type(default).__name__}; got {value!r}")
+# How each scalar type is named in messages, alone and as a list's elements.
+_KIND_NAMES: dict[type, tuple[str, str]] = {
+    bool: ("true or false", "true or false values"),
+    int: ("an integer", "integers"),
+    float: ("a finite number", "finite numbers"),
+    str: ("a string", "strings"),
+}
+
+
+def _coerce(value: Any, kind: Any, path: str) -> Any:
+    """``value`` as the declared ``kind`` (a scalar type, ``list[scalar]`` or a union of those), else a ConfigError
+    naming ``path``, with the index of a list's bad element. A scalar where a list is declared is a list of one."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]  # TOML has no null
+        shaped = [k for k in options if (typing.get_origin(k) is list) == isinstance(value, list)]
+        if not shaped or not (isinstance(value, list) or _fits(value, shaped[0])):
+            raise ConfigError(f"config key {path!r} must be {_describe(kind)}; got {_shown(value)}")
+        return _coerce(value, shaped[0], path)
+    if typing.get_origin(kind) is list:
+        (element,) = typing.get_args(kind)
+        if isinstance(value, list):
+            return [_coerce(v, element, f"{path}[{i}]") for i, v in enumerate(value)]
+        if _fits(value, element):
+            return [_coerce(value, element, path)]  # a single rank or method where a list is expected
+        raise ConfigError(f"config key {path!r} must be {_describe(kind)}; got {_shown(value)}")
+    if not _fits(value, kind):
+        raise ConfigError(f"config key {path!r} must be {_describe(kind)}; got {_shown(value)}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):  # TOML has nan and inf
+            raise ConfigError(f"config key {path!r} must be {_describe(kind)}; got {value}")
     return value
 
 
-def parse_thresholds(spec: str) -> list[float]:
-    """'0.9', '0.8,0.9,1.0' or 'start:stop:step' (inclusive), rounded to 4 decimals."""
+def _fits(value: Any, kind: type) -> bool:
+    """Whether a scalar ``value`` is of ``kind``: bools are not numbers, integers are floats."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(k) for k in typing.get_args(kind) if k is not type(None))
+    if typing.get_origin(kind) is list:
+        return f"a list of {_KIND_NAMES[typing.get_args(kind)[0]][1]}"
+    return _KIND_NAMES[kind][0]
+
+
+def _shown(value: Any) -> str:
+    """A value as a one-line message shows it: short, and a table or list called what it is."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, bool):
+        return str(value).lower()  # as TOML writes it
+    return f"a list {reprlib.repr(value)}" if isinstance(value, list) else reprlib.repr(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each field's value must be, beyond its type: declared once per key, checked by ``validate``
+
+Rule = Callable[[Any], str]  # what is wrong with a value of the field's type, or "" when nothing is
+
+
+@dataclass(frozen=True)
+class Each:
+    """A rule for every element of a list field; a bad element is named by its index."""
+
+    rule: Rule
+
+
+def at_least(low: float) -> Rule:
+    return lambda v: "" if v >= low else f"must be at least {low}"
+
+
+def between(low: float, high: float) -> Rule:
+    return lambda v: "" if low <= v <= high else f"must be between {low} and {high}"
+
+
+def positive(v: float) -> str:
+    return "" if v > 0 else "must be positive"
+
+
+def fraction(v: float) -> str:
+    return "" if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def non_empty(v: str | list) -> str:
+    return "" if len(v) else "must not be empty"
+
+
+def unique(v: list) -> str:
+    twice = [x for x, n in Counter(v).items() if n > 1]
+    return f"lists {twice[0]!r} twice" if twice else ""
+
+
+def one_of(choices: Callable[[], tuple[str, ...]]) -> Rule:
+    # The choices are read when a value is checked: some are declared in modules that are slow to import.
+    return lambda v: "" if v in choices() else f"must be one of {', '.join(choices())}"
+
+
+def _methods() -> tuple[str, ...]:
+    from .aggregation import METHODS
+
+    return tuple(METHODS)
+
+
+def _templates() -> tuple[str, ...]:
+    from .data.instructions import TEMPLATES
+
+    return TEMPLATES
+
+
+def _partitions() -> tuple[str, ...]:
+    from .data.partition import SCHEMES
+
+    return SCHEMES
+
+
+def target_modules_problem(v: str | list[str]) -> str:
+    """PEFT's two forms: a list of module names (full or dotted tails), or a regex matched against full names."""
+    if isinstance(v, list):
+        return non_empty(v) or ("lists an empty module name" if any(not t.strip() for t in v) else "")
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"is not a regex ({e})"
+    return non_empty(v)
+
+
+def thresholds_problem(spec: str) -> str:
+    return _parse_taus(spec)[1]
+
+
+SEED_LIMIT = 2**32 - 1  # numpy's (datasets' shuffles and partitions) largest seed
+
+FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
+    "seed": (between(0, SEED_LIMIT),),
+    "output": (non_empty,),
+    "engine": (one_of(lambda: ENGINES),),
+    "model.dtype": (one_of(lambda: ("float32", "bfloat16", "float16")),),
+    "data.train": (non_empty,),
+    "data.clients": (at_least(1),),
+    "data.partition": (one_of(_partitions),),
+    "data.alpha": (positive,),
+    "data.template": (one_of(_templates),),
+    "data.cutoff": (at_least(2),),  # a token to predict needs one before it
+    "data.max_examples_per_client": (at_least(0),),
+    "lora.ranks": (non_empty, Each(at_least(1))),
+    "lora.alpha_per_rank": (positive,),
+    "lora.target_modules": (target_modules_problem,),
+    "lora.dropout": (fraction,),  # 1 would drop every input of the adapters: nothing trains
+    "train.lr": (positive,),
+    "train.epochs": (at_least(0),),
+    "train.max_steps": (at_least(0),),
+    "train.batch_size": (at_least(1),),
+    "train.micro_batch_size": (at_least(1),),
+    "train.weight_decay": (at_least(0),),
+    "federation.rounds": (at_least(1),),
+    "federation.clients_per_round": (at_least(0),),
+    "federation.scheme": (one_of(lambda: ("merge", "reinit")),),
+    "federation.methods": (non_empty, Each(one_of(_methods)), unique),
+    "federation.thresholds": (thresholds_problem,),
+    "federation.florist_e_tolerance": (between(0, 1),),
+    "federation.min_clients": (at_least(1),),
+    "federation.max_update_norm": (at_least(0),),
+    "federation.max_update_bytes": (at_least(0),),
+    "federation.client_timeout": (at_least(0),),
+    "eval.questions": (non_empty,),
+    "eval.mode": (one_of(lambda: ("answer", "option", "letter")),),
+    "eval.limit": (at_least(0),),
+    "eval.batch_size": (at_least(1),),
+}
+
+
+def check_fields(c: RunConfig) -> None:
+    """Every field with a rule in ``FIELD_RULES`` against it; the first broken one is a ConfigError naming its key."""
+    for key, rules in FIELD_RULES.items():
+        value = c
+        for part in key.split("."):
+            value = getattr(value, part)
+        for rule in rules:
+            items = list(enumerate(value)) if isinstance(rule, Each) else [(None, value)]
+            for index, item in items:
+                problem = rule.rule(item) if isinstance(rule, Each) else rule(item)
+                if problem:
+                    where = key if index is None else f"{key}[{index}]"
+                    raise ConfigError(f"config key {where!r} {problem}; got {_shown(item)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLoRIST's taus
+
+MAX_TAUS = 1000  # a FLoRIST branch per tau, each scored every round: more is a mistyped step, not a sweep
+
+
+def parse_thresholds(spec: str, where: str = "config key 'federation.thresholds'") -> list[float]:
+    """'0.9', '0.8,0.9,1.0' or 'start:stop:step' (inclusive, stepped in exact decimals), sorted.
+
+    At most ``MAX_TAUS`` taus, each in (0, 1], none given twice: every tau is a branch of its own, named by
+    ``results.branch_label``, which tells any two different taus apart. ``where`` names the spec in errors.
+    """
+    taus, problem = _parse_taus(spec)
+    if problem:
+        raise ConfigError(f"{where} {problem}; got {_shown(spec)}")
+    return taus
+
+
+def _parse_taus(spec: str) -> tuple[list[float], str]:
+    """The taus of ``spec`` and "", or [] and what is wrong with it."""
+    from .results import format_tau
+
+    form = "must be T, T1,T2,... or start:stop:step"
     try:
         if ":" in spec:
-            start, stop, step = (float(x) for x in spec.split(":"))
+            start, stop, step = (Decimal(x.strip()) for x in spec.split(":"))
+            if not all(d.is_finite() for d in (start, stop, step)):
+                return [], "must hold finite numbers"
             if step <= 0:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            values = [round(start + i * step, 4) for i in range(count)]
+                return [], "must have a positive step"
+            if start > stop:
+                return [], "is an empty range: start is above stop"
+            span = (stop - start) / step
+            if span >= MAX_TAUS:
+                return [], f"is a range of more than {MAX_TAUS} taus"
+            taus = [float(start + i * step) for i in range(int(span) + 1)]
         else:
-            values = [round(float(x), 4) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"federation.thresholds {spec!r}: expected T, T1,T2,... or start:stop:step") from None
-    bad = [t for t in values if not 0.0 < t <= 1.0]
-    if not values or bad:
-        raise ConfigError(f"federation.thresholds {spec!r}: every tau must be in (0, 1]")
-    return sorted(set(values))
+            taus = [float(x) for x in spec.split(",") if x.strip()]
+    except (ValueError, decimal.DecimalException):
+        return [], form
+    if not taus:
+        return [], form
+    if len(taus) > MAX_TAUS:
+        return [], f"lists more than {MAX_TAUS} taus"
+    if not all(math.isfinite(t) and 0.0 < t <= 1.0 for t in taus):
+        return [], "must hold taus in (0, 1]"
+    twice = [t for t, n in Counter(taus).items() if n > 1]
+    if twice:
+        return [], f"gives tau {format_tau(twice[0])} twice"
+    return sorted(taus), ""
 
 
 def validate(c: RunConfig) -> None:
-    from .aggregation import METHODS
-
+    """Every field against its rule, then the rules that tie fields together."""
+    check_fields(c)
+    taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
-        (c.data.clients >= 1, "data.clients must be at least 1"),
-        (len(c.lora.ranks) in (1, c.data.clients), f"lora.ranks: give one rank or {c.data.clients} (one per client)"),
-        (all(r >= 1 for r in c.lora.ranks), "lora.ranks must be positive"),
-        (c.train.batch_size % c.train.micro_batch_size == 0, "train.batch_size must be a multiple of train.micro_batch_size"),
-        (c.train.micro_batch_size >= 1, "train.micro_batch_size must be positive"),
+        (len(c.lora.ranks) in (1, c.data.clients),
+         f"lora.ranks: give one rank or {c.data.clients} (one per client); got {len(c.lora.ranks)}"),
+        (c.train.batch_size % c.train.micro_batch_size == 0,
+         f"train.batch_size {c.train.batch_size} must be a multiple of train.micro_batch_size "
+         f"{c.train.micro_batch_size}"),
         (c.train.epochs > 0 or c.train.max_steps > 0, "train: set epochs > 0 or max_steps > 0"),
-        (c.federation.rounds >= 1, "federation.rounds must be at least 1"),
-        (c.federation.scheme in ("merge", "reinit"), "federation.scheme must be merge or reinit"),
-        (0 <= c.federation.clients_per_round <= c.data.clients, "federation.clients_per_round must be between 0 and data.clients"),
-        (c.data.partition in ("iid", "dirichlet", "shards"), "data.partition must be iid, dirichlet or shards"),
-        (c.eval.mode in ("answer", "option", "letter"), "eval.mode must be answer, option or letter"),
-        (c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
-        (bool(c.federation.methods), "federation.methods is empty"),
-        (c.engine in ENGINES, f"engine must be {' or '.join(ENGINES)}; got {c.engine!r}"),
-        (c.federation.max_update_norm >= 0, "federation.max_update_norm must be 0 (no bound) or positive"),
-        (c.federation.max_update_bytes >= 0, "federation.max_update_bytes must be 0 (no limit) or positive"),
-        (c.federation.client_timeout >= 0, "federation.client_timeout must be 0 (no limit) or positive"),
+        (c.federation.clients_per_round <= c.data.clients,
+         f"federation.clients_per_round {c.federation.clients_per_round} is above data.clients {c.data.clients}"),
+        (c.federation.min_clients <= taking_part,
+         f"federation.min_clients {c.federation.min_clients} is above the {taking_part} clients taking part in a "
+         "round (federation.clients_per_round, or data.clients when it is 0)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    unknown = [m for m in c.federation.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"federation.methods: unknown {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    parse_thresholds(c.federation.thresholds)

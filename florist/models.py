@@ -21,14 +21,18 @@ import torch
 from huggingface_hub.constants import is_offline_mode
 from rich.console import Console
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .config import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -198,6 +202,56 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What can be checked before a model loads
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``model.device`` this machine does not have: it must be cpu, cuda, cuda:N (N below the GPU count) or
+    mps where MPS is available."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps") or (parsed.type != "cuda" and parsed.index):
+        raise ConfigError(f"config key 'model.device' must be cpu, cuda, cuda:N or mps; got {device!r}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            has = f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+            raise ConfigError(f"config key 'model.device' is {device!r}, but this machine has {has}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'model.device' is 'mps', but this machine has no MPS device")
+
+
+def load_model_config(name: str | None = None) -> PretrainedConfig:
+    """A model's configuration alone (its config.json), read without its weights: a fraction of a second.
+
+    The embedded default is read from its converted checkpoint, or before the first conversion from the GGUF header
+    (a few seconds, once).
+    """
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL and not (embedded_model_dir() / "config.json").is_file():
+        gguf = embedded_gguf_path()
+        source, local, extra = str(gguf.parent), True, {"gguf_file": gguf.name}
+    else:
+        (source, local), extra = resolve(name), {}
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_failure(name, source, local, e) from e
+
+
+def empty_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM ``config`` describes, with every module and its name but no weights (on the meta device)."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ModelLoadError(f"a model of type {config.model_type!r} is not a causal LM florist can load: {reason}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,22 @@ import csv
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from decimal import Decimal
+
+
+def format_tau(tau: float) -> str:
+    """A tau as labels and tables write it: its shortest exact decimal form, with at least 2 decimals.
+
+    0.9 -> "0.90", 0.901 -> "0.901", 1e-05 -> "0.00001": two different taus never read alike, and the taus of a
+    2-decimal grid keep the names earlier runs saved them under.
+    """
+    whole, _, decimals = format(Decimal(repr(float(tau))), "f").partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
+def branch_label(method: str, tau: float | None = None) -> str:
+    """A branch's name in the run directory and the results: its method, with FLoRIST's tau ("florist@0.90")."""
+    return method if tau is None else f"{method}@{format_tau(tau)}"
 
 
 @dataclass
@@ -139,7 +155,7 @@ def emphasis(table: Sequence[ResultRow]) -> list[dict[str, str]]:
 def _cells(r: ResultRow, paper_names: bool) -> list[str]:
     return [
         display_name(r) if paper_names else r.label or r.method,
-        "" if r.threshold is None else f"{r.threshold:.2f}",
+        "" if r.threshold is None else format_tau(r.threshold),
         "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
         "" if r.heldout_loss is None else f"{r.heldout_loss:.4f}",
         f"{r.eff_e4:.2f}",

@@ -9,6 +9,7 @@ import pytest
 
 from florist.config import load_config, parse_thresholds
 from florist.models import MODEL_ALIASES
+from florist.server import make_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.toml"))
@@ -66,3 +67,12 @@ def test_cpu_grid_reads_the_shared_data(path, shared_data):
         assert (ROOT / relative).resolve().is_relative_to(shared_data.resolve())
         assert (ROOT / relative).exists()
     assert len(parse_thresholds(c.federation.thresholds)) > 1 and c.eval.mode == "letter" and c.eval.limit > 0
+
+
+@pytest.mark.parametrize("path", PAPER + CPU, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_name_their_branches_as_saved_runs_do(path):
+    c = load_config(path)
+    taus = parse_thresholds(c.federation.thresholds)
+    labels = [b.label for b in make_branches(c.federation.methods, taus)]
+    expected = [f"florist@{t:.2f}" for t in taus] + sorted(set(c.federation.methods) - {"florist"})
+    assert sorted(labels) == sorted(expected) and len(set(labels)) == len(labels)
