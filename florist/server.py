@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,9 @@ from .aggregation import (
     AggregationResult,
     ClientUpdate,
     FLoRIST,
+    LoraFactors,
+    asked_scalings,
+    check_result,
     get_method,
     prepare,
     screen_updates,
@@ -36,6 +40,8 @@ from .aggregation import (
 from .base_weights import Delta
 from .client import ClientStart, TrainingLog
 from .communication import round_communication
+from .config import ConfigError
+from .results import branch_label
 
 
 @dataclass(frozen=True)
@@ -104,12 +110,17 @@ class TrainingGroup:
 
 
 def make_branches(methods: Sequence[str], thresholds: Sequence[float]) -> list[Branch]:
+    """A branch per method, FLoRIST's one per tau. Two branches of one name are refused: they would share a
+    directory and a results row, and one would overwrite the other."""
     branches = []
     for name in methods:
         if name == FLoRIST.name:
-            branches += [Branch(f"florist@{t:.2f}", FLoRIST(t), t) for t in thresholds]
+            branches += [Branch(branch_label(name, t), FLoRIST(t), t) for t in thresholds]
         else:
-            branches.append(Branch(name, get_method(name)))
+            branches.append(Branch(branch_label(name), get_method(name)))
+    twice = [label for label, n in Counter(b.label for b in branches).items() if n > 1]
+    if twice:
+        raise ConfigError(f"branch {twice[0]!r} is asked for twice (federation.methods or federation.thresholds)")
     return branches
 
 
@@ -173,8 +184,10 @@ class Federation:
         log: Callable[[str], None] = print,
         module_shapes: Mapping[str, tuple[int, int]] | None = None,
         max_update_norm: float = 0.0,
+        use_rslora: bool | None = None,
     ):
         self.engine, self.branches = engine, branches
+        self.use_rslora = use_rslora  # which PEFT scaling rule a job's alpha and rank give; None: either
         self.module_shapes, self.max_update_norm = module_shapes, max_update_norm
         self.ranks, self.alpha_per_rank = list(ranks), alpha_per_rank
         self.scheme, self.seed = scheme, seed
@@ -215,7 +228,8 @@ class Federation:
 
         ``failures``: per group, why the clients without a result have none (the engine's word). Raises
         ``RoundFailed``, having written nothing, when a group keeps fewer than ``min_clients`` updates or its
-        updates cannot be aggregated.
+        updates cannot be aggregated, which includes an aggregate with a NaN or Inf in it: every branch's result
+        is computed and checked before any is kept, scored or written.
         """
         screened = {g.name: self._screen(round_number, g, results.get(g.name, []), (failures or {}).get(g.name, {}))
                     for g in groups}
@@ -230,9 +244,13 @@ class Federation:
                 )
         kept = {b.label: len(b.history) for b in self.branches}
         try:
+            aggregated = {g.name: self._aggregate(g.branches, screened[g.name][0]) for g in groups}
             records = []
             for g in groups:
-                records += self._aggregate(round_number, g.branches, *screened[g.name])
+                (accepted, rejected), (prepared, outcomes) = screened[g.name], aggregated[g.name]
+                for b, result, seconds in outcomes:
+                    b.history.append(result)
+                    records.append(self._record(round_number, b, accepted, prepared, result, seconds, rejected))
         except BaseException as e:
             for b in self.branches:  # the round never happened: no branch keeps a result of it
                 del b.history[kept[b.label]:]
@@ -247,13 +265,29 @@ class Federation:
     def _screen(
         self, round_number: int, group: TrainingGroup, results: Sequence[ClientResult], failures: Mapping[int, str]
     ) -> tuple[list[ClientResult], dict[str, str]]:
-        """This group's results that pass every check, and {client: reason} for each job left out."""
-        rank_of = {job.client: job.start.rank for job in group.jobs}
+        """This group's results that pass every check, and {client: reason} for each job left out.
+
+        Each update is held to what its job asked for: the base model's modules and shapes, at most the job's rank,
+        the scaling PEFT gives the job's alpha and rank (either rule where the run does not say whether rsLoRA is on), and
+        under a frozen A (FFA-LoRA) the job's A replaces whatever the update holds, as the Flower engine does.
+        """
+        start_of = {job.client: job.start for job in group.jobs}
+
+        def own_a(modules: Mapping, start: ClientStart) -> Mapping:
+            if start.frozen_a is None or not isinstance(modules, Mapping):
+                return modules
+            return {name: LoraFactors(start.frozen_a[name][: start.rank].float().clone(), f.B, f.scaling)
+                    if isinstance(f, LoraFactors) and name in start.frozen_a else f for name, f in modules.items()}
+
         # the server names each update by the job it answers: a client cannot pass itself off as another
-        results = [ClientResult(r.client, ClientUpdate(r.update.modules, r.update.num_examples, f"client {r.client}"), r.log)
-                   for r in results if r.client in rank_of]
-        accepted, reasons = screen_updates([r.update for r in results], self.module_shapes,
-                                           max_ranks=[rank_of[r.client] for r in results], max_norm=self.max_update_norm)
+        results = [ClientResult(r.client, ClientUpdate(own_a(r.update.modules, start_of[r.client]),
+                                                       r.update.num_examples, f"client {r.client}"), r.log)
+                   for r in results if r.client in start_of]
+        starts = [start_of[r.client] for r in results]
+        accepted, reasons = screen_updates(
+            [r.update for r in results], self.module_shapes, max_ranks=[s.rank for s in starts],
+            scalings=[asked_scalings(s.alpha, s.rank, self.use_rslora) for s in starts], max_norm=self.max_update_norm,
+        )
         replied = {r.client for r in results}
         rejected = {str(job.client): failures.get(job.client, "no update: the client failed or did not reply")
                     for job in group.jobs if job.client not in replied}
@@ -275,24 +309,25 @@ class Federation:
         return ClientJob(client, start, branch.base_deltas(client, self.scheme))
 
     def _aggregate(
-        self, round_number: int, branches: list[Branch], results: list[ClientResult], rejected: dict[str, str]
-    ) -> list[RoundRecord]:
+        self, branches: list[Branch], results: list[ClientResult]
+    ) -> tuple[list[ClientUpdate], list[tuple[Branch, AggregationResult, float]]]:
+        """The prepared updates and, per branch, its checked result and server seconds; nothing is kept here, so an
+        ``AggregationError`` (a result with NaN or Inf, a failed decomposition) leaves every branch as it was."""
         updates = [r.update for r in results]
         prepared, weights = prepare(updates, max_norm=self.max_update_norm)
         florist_branches = [b for b in branches if b.threshold is not None]
         start = time.perf_counter()
         swept = sweep(prepared, weights, [b.threshold for b in florist_branches]) if florist_branches else {}
         sweep_seconds = (time.perf_counter() - start) / max(1, len(florist_branches))
-        records = []
+        outcomes = []
         for b in branches:
             start = time.perf_counter()
             result = swept[b.threshold] if b.threshold is not None else b.method.aggregate(prepared, weights)
             seconds = sweep_seconds if b.threshold is not None else time.perf_counter() - start
+            check_result(result, max_norm=self.max_update_norm, clients=[f"client {r.client}" for r in results])
             # a client's index in this round's results, for per-client adapters, is its position in `results`
-            result = _index_by_client(result, [r.client for r in results], len(self.ranks))
-            b.history.append(result)
-            records.append(self._record(round_number, b, results, prepared, result, seconds, rejected))
-        return records
+            outcomes.append((b, _index_by_client(result, [r.client for r in results], len(self.ranks)), seconds))
+        return prepared, outcomes
 
     def _record(self, round_number, branch, results, prepared, result, seconds, rejected) -> RoundRecord:
         comm = round_communication(branch.method, prepared, _compact(result, [r.client for r in results]))

@@ -24,7 +24,16 @@ from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .florist import FLoRIST, sweep
 from .svd import energy_rank, stacked_svd
-from .validate import as_dtype, check_update, check_updates, compute_dtype, normalized_weights, screen_updates
+from .validate import (
+    as_dtype,
+    asked_scalings,
+    check_result,
+    check_update,
+    check_updates,
+    compute_dtype,
+    normalized_weights,
+    screen_updates,
+)
 
 METHODS: dict[str, type[AggregationMethod]] = {
     m.name: m for m in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)
@@ -59,14 +68,19 @@ def aggregate(
     weights: Sequence[float] | None = None,
     threshold: float = 0.9,
 ) -> AggregationResult:
-    """Validate the updates and aggregate them. ``weights`` default to the example counts n_k / N."""
+    """Validate the updates, aggregate them and check the result. ``weights`` default to the example counts n_k / N.
+
+    Ends in a result whose every tensor is finite, or an ``AggregationError`` naming the client (or the method).
+    """
     m = get_method(method, threshold) if isinstance(method, str) else method
     prepared, w = prepare(updates, weights)
-    return m.aggregate(prepared, w)
+    names = [u.client_id or f"client {k}" for k, u in enumerate(prepared)]
+    return check_result(m.aggregate(prepared, w), clients=names)
 
 
 __all__ = [
     "METHODS", "AggregationError", "AggregationMethod", "AggregationResult", "ClientUpdate", "LoraFactors",
     "ModuleAggregate", "FLoRIST", "FLoRA", "FedIT", "FlexLoRA", "FFALoRA", "aggregate", "get_method", "prepare",
-    "sweep", "energy_rank", "stacked_svd", "check_update", "check_updates", "screen_updates",
+    "sweep", "energy_rank", "stacked_svd", "check_update", "check_updates", "screen_updates", "check_result",
+    "asked_scalings",
 ]

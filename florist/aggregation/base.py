@@ -8,7 +8,8 @@ Everything here is pure tensors: no models, no files, no engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,17 @@ class AggregationMethod(ABC):
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
         """Combine validated updates; ``weights`` are non-negative and sum to 1."""
+
+
+@contextmanager
+def linalg_failures(method: str, module: str) -> Iterator[None]:
+    """Turns a failed decomposition inside (torch's LinAlgError: an SVD that does not converge, a singular input)
+    into an ``AggregationError`` naming the method and module, the error every aggregation caller handles."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise AggregationError(f"{method}, module {module}: the decomposition failed ({reason})") from None
 
 
 def fold_scaling(f: LoraFactors) -> Tensor:

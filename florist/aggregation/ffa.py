@@ -16,6 +16,7 @@ from .base import (
     AggregationMethod,
     AggregationResult,
     ClientUpdate,
+    LoraFactors,
     ModuleAggregate,
     fold_scaling,
     zero_pad,
@@ -30,12 +31,27 @@ class FFALoRA(AggregationMethod):
         modules = {}
         for name in updates[0].modules:
             factors = [u.modules[name] for u in updates]
-            shared_A = max(factors, key=lambda f: f.rank).A
+            shared_A = most_common_a(factors)
             check_shared_a(updates, name, shared_A)
             r = shared_A.shape[0]
             B = sum(w * zero_pad(fold_scaling(f), r, dim=1) for f, w in zip(factors, weights))
             modules[name] = ModuleAggregate(A=shared_A, B=B)
         return AggregationResult(self.name, modules, weights=list(weights))
+
+
+def most_common_a(factors: Sequence[LoraFactors]) -> torch.Tensor:
+    """The A that most clients of the largest rank hold (the first one's among equally common): one client whose
+    A differs is then the one named, wherever it stands."""
+    rank = max(f.rank for f in factors)
+    distinct: list[list] = []  # [A, how many hold it], in first-seen order
+    for f in factors:
+        if f.rank == rank:
+            held = next((d for d in distinct if torch.equal(d[0], f.A)), None)
+            if held is None:
+                distinct.append([f.A, 1])
+            else:
+                held[1] += 1
+    return max(distinct, key=lambda d: d[1])[0]  # max keeps the first of equal counts
 
 
 def check_shared_a(updates: Sequence[ClientUpdate], name: str, shared_A: torch.Tensor) -> None:

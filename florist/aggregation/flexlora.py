@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import AggregationMethod, AggregationResult, ClientUpdate, ModuleAggregate, fold_scaling
+from .base import AggregationMethod, AggregationResult, ClientUpdate, ModuleAggregate, fold_scaling, linalg_failures
 from .svd import canonical_signs
 
 
@@ -23,7 +23,8 @@ class FlexLoRA(AggregationMethod):
         for name in updates[0].modules:
             factors = [u.modules[name] for u in updates]
             delta = sum(w * (fold_scaling(f) @ f.A) for f, w in zip(factors, weights))
-            U, S, Vh = canonical_signs(*torch.linalg.svd(delta, full_matrices=False))
+            with linalg_failures(self.name, name):
+                U, S, Vh = canonical_signs(*torch.linalg.svd(delta, full_matrices=False))
             for k, f in enumerate(factors):
                 per_client[k][name] = truncation(U, S, Vh, f.rank)
             modules[name] = truncation(U, S, Vh, max(f.rank for f in factors))

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import AggregationMethod, AggregationResult, ClientUpdate, ModuleAggregate
+from .base import AggregationMethod, AggregationResult, ClientUpdate, ModuleAggregate, linalg_failures
 from .stacking import stack
 from .svd import energy_rank, stacked_svd
+from .validate import check_result
 
 
 class FLoRIST(AggregationMethod):
@@ -36,14 +37,17 @@ def sweep(
 
     Modules are done one at a time and only the kept components are copied out, so the working
     set is one module's stacks plus the outputs, never every module's full decomposition.
+    Every result is checked (``check_result``): a decomposition that fails or yields NaN is an ``AggregationError``.
     """
     per_tau: dict[float, dict[str, ModuleAggregate]] = {t: {} for t in thresholds}
     for name in updates[0].modules:
         B_st, A_st = stack([u.modules[name] for u in updates], weights)
-        U, S, Vh = stacked_svd(B_st, A_st)
+        with linalg_failures(FLoRIST.name, name):
+            U, S, Vh = stacked_svd(B_st, A_st)
         for t in thresholds:
             per_tau[t][name] = keep_top(U, S, Vh, energy_rank(S, t))
-    return {t: AggregationResult(FLoRIST.name, modules, weights=list(weights)) for t, modules in per_tau.items()}
+    return {t: check_result(AggregationResult(FLoRIST.name, modules, weights=list(weights)))
+            for t, modules in per_tau.items()}
 
 
 def keep_top(U: Tensor, S: Tensor, Vh: Tensor, p: int) -> ModuleAggregate:

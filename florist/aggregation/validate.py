@@ -1,24 +1,43 @@
 """Checks every update before any math runs, so a bad client is named instead of corrupting the result.
 
-Two entry points. ``check_updates`` is the front of ``aggregate``/``prepare``: all updates must agree with the
-first one, and the first bad update stops the aggregation. ``screen_updates`` is the server's: each update is
-checked on its own against the shapes the server knows (the base model's modules) and the rank it asked that
-client for, so one bad client is left out and cannot set the reference the others are held to.
+Two entry points. ``check_updates`` is the front of ``aggregate``/``prepare``: every update is checked on its own,
+then all must adapt the modules and shapes most of them agree on; the first bad update stops the aggregation.
+``screen_updates`` is the server's: each update is checked on its own against the shapes the server knows (the
+base model's modules), the rank and scaling it asked that client for, so one bad client is left out and cannot
+set the reference the others are held to. ``check_result`` is the back of every entry point: nothing non-finite
+leaves an aggregation.
+
+The numbers are checked as the server will compute with them: the scaling and the factors cast to
+``SCREEN_DTYPE``, the scaling folded into B (``s B``, as every method forms it), and the norm bound measured on
+those values. ``SCREEN_DTYPE`` is float32 for every client whatever its own dtype: the server computes in float32
+unless a float64 client is in the round, and writes and sends every adapter in float32, so float32 is the
+narrowest range the numbers ever pass through. Checking each client there makes its verdict its own: a float64
+client does not widen the range the others are held to, nor pass factors (1e150 and 1e-150, say) that are fine
+as a product but overflow when folded, averaged or written in float32.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import AggregationError, ClientUpdate, LoraFactors
+from .base import AggregationError, AggregationResult, ClientUpdate, LoraFactors
 from .metrics import factored_frobenius
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# far beyond any trained adapter (norms of order 1), far below float32's largest value (3.4e38)
+SCREEN_DTYPE = torch.float32
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# far beyond any trained adapter (norms of order 1), far below float32's largest value (3.4e38): each folded
+# factor, weighted factor, stack entry and sum over clients the methods form stays under it
 MAX_FACTOR_SCALE = 1e30
+# a client's scaling and the server's alpha / r are the same float expression; this only absorbs a transport's
+# rounding (a float32 copy of the scaling), never another alpha or rank
+SCALING_RTOL = 1e-6
+# the float32 rounding an aggregate's norm may carry past the bound its inputs were held to
+NORM_RTOL = 1e-4
 
 
 def _who(update: ClientUpdate, k: int) -> str:
@@ -27,14 +46,25 @@ def _who(update: ClientUpdate, k: int) -> str:
 
 
 def check_updates(updates: Sequence[ClientUpdate], max_rank: int | None = None, max_norm: float = 0.0) -> None:
-    """Same module names and weight shapes on every client as on the first; well-formed, finite factors."""
+    """Well-formed, representable factors on every client, and the module names and weight shapes most clients have.
+
+    Each update is checked on its own first, so a bad one is named wherever it stands. The modules and shapes
+    the others are held to are the most common ones (the first client's among equally common), so one client
+    that adapts other modules is named even when it comes first.
+    """
     if len(updates) == 0:
         raise AggregationError("no client updates to aggregate")
-    reference, first = updates[0], _who(updates[0], 0)
-    check_update(reference, None, first, max_rank=max_rank, max_norm=max_norm)
-    shapes = {name: f.shape for name, f in reference.modules.items()}
-    for k, update in enumerate(updates[1:], start=1):
-        check_update(update, shapes, _who(update, k), max_rank=max_rank, max_norm=max_norm, reference=first)
+    for k, update in enumerate(updates):
+        check_update(update, None, _who(update, k), max_rank=max_rank, max_norm=max_norm)
+    shapes = [{name: f.shape for name, f in u.modules.items()} for u in updates]
+    signatures = [frozenset(s.items()) for s in shapes]
+    counts = Counter(signatures).most_common()  # equal counts keep first-seen order
+    common = signatures.index(counts[0][0])
+    shared = len(counts) == 1 or counts[1][1] < counts[0][1]
+    reference = "most clients" if shared else _who(updates[common], common)
+    for k, update in enumerate(updates):
+        if signatures[k] != signatures[common]:
+            check_update(update, shapes[common], _who(update, k), max_rank=max_rank, reference=reference)
 
 
 def screen_updates(
@@ -42,6 +72,7 @@ def screen_updates(
     expected_shapes: Mapping[str, tuple[int, int]] | None,
     *,
     max_ranks: Sequence[int | None] | None = None,
+    scalings: Sequence[Sequence[float] | None] | None = None,
     max_norm: float = 0.0,
 ) -> tuple[list[int], dict[int, str]]:
     """Check each update on its own; returns the positions of the accepted ones and ``{position: reason}``.
@@ -49,20 +80,63 @@ def screen_updates(
     ``expected_shapes``: the (out, in) shape of every module the updates must adapt, and no other (None: each
     update is only checked to be well formed; whether they agree with each other is ``check_updates``' job).
     ``max_ranks``: per update, the rank that client was asked for (it may return less, never more).
-    ``max_norm``: a bound on ``||s B A||_F`` per module (0: none).
+    ``scalings``: per update, the scalings the client may train with (``asked_scalings``; None: not known).
+    ``max_norm``: a bound on ``||s B A||_F`` per module, as the server computes it (0: none).
     """
-    if max_ranks is not None and len(max_ranks) != len(updates):
-        raise ValueError(f"{len(max_ranks)} rank bounds given for {len(updates)} updates")
+    for label, given in (("rank bounds", max_ranks), ("scaling sets", scalings)):
+        if given is not None and len(given) != len(updates):
+            raise ValueError(f"{len(given)} {label} given for {len(updates)} updates")
     accepted, rejected = [], {}
     for k, update in enumerate(updates):
         try:
             check_update(update, expected_shapes, _who(update, k), max_rank=None if max_ranks is None else max_ranks[k],
-                         max_norm=max_norm, reference="the base model")
+                         scalings=None if scalings is None else scalings[k], max_norm=max_norm,
+                         reference="the base model")
         except AggregationError as e:
             rejected[k] = str(e)
         else:
             accepted.append(k)
     return accepted, rejected
+
+
+def asked_scalings(alpha: float, rank: int, use_rslora: bool | None) -> tuple[float, ...]:
+    """The scalings PEFT gives a pair trained with ``lora_alpha`` ``alpha`` at rank ``rank``: alpha / r, or
+    alpha / sqrt(r) under rsLoRA (florist/adapters.py's ``module_scaling``); both when it is not known which."""
+    plain, rs = alpha / rank, alpha / math.sqrt(rank)
+    return (plain,) if use_rslora is False else (rs,) if use_rslora else tuple(dict.fromkeys((plain, rs)))
+
+
+def check_result(
+    result: AggregationResult, max_norm: float = 0.0, clients: Sequence[str] | None = None
+) -> AggregationResult:
+    """``result`` unchanged if every tensor in it (each client's adapter too, and the singular values) is finite and
+    within float32, the dtype adapters are written and sent in; otherwise an ``AggregationError`` naming the method
+    and module, so that nothing of the round is kept. ``clients`` names the per-client adapters, in their order.
+
+    ``max_norm`` (0: none), the bound each client's ``||s B A||_F`` was held to, also bounds every aggregated
+    ``||B A||_F``: a weighted mean of updates within it is within it, so only averaging the factors apart (FedIT)
+    can exceed it, through the cross terms of one client's rescaled pair (c B, A / c) with the others' factors.
+    """
+    seen: set[int] = set()
+    for k, adapter in enumerate([result.modules, *(result.per_client or [])]):
+        if id(adapter) in seen:  # a client that gets the global adapter itself
+            continue
+        seen.add(id(adapter))
+        whose = "global adapter" if k == 0 else f"adapter for {clients[k - 1] if clients else f'client {k - 1}'}"
+        for name, m in adapter.items():
+            for label, t in (("A", m.A), ("B", m.B), ("singular values", m.singular_values)):
+                if t is not None and t.numel() and not float(t.abs().amax()) <= FLOAT32_MAX:  # False for NaN too
+                    raise AggregationError(
+                        f"{result.method}, module {name}: the aggregated {whose} has {label} that are NaN, Inf or "
+                        f"beyond float32; nothing of this aggregation is kept"
+                    )
+            norm = factored_frobenius(m.B.double(), m.A.double()) if max_norm else 0.0
+            if not norm <= max_norm * (1 + NORM_RTOL):
+                raise AggregationError(
+                    f"{result.method}, module {name}: the aggregated {whose} has norm ||B A|| = {norm:.4g}, over the "
+                    f"bound {max_norm:g} every client's update was held to; nothing of this aggregation is kept"
+                )
+    return result
 
 
 def check_update(
@@ -71,6 +145,7 @@ def check_update(
     who: str,
     *,
     max_rank: int | None = None,
+    scalings: Sequence[float] | None = None,
     max_norm: float = 0.0,
     reference: str = "the other clients",
 ) -> None:
@@ -83,7 +158,7 @@ def check_update(
     if not isinstance(modules, Mapping) or not modules:
         raise AggregationError(f"{who}: the update has no modules")
     if expected_shapes is not None:
-        missing = sorted(set(expected_shapes) - set(modules))
+        missing = sorted(set(expected_shapes) - set(modules), key=str)
         extra = sorted(set(modules) - set(expected_shapes), key=str)
         if missing or extra:
             name = (missing or extra)[0]
@@ -93,7 +168,7 @@ def check_update(
             )
     for name, f in modules.items():
         expected = None if expected_shapes is None else expected_shapes[name]
-        check_factors(f, f"{who}, module {name}", expected, max_rank, max_norm, reference)
+        check_factors(f, f"{who}, module {name}", expected, max_rank, max_norm, reference, scalings)
 
 
 def check_factors(
@@ -103,7 +178,9 @@ def check_factors(
     max_rank: int | None,
     max_norm: float = 0.0,
     reference: str = "the other clients",
+    scalings: Sequence[float] | None = None,
 ) -> None:
+    """One pair: its structure, then its numbers as the server will compute with them (see the module's docstring)."""
     if not isinstance(f, LoraFactors):
         raise AggregationError(f"{where}: not a LoRA pair (got {type(f).__name__})")
     for label, t in (("A", f.A), ("B", f.B)):
@@ -129,14 +206,27 @@ def check_factors(
         # the max of |t| is NaN or Inf exactly when some entry is; one reduction instead of a boolean tensor
         if not torch.isfinite(t.abs().amax()):
             raise AggregationError(f"{where}: {label} contains NaN or Inf")
-    # s ||B|| ||A|| bounds every product the methods form from this pair (R_B R_A^T in the stacked SVD), so
-    # below MAX_FACTOR_SCALE nothing overflows single precision, even summed over millions of clients
-    scale = float(f.scaling) * float(torch.linalg.matrix_norm(f.B.double())) * float(torch.linalg.matrix_norm(f.A.double()))
-    if not scale <= MAX_FACTOR_SCALE:
-        raise AggregationError(f"{where}: s*||B||*||A|| is {scale:.4g}, too large to aggregate (over {MAX_FACTOR_SCALE:g})")
-    if max_norm:
-        norm = update_norm(f)
-        if norm > max_norm:
+    if scalings is not None and not any(math.isclose(f.scaling, s, rel_tol=SCALING_RTOL) for s in scalings):
+        asked = " or ".join(f"{s:.6g}" for s in scalings)
+        raise AggregationError(
+            f"{where}: scaling {f.scaling:.6g} is not the {asked} the job's lora_alpha and rank give"
+        )
+    sB, A = as_computed(f)
+    if sB is None:
+        raise AggregationError(
+            f"{where}: scaling {f.scaling:.4g} is outside {_range(SCREEN_DTYPE)}, the range the server computes in"
+        )
+    # each folded factor and their product under MAX_FACTOR_SCALE bounds every tensor the methods form from this
+    # pair: w s B, w A, the stacks, sums over clients, R_B R_A^T in the stacked SVD, and the dense s B A
+    norm_B, norm_A = _norm(sB), _norm(A)
+    if not (norm_B <= MAX_FACTOR_SCALE and norm_A <= MAX_FACTOR_SCALE and norm_B * norm_A <= MAX_FACTOR_SCALE):
+        raise AggregationError(
+            f"{where}: ||s B|| = {_size(norm_B)} and ||A|| = {_size(norm_A)} in {_name(SCREEN_DTYPE)}, too large to "
+            f"aggregate (each and their product must stay under {MAX_FACTOR_SCALE:g})"
+        )
+    if max_norm:  # ||s B A||_F from the very values the server will use, measured in double precision
+        norm = factored_frobenius(sB.double(), A.double())
+        if not norm <= max_norm:
             raise AggregationError(f"{where}: update norm ||s B A|| = {norm:.4g} exceeds the bound {max_norm:g}")
 
 
@@ -153,9 +243,32 @@ def _is_zero(x: object) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and x == 0
 
 
-def update_norm(f: LoraFactors) -> float:
-    """||s B A||_F from the factors, in double precision (O((m+n) r^2), the product is never formed)."""
-    return float(f.scaling) * factored_frobenius(f.B.double(), f.A.double())
+def as_computed(f: LoraFactors) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(s B, A) as the methods form them, in ``SCREEN_DTYPE``; s B is None when s itself is not representable there.
+
+    An entry beyond the dtype's range becomes Inf here, as it would in the server's arithmetic.
+    """
+    s = torch.tensor(float(f.scaling), dtype=SCREEN_DTYPE)
+    if not (torch.isfinite(s) and s >= torch.finfo(SCREEN_DTYPE).smallest_normal):
+        return None, f.A.to(SCREEN_DTYPE)
+    return f.B.to(SCREEN_DTYPE) * s, f.A.to(SCREEN_DTYPE)
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
+def _size(norm: float) -> str:
+    return f"{norm:.4g}" if math.isfinite(norm) else "Inf (an entry overflows)"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _range(dtype: torch.dtype) -> str:
+    info = torch.finfo(dtype)
+    return f"{_name(dtype)} ({info.smallest_normal:.3g} to {info.max:.3g})"
 
 
 def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float] | None) -> list[float]:
@@ -176,12 +289,12 @@ def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float]
         if isinstance(w, bool) or not math.isfinite(value) or value < 0:
             raise AggregationError(f"{_who(updates[k], k)}: weight {w!r} is not a non-negative finite number")
         raw.append(value)
-    total = sum(raw)
-    if total <= 0:
+    largest = max(raw, default=0.0)
+    if largest <= 0:
         raise AggregationError(f"the clients' {source} sum to zero; nothing to weigh the updates by")
-    if not math.isfinite(total):
-        raise AggregationError(f"the clients' {source} sum to {total}; too large to weigh the updates by")
-    return [w / total for w in raw]
+    relative = [w / largest for w in raw]  # in [0, 1]: their sum cannot overflow, however large the counts
+    total = math.fsum(relative)
+    return [w / total for w in relative]
 
 
 def compute_dtype(updates: Sequence[ClientUpdate]) -> torch.dtype:
