@@ -8,9 +8,12 @@ simulation engine (Ray, one SuperNode per client).
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,20 +32,22 @@ from florist.adapters import read_adapter
 from florist.aggregation import ClientUpdate, LoraFactors, ModuleAggregate, get_method, prepare
 from florist.client import ClientStart, TrainingLog
 from florist.communication import round_communication
-from florist.config import load_config
-from florist.engines.flower_app import client_app, node_client
+from florist.config import ConfigError, load_config
+from florist.engines.flower_app import MAX_CONFIG, DeploymentSettings, node_client
 from florist.engines.flower_messages import (
+    MAX_STEPS,
     MessageError,
     downlink_bytes,
     job_config,
     job_content,
     read_job,
     read_update,
+    str_field,
     update_content,
     uplink_bytes,
 )
 from florist.models import tiny_llama
-from florist.server import ClientJob, RoundFailed
+from florist.server import ClientJob, RoundFailed, TrainingGroup, make_branches
 from florist.synthetic import frozen_a_updates, synthetic_updates
 
 FAST = [
@@ -127,6 +132,115 @@ def test_an_update_crosses_the_wire_and_ffa_sends_b_only():
         assert (result.log.steps, result.log.tokens, result.log.losses) == (3, 90, [1.5, 1.25, 1.0])
 
 
+HUGE_LIST = [1.0] * (MAX_STEPS + 1)
+# per field of a reply's `meta`: values the server must refuse, and values an honest client may send
+HOSTILE_META = {
+    "round": [0, -1, 2, 2**63 - 1, True, 1.0, "1", b"1", math.nan, [1]],
+    "group": ["", "G", "g\n", "g" * 2000, 5, True, b"g", ["g"]],
+    "client": [0, 2, -1, 2**63 - 1, True, 1.0, "1", [1]],
+    "client-id": ["x" * 1_000_000, 5, True, b"client 1", ["client 1"]],
+    "num-examples": [4, -1, 2**63 - 1, True, 5.0, math.nan, "5", [5]],
+    "modules": ["q", [], ["q", "q"], ["q"] * 100, ["nope"], [1], [True], [b"q"], ["q" * 2000]],
+    "scalings": [2.0, [], [math.nan], [math.inf], [True], ["2"], [2.0] * 100],
+    "steps": [-1, True, 1.5, "3", 2**63 - 1, math.nan, [3]],
+    "tokens": [-1, False, 90.0, "90", 2**63 - 1, [90]],
+    "losses": [1.0, "1.0", [math.nan], [math.inf], [-1.0], [True, False], [b"1"], HUGE_LIST],
+    "seconds": [math.nan, math.inf, -0.5, True, "0.5", 1e300, [0.5]],
+}
+HONEST_META = {"client-id": ["", "client 1"], "steps": [0, MAX_STEPS], "tokens": [0], "losses": [[], [0.0, 3.5]],
+               "seconds": [0, 3, 0.0, 86400.5]}
+
+
+def _reply(field: str, value, drop: bool):
+    g = torch.Generator().manual_seed(0)
+    job = ClientJob(1, ClientStart(2, 4.0, 7))
+    update = ClientUpdate({"q": LoraFactors(A=torch.randn(2, 8, generator=g), B=torch.randn(8, 2, generator=g),
+                                            scaling=2.0)}, 5, "client 1")
+    content = update_content(job_config(job_content(job, 1, "g", True, "")), update,
+                             TrainingLog(steps=1, tokens=90, losses=[1.5], seconds=0.5))
+    meta = content.config_records["meta"]
+    if drop:
+        del meta[field]
+    else:
+        meta[field] = value
+    return over_the_wire(content), job
+
+
+def _read(content, job):
+    """What the server does with a reply: its echo of the job, then its update (from a node that holds 5 examples)."""
+    flower._check_echo(content, 1, "g", 1)
+    return read_update(content, job, num_examples=5)
+
+
+@pytest.mark.parametrize("field", sorted(HOSTILE_META))
+def test_a_reply_with_any_bad_meta_field_is_one_message_error_naming_it(field):
+    """Wrong types, bools for numbers, NaN, Inf, negatives, huge numbers, strings and lists, a missing field: each
+    field of a reply's ``meta`` is refused on its own with one line that names it; what an honest client may send is
+    read as sent."""
+    names_it = re.compile(rf"\b{re.escape(field)}(\[\d+\])? (is|has) |no '{field}'|answers the job|module names|"
+                          "no array")
+    for value, drop in [(v, False) for v in HOSTILE_META[field]] + [(None, True)]:
+        with pytest.raises(MessageError) as refused:
+            _read(*_reply(field, value, drop))
+        message = str(refused.value)
+        assert "\n" not in message and len(message) < 300 and names_it.search(message), (value, message)
+    for value in HONEST_META.get(field, []):
+        result = _read(*_reply(field, value, False))
+        got = {"client-id": result.update.client_id, "steps": result.log.steps, "tokens": result.log.tokens,
+               "losses": result.log.losses, "seconds": result.log.seconds}[field]
+        assert got == value and type(got) is (float if field == "seconds" else type(value)), (value, got)
+
+
+class RecordingFederation:
+    """A federation that plans one training group and keeps what the strategy hands it at the end of the round."""
+
+    def __init__(self, group: TrainingGroup):
+        self.group, self.branches, self.finished = group, group.branches, None
+
+    def plan_round(self, round_number):
+        return [self.group]
+
+    def finish_round(self, round_number, groups, results, failures):
+        self.finished = results, failures
+
+
+def test_a_round_takes_one_reply_per_job_from_the_node_it_was_sent_to(monkeypatch):
+    """A second reply to one job, a reply from another SuperNode, another example count than the node's own and a
+    stray reply are each left out or ignored; an error's text reaches the round's record on one short line."""
+    for key, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+    jobs = [ClientJob(k, ClientStart(2, 4.0, 7)) for k in range(4)]
+    federation = RecordingFederation(TrainingGroup("shared", make_branches(["fedit"], []), jobs))
+    nodes = SimpleNamespace(node_of={k: 100 + k for k in range(4)}, sizes=[5, 5, 5, 5])
+    strategy = flower.FloristStrategy(federation, nodes, "", log=lambda m: None)
+    messages = strategy.configure_train(1, None, None, None)
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"job-{i}"
+
+    def reply(m, num_examples=5, fill=1.0, sender=None):
+        update = ClientUpdate({"q": LoraFactors(A=torch.full((2, 8), fill), B=torch.ones(8, 2), scaling=2.0)},
+                              num_examples, "client")
+        answer = Message(over_the_wire(update_content(job_config(m.content), update, TrainingLog())), reply_to=m)
+        if sender is not None:
+            answer.metadata.__dict__["_src_node_id"] = sender
+        return answer
+
+    stray = reply(messages[0])
+    stray.metadata.__dict__["_reply_to_message_id"] = "never sent"
+    failed = Message(Error(3, "Traceback:\n" + "y" * 10_000), reply_to=messages[3])
+    replies = [reply(messages[0]), reply(messages[0], fill=9.0), reply(messages[1], sender=100),
+               reply(messages[2], num_examples=6), failed, stray]
+    strategy.aggregate_train(1, replies)
+    results, failures = federation.finished
+    (kept,) = results["shared"]
+    assert kept.client == 0 and torch.equal(kept.update.modules["q"].A, torch.ones(2, 8))  # the first reply
+    why = failures["shared"]
+    assert sorted(why) == [1, 2, 3] and all("\n" not in w and len(w) < 400 for w in why.values()), why
+    assert "came from SuperNode 100, not from SuperNode 101" in why[1]
+    assert "num-examples is 6, but its SuperNode said it holds 5" in why[2]
+    assert why[3].startswith("error: Traceback: yyy") and why[3].endswith("...")
+
+
 @pytest.mark.parametrize("method", ["fedit", "flora", "flexlora", "ffa", "florist"])
 def test_bytes_counted_from_the_messages_equal_florist_communication(method):
     shapes = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
@@ -164,6 +278,40 @@ def test_a_node_is_the_client_its_partition_id_names():
         node_client(context(**{"partition-id": 1, "num-partitions": 4}), config)
     with pytest.raises(MessageError, match="out of range"):
         node_client(context(**{"partition-id": 3}), config)
+    for bad in ("2", True, 1.5):
+        with pytest.raises(MessageError, match=f"node config: partition-id is {re.escape(repr(bad))}, not an integer"):
+            node_client(context(**{"partition-id": bad}), config)
+
+
+BAD_JOB_FIELDS = [("round", 0), ("round", "1"), ("client", -1), ("client", 2.0), ("rank", 0), ("rank", True),
+                  ("alpha", math.nan), ("alpha", -4.0), ("alpha", "4"), ("seed", 1.5), ("base-deltas", 1),
+                  ("base-deltas", -1), ("sends-a", 1), ("group", 7), ("config", b"seed = 0")]
+
+
+@pytest.mark.parametrize("field, value", BAD_JOB_FIELDS + [(f, None) for f in sorted({f for f, _ in BAD_JOB_FIELDS})])
+def test_a_node_refuses_a_job_with_a_bad_field_in_one_line_naming_it(field, value):
+    """What a ClientApp reads of a training message (``read_job``, the echo in ``update_content``, the config) is
+    read by the same field readers as the server's replies: a wrong, missing or out-of-range field is one line."""
+    content = job_content(ClientJob(1, ClientStart(2, 4.0, 7)), 1, "g", True, "seed = 0\n")
+    job = job_config(content)
+    if value is None:
+        del job[field]
+    else:
+        job[field] = value
+    update = ClientUpdate({"q": LoraFactors(A=torch.ones(2, 8), B=torch.ones(8, 2), scaling=2.0)}, 5, "client 1")
+    with pytest.raises(MessageError) as refused:
+        read_job(content)
+        update_content(job, update, TrainingLog())
+        str_field(job, "config", "the message", MAX_CONFIG)
+    message = str(refused.value)
+    assert "\n" not in message and (f"{field} is " in message or f"no '{field}'" in message), message
+
+
+def test_a_deployment_refuses_a_run_config_value_of_the_wrong_type():
+    assert DeploymentSettings.from_run_config({"config": "run.toml", "round-timeout": 5}).round_timeout == 5.0
+    for key, value in (("overwrite", "false"), ("round-timeout", "5"), ("node-wait", -1.0), ("config", 3)):
+        with pytest.raises(ConfigError, match=f"the run config: {key} is "):
+            DeploymentSettings.from_run_config({"config": "run.toml", key: value})
 
 
 def test_a_node_reads_its_own_client_file_only(tmp_path, monkeypatch):

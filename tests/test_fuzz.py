@@ -302,6 +302,9 @@ DEFECTS = {
     "NaN in A": lambda u, name, x: with_factor(u, name, A=poked(u.modules[name].A, math.nan)),
     "Inf in B": lambda u, name, x: with_factor(u, name, B=poked(u.modules[name].B, -math.inf)),
     "huge factors": lambda u, name, x: with_factor(u, name, A=u.modules[name].A * 1e20, B=u.modules[name].B * 1e20),
+    "huge scaling, zero B": lambda u, name, x: with_factor(u, name, B=u.modules[name].B * 0, scaling=1e40),
+    "fine product, factors beyond float32": lambda u, name, x: with_factor(
+        u, name, A=u.modules[name].A.double() * 1e-150, B=u.modules[name].B.double() * 1e150),
     "large update": lambda u, name, x: with_factor(u, name, B=u.modules[name].B * 1e3),
     "tiny factors": lambda u, name, x: with_factor(u, name, A=u.modules[name].A * 1e-30),
     "higher rank": lambda u, name, x: with_factor(u, name, A=torch.cat([u.modules[name].A] * 3),
@@ -500,3 +503,167 @@ def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
         accepted, rejected = screen_updates([result.update], shapes, max_ranks=[2])
         assert uplink_bytes(content)["total"] >= 0  # the traffic record counts any reply it was given
     event("read, then " + ("accepted" if accepted else f"rejected: {kind_of(rejected[0])}"))
+
+
+# --- Flower descriptions ---------------------------------------------------------------------------------------------
+
+BAD_CLIENT_INDICES = [-1, -(2**63), 2**63 - 1, 99, True, False, 1.0, 0.5, math.nan, math.inf, "0", b"0", [0], [], ""]
+BAD_COUNTS = [-1, -(2**63), 2**63 - 1, True, False, 2.0, math.nan, -math.inf, "5", b"5", [5], [], ""]
+HOSTILE_DESCRIPTIONS = ["error", "bad partition-id", "bad num-examples", "too many examples", "missing field",
+                        "no node record", "extra field", "extra record", "wrong sender"]
+
+
+def described(question, client: int, num_examples: int):
+    """The reply of an honest SuperNode of ``client`` holding ``num_examples`` examples."""
+    from flwr.app import Message
+
+    from florist.engines.flower_messages import description_content
+
+    return Message(description_content(client, num_examples), reply_to=question)
+
+
+class DescribingGrid:
+    """SuperNodes that answer a ``query.describe`` with the replies ``answers[node](question)`` makes; no others."""
+
+    def __init__(self):
+        self.answers: dict = {}
+        self.asked: list[int] = []
+        self._replies: dict[str, list] = {}
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"question-{len(self.asked)}"
+            self.asked.append(m.metadata.dst_node_id)
+            self._replies[m.metadata.message_id] = self.answers[m.metadata.dst_node_id](m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [r for i in list(message_ids) for r in self._replies.pop(i, [])]
+
+
+@st.composite
+def hostile_describers(draw, node: int, clients: int, missing: list[int], max_examples: int, ids: list[int]):
+    """SuperNode ``node``'s answer that the run cannot use: but for one thing, a description taking a free client."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    kind = draw(st.sampled_from(HOSTILE_DESCRIPTIONS))
+    fields = {"partition-id": draw(st.sampled_from(missing)), "num-examples": draw(st.integers(0, max_examples))}
+    records: dict = {}
+    if kind == "bad partition-id":
+        fields["partition-id"] = draw(st.sampled_from(BAD_CLIENT_INDICES + [clients, clients + 1]))
+    elif kind == "bad num-examples":
+        fields["num-examples"] = draw(st.sampled_from(BAD_COUNTS))
+    elif kind == "too many examples":
+        fields["num-examples"] = draw(st.integers(max_examples + 1, 2**63 - 1))
+    elif kind == "missing field":
+        del fields[draw(st.sampled_from(sorted(fields)))]
+    elif kind == "extra field":
+        fields[draw(st.sampled_from(["client", "partition", "num-examples ", "x" * 100]))] = draw(config_values)
+    elif kind == "extra record":
+        extra = [ConfigRecord({"partition-id": 0}), MetricRecord({"num-examples": 5}), ArrayRecord({"a": Array(np.zeros(2))})]
+        records[draw(st.sampled_from(["meta", "update", "x"]))] = draw(st.sampled_from(extra))
+    sender = draw(st.sampled_from([i for i in ids if i != node] + [2**64 - 1])) if kind == "wrong sender" else None
+    traceback = "Traceback (most recent call last):\n  File ...\n" + "x" * 5000
+    error = Error(code=draw(st.integers(0, 2**31)), reason=draw(st.text(max_size=20) | st.just(traceback)))
+
+    def answer(question):
+        if kind == "error":
+            return [Message(error, reply_to=question)]
+        content = RecordDict({**({} if kind == "no node record" else {"node": ConfigRecord(fields)}), **records})
+        reply = Message(content, reply_to=question)
+        if sender is not None:
+            reply.metadata.__dict__["_src_node_id"] = sender
+        return [reply]
+
+    return kind, answer
+
+
+@pytest.fixture(scope="module")
+def node_directory():
+    """``NodeDirectory``, imported before any example runs: the first import of the Flower engine takes seconds."""
+    from florist.engines.flower import NodeDirectory
+
+    return NodeDirectory
+
+
+@FUZZ
+@given(data=st.data(), clients=st.integers(2, 6), max_examples=st.sampled_from([50, 10**12]))
+def test_hostile_supernode_descriptions_are_refused_and_the_honest_ones_mapped(node_directory, data, clients,
+                                                                                 max_examples):
+    """Whatever a SuperNode answers to ``query.describe``, ``NodeDirectory`` maps the honest ones to their clients and
+    sizes, refuses every other with a log line naming it, and never lets one take, resize or fill a client's place."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from florist.server import RoundFailed
+
+    honest_clients = data.draw(st.lists(st.integers(0, clients - 1), unique=True, max_size=clients - 1))
+    missing = [k for k in range(clients) if k not in honest_clients]
+    n_bad, n_late = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 3)) if honest_clients else 0
+    n_ids = len(honest_clients) + n_bad + n_late + 1
+    ids = data.draw(st.lists(st.integers(1, 2**63), unique=True, min_size=n_ids, max_size=n_ids))
+    honest = dict(zip(honest_clients, ids))  # client -> node
+    sizes = {k: data.draw(st.integers(0, max_examples - 1)) for k in honest_clients}
+    bad_ids, late_ids, restarted = ids[len(honest):len(honest) + n_bad], ids[len(honest) + n_bad:-1], ids[-1]
+    grid = DescribingGrid()
+
+    def honest_answer(client):
+        noise = data.draw(st.sampled_from([None, None, "second reply", "stray reply"]))
+
+        def answer(question):
+            replies = [described(question, client, sizes[client])]
+            if noise is not None:  # a second reply, or one to a question never asked, that would take a free client
+                replies.append(described(question, missing[0], 1))
+                if noise == "stray reply":
+                    replies[-1].metadata.__dict__["_reply_to_message_id"] = "never asked"
+            return replies
+        return answer
+
+    with pytest.MonkeyPatch.context() as mp, no_hang():
+        for key, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+            mp.setattr(TaskIdentity, key, value)
+        for client, node in honest.items():
+            grid.answers[node] = honest_answer(client)
+        kinds = {}
+        for node in bad_ids:
+            kinds[node], grid.answers[node] = data.draw(hostile_describers(node, clients, missing, max_examples, ids))
+        lines: list[str] = []
+        nodes = node_directory(grid, "seed = 0\n", clients, lines.append, max_examples=max_examples)
+        nodes.refresh(timeout=5)
+        for node in late_ids:  # join later: valid descriptions of clients that already have a SuperNode
+            client = data.draw(st.sampled_from(honest_clients))
+            size = data.draw(st.sampled_from([sizes[client], sizes[client] + 1]))
+            kinds[node] = "a second node for a client"
+            grid.answers[node] = lambda q, c=client, n=size: [described(q, c, n)]
+        nodes.refresh(timeout=5)
+        if honest:  # a client's SuperNode goes offline and another comes up for it, with its size or another
+            client, node = data.draw(st.sampled_from(sorted(honest.items())))
+            size = data.draw(st.sampled_from([sizes[client], sizes[client] + 1]))
+            del grid.answers[node]
+            grid.answers[restarted] = lambda q: [described(q, client, size)]
+            if size == sizes[client]:
+                honest[client] = restarted
+            else:  # the client keeps its first size, and has no SuperNode now
+                kinds[restarted] = "another size for a client"
+                del honest[client]
+                missing = sorted(missing + [client])
+            nodes.refresh(timeout=5)
+        else:
+            ids.remove(restarted)
+        with pytest.raises(RoundFailed, match=re.escape(f"(missing clients: {missing})")):
+            nodes.wait(clients, timeout=0)  # the bad nodes fill no client's place: the wait cannot end complete
+
+    assert nodes.node_of == honest
+    assert nodes.sizes == [sizes.get(k, 0) for k in range(clients)]
+    assert all("\n" not in line and len(line) < 600 for line in lines), lines
+    for node, kind in kinds.items():
+        assert any(line.startswith(f"SuperNode {node} is refused: ") for line in lines), (kind, lines)
+        event(f"refused: {kind}")
+    for client, node in honest.items():
+        assert f"client {client}: SuperNode {node}, {sizes[client]} examples" in lines
+        assert not any(line.startswith(f"SuperNode {node} is refused") for line in lines), lines
+    assert sorted(grid.asked) == sorted(ids)  # every node asked once: a refused one is not asked again

@@ -34,11 +34,13 @@ from ..server import ClientResult, Federation, RoundFailed, TrainingGroup
 from .flower_messages import (
     DESCRIBE,
     JOB,
-    NODE,
+    MAX_EXAMPLES,
     TRAIN,
     MessageError,
     downlink_bytes,
     job_content,
+    read_description,
+    read_echo,
     read_update,
     uplink_bytes,
 )
@@ -49,6 +51,7 @@ TRAFFIC_FILE = "flower_traffic.jsonl"
 SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 POLL_SECONDS = 0.5
+MAX_REASON = 300  # characters of a SuperNode's error text kept in the log and the traffic record
 
 
 # --- sending and receiving -------------------------------------------------------------------------------------------
@@ -74,6 +77,12 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None, wha
     return replies
 
 
+def error_reason(reply: Message) -> str:
+    """An error reply's reason, on one line and cut short: it is the SuperNode's text."""
+    reason = " ".join(str(reply.error.reason).split()) or f"error code {reply.error.code}"
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+
+
 def _progress(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     disable=not enabled)
@@ -86,15 +95,19 @@ class NodeDirectory:
     """Maps clients to the SuperNodes that hold their data, from each node's answer to a ``query.describe``.
 
     A SuperNode knows its client index from its node config (``partition-id``); the server never reads client data.
-    Nodes that go offline are forgotten; new ones (a restarted SuperNode) are asked when they appear, and a node
-    that cannot take part (a wrong node config, a second node for one client) is not asked again.
+    Nodes that go offline are forgotten; new ones (a restarted SuperNode) are asked when they appear. A node whose
+    answer is not a description the run can use (an error, a malformed or out-of-range field, a second node for one
+    client, another count of examples than its client's first node gave) is refused, with a log line naming it and
+    what is wrong, and not asked again: it can neither take another client's place nor change a client's size.
     """
 
-    def __init__(self, grid: Grid, config_toml: str, num_clients: int, log: Callable[[str], None], progress: bool = False):
+    def __init__(self, grid: Grid, config_toml: str, num_clients: int, log: Callable[[str], None],
+                 progress: bool = False, max_examples: int = MAX_EXAMPLES):
         self.grid, self.config_toml, self.num_clients = grid, config_toml, num_clients
-        self.log, self.progress = log, progress
+        self.log, self.progress, self.max_examples = log, progress, max_examples
         self.node_of: dict[int, int] = {}  # client -> node id
-        self.sizes = [0] * num_clients  # examples per client, as its node reported them
+        self.sizes = [0] * num_clients  # examples per client, as its first node reported them
+        self._described: set[int] = set()  # clients whose size is known
         self._refused: set[int] = set()
 
     def refresh(self, timeout: float | None = None) -> None:
@@ -108,20 +121,36 @@ class NodeDirectory:
             return
         query = [Message(RecordDict({JOB: ConfigRecord({"config": self.config_toml})}), dst_node_id=n,
                          message_type=DESCRIBE) for n in new]
-        for reply in exchange(self.grid, query, timeout, "asking SuperNodes which client they are", self.progress):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.log(f"SuperNode {node} cannot take part: {reply.error.reason}")
-                self._refused.add(node)
+        replies = exchange(self.grid, query, timeout, "asking SuperNodes which client they are", self.progress)
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in query if m.metadata.message_id}
+        for reply in replies:
+            node = asked.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:  # a second reply to one question, or an answer to none asked
+                self.log(f"SuperNode {reply.metadata.src_node_id}: a reply to no open question is ignored")
                 continue
-            info = reply.content.config_records[NODE]
-            client, size = int(info["partition-id"]), int(info["num-examples"])
-            if client in self.node_of:  # two online nodes for one client: the first keeps it
-                self.log(f"SuperNode {node} is not used: client {client} is SuperNode {self.node_of[client]}")
+            try:
+                client, size = self._description(reply, node)
+            except MessageError as e:
+                self.log(f"SuperNode {node} is refused: {e}")
                 self._refused.add(node)
                 continue
             self.node_of[client], self.sizes[client] = node, size
+            self._described.add(client)
             self.log(f"client {client}: SuperNode {node}, {size} examples")
+
+    def _description(self, reply: Message, node: int) -> tuple[int, int]:
+        """The client ``node`` is and its example count, from its reply; ``MessageError`` if the run cannot use it."""
+        if reply.has_error():  # first: Flower itself answers for a node that went away, from another node id
+            raise MessageError(error_reason(reply))
+        if reply.metadata.src_node_id != node:
+            raise MessageError(f"the reply to its question came from SuperNode {reply.metadata.src_node_id}")
+        client, size = read_description(reply.content, "its description", self.num_clients, self.max_examples)
+        if client in self.node_of:  # two online nodes for one client: the first keeps it
+            raise MessageError(f"client {client} is SuperNode {self.node_of[client]}")
+        if client in self._described and size != self.sizes[client]:
+            first = self.sizes[client]
+            raise MessageError(f"it says client {client} holds {size} examples; its first SuperNode said {first}")
+        return client, size
 
     def wait(self, min_clients: int, timeout: float) -> None:
         """Until every client's SuperNode answered, or ``timeout`` s passed with at least ``min_clients`` of them."""
@@ -154,7 +183,19 @@ class TrafficLog:
             self._write(kept)
 
     def lines(self) -> list[dict]:
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x] if self.path.exists() else []
+        """The records before the first line a crash cut short (or that is no record): the traffic of whole rounds."""
+        lines = []
+        for raw in self.path.read_text(errors="replace").splitlines() if self.path.exists() else []:
+            try:
+                line = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                break
+            if line is None:
+                continue
+            if not (isinstance(line, dict) and isinstance(line.get("round"), int)):
+                break
+            lines.append(line)
+        return lines
 
     def append(self, lines: Iterable[dict]) -> None:
         self._write(self.lines() + list(lines))
@@ -229,15 +270,18 @@ class FloristStrategy(Strategy):
         jobs = {g.name: g.jobs for g in plan.groups}
         results: dict[str, list[tuple[int, ClientResult]]] = {g.name: [] for g in plan.groups}
         for reply in replies:
-            sent = by_id.get(reply.metadata.reply_to_message_id)
+            sent = by_id.pop(reply.metadata.reply_to_message_id, None)
             if sent is None:
-                continue  # not a reply to this round's messages
+                continue  # not a reply to this round's messages, or a second reply to one
             job = jobs[sent.group][sent.index]
             try:
-                if reply.has_error():
-                    raise MessageError(reply.error.reason)
-                _check_echo(reply, server_round, sent.group, job.client)
-                result = read_update(reply.content, job, self.max_update_bytes)
+                if reply.has_error():  # first: Flower itself answers for a node that went away, from another id
+                    raise MessageError(error_reason(reply))
+                if reply.metadata.src_node_id != sent.message.metadata.dst_node_id:
+                    raise MessageError(f"the reply came from SuperNode {reply.metadata.src_node_id}, "
+                                       f"not from SuperNode {sent.message.metadata.dst_node_id}")
+                _check_echo(reply.content, server_round, sent.group, job.client)
+                result = read_update(reply.content, job, self.max_update_bytes, self.nodes.sizes[job.client])
             except MessageError as e:
                 sent.status = f"error: {e}"
                 continue
@@ -283,16 +327,13 @@ class FloristStrategy(Strategy):
                  f"{len(self.nodes.node_of)} SuperNodes")
 
 
-def _check_echo(reply: Message, round_number: int, group: str, client: int) -> None:
-    try:
-        meta = reply.content.config_records["meta"]
-        echo = (int(meta["round"]), str(meta["group"]), int(meta["client"]))
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise MessageError(f"reply without a readable round, group and client ({type(e).__name__}: {e})") from None
+def _check_echo(content: RecordDict, round_number: int, group: str, client: int) -> None:
+    """Refuse a reply whose echo of the job (round, training group, client) is not the job's."""
+    echo = read_echo(content)
     if echo != (round_number, group, client):
         raise MessageError(
-            f"reply for round {meta['round']} group {meta['group']} client {meta['client']} answers the job for "
-            f"round {round_number} group {group} client {client}"
+            f"reply for round {echo[0]} group {echo[1]!r:.60} client {echo[2]} answers the job for "
+            f"round {round_number} group {group!r} client {client}"
         )
 
 
@@ -316,7 +357,8 @@ def serve(
     ``start_federation(client_sizes)`` builds the loop once the SuperNodes have said how much data they hold.
     """
     config_toml = config.to_toml()
-    nodes = NodeDirectory(grid, config_toml, config.data.clients, log, progress)
+    nodes = NodeDirectory(grid, config_toml, config.data.clients, log, progress,
+                          max_examples=config.data.max_examples_per_client or MAX_EXAMPLES)
     nodes.wait(config.federation.min_clients, node_wait)
     log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
     strategy = FloristStrategy(start_federation(nodes.sizes), nodes, config_toml, traffic, log,

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,10 +30,23 @@ from .. import models
 from ..base_weights import BaseWeights, adapted_module_names
 from ..config import ConfigError, RunConfig, config_from_toml, load_config
 from ..models import DEFAULT_MODEL
-from ..run import load_partition_examples, local_trainer, write_results
+from ..run import check_model_config, load_partition_examples, local_trainer, write_results
 from ..rundir import RunDirectory
 from .flower import serve_run
-from .flower_messages import NODE, MessageError, job_config, read_job, update_content
+from .flower_messages import (
+    MAX_INDEX,
+    MessageError,
+    as_bool,
+    as_float,
+    description_content,
+    int_field,
+    job_config,
+    read_job,
+    str_field,
+    update_content,
+)
+
+MAX_CONFIG = 10**6  # characters of the run's config TOML in a message
 
 # --- the client ------------------------------------------------------------------------------------------------------
 
@@ -70,38 +83,44 @@ def client_app(load_model: Callable | None = None, mods: Sequence = ()) -> Clien
 
 def node_client(context: Context, config: RunConfig) -> int:
     """The client this SuperNode is: its node config's ``partition-id``, checked against the run."""
-    node_config = context.node_config
+    node_config, where = context.node_config, "node config"
     if "partition-id" not in node_config:
         raise MessageError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K num-partitions=N'")
-    client = int(node_config["partition-id"])
-    partitions = node_config.get("num-partitions")
-    if partitions is not None and int(partitions) != config.data.clients:
-        raise MessageError(f"node config num-partitions={partitions}, but the run has data.clients={config.data.clients}")
+    client = int_field(node_config, "partition-id", where, -MAX_INDEX, MAX_INDEX)
+    if "num-partitions" in node_config:
+        partitions = int_field(node_config, "num-partitions", where, 1, MAX_INDEX)
+        if partitions != config.data.clients:
+            raise MessageError(f"node config num-partitions={partitions}, but the run has data.clients={config.data.clients}")
     if not 0 <= client < config.data.clients:
         raise MessageError(f"node config partition-id={client} is out of range for data.clients={config.data.clients}")
     return client
 
 
+def _run_config(message: Message) -> RunConfig:
+    """The run's config that a message carries."""
+    toml = str_field(job_config(message.content), "config", "the message", MAX_CONFIG)
+    return config_from_toml(toml, "the run's config")
+
+
 def describe_node(message: Message, context: Context, loader: Callable) -> Message:
     """Which client this node is and how many examples it holds (it loads them, so training starts warm)."""
-    config = config_from_toml(str(job_config(message.content)["config"]), "the run's config")
+    config = _run_config(message)
     client = node_client(context, config)
     node = _node_model(config, loader)
     examples = _node_examples(config, node.tokenizer, client, loader)
-    return Message(RecordDict({NODE: ConfigRecord({"partition-id": client, "num-examples": len(examples)})}),
-                   reply_to=message)
+    return Message(description_content(client, len(examples)), reply_to=message)
 
 
 def train_job(message: Message, context: Context, loader: Callable) -> Message:
     """Train this node's client on the job in ``message`` and reply with its LoRA factors."""
     job_record = job_config(message.content)
-    config = config_from_toml(str(job_record["config"]), "the run's config")
+    config = _run_config(message)
     client = node_client(context, config)
-    if int(job_record["client"]) != client:
-        raise MessageError(f"this SuperNode holds client {client}'s data, not client {job_record['client']}'s")
+    job = read_job(message.content)
+    if job.client != client:
+        raise MessageError(f"this SuperNode holds client {client}'s data, not client {job.client}'s")
     node = _node_model(config, loader)
     examples = _node_examples(config, node.tokenizer, client, loader)
-    job = read_job(message.content)
     node.base.set_deltas(job.base_deltas)
     try:
         trainer = local_trainer(config, node.model, node.tokenizer)
@@ -118,6 +137,7 @@ def _loader_key(loader: Callable) -> str:
 def _node_model(config: RunConfig, loader: Callable) -> _NodeModel:
     key = json.dumps([dataclasses.asdict(config.model), config.lora.target_modules, _loader_key(loader)])
     if key not in _models:
+        models.check_device(config.model.device)  # a node without the run's device refuses the job in one line
         _models.clear()  # free the previous run's model before loading another
         model, tokenizer = loader(config.model.name, dtype="float32", device=config.model.device)
         _models[key] = _NodeModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
@@ -145,9 +165,14 @@ class DeploymentSettings:
     def from_run_config(cls, run_config) -> DeploymentSettings:
         if not run_config.get("config"):
             raise ConfigError("the run config has no 'config': pass --run-config 'config=\"/path/to/run.toml\"'")
-        return cls(config=str(run_config["config"]), overwrite=bool(run_config.get("overwrite", False)),
-                   round_timeout=float(run_config.get("round-timeout", 0.0)),
-                   node_wait=float(run_config.get("node-wait", 300.0)))
+        where = "the run config"
+        try:
+            return cls(config=str_field(run_config, "config", where, 4096),
+                       overwrite=as_bool(run_config.get("overwrite", False), f"{where}: overwrite"),
+                       round_timeout=as_float(run_config.get("round-timeout", 0.0), f"{where}: round-timeout", 0.0),
+                       node_wait=as_float(run_config.get("node-wait", 300.0), f"{where}: node-wait", 0.0))
+        except MessageError as e:
+            raise ConfigError(str(e)) from None
 
 
 def server_app(load_model: Callable | None = None) -> ServerApp:
@@ -167,13 +192,17 @@ def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Calla
         print(f"florist: {message}", flush=True)
 
     config = dataclasses.replace(load_config(settings.config), engine="flower")
+    check_model_config(config)  # before the run directory is touched or any weights load
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=settings.overwrite)
-    if done < config.federation.rounds:
-        round_timeout = settings.round_timeout or config.federation.client_timeout or None
-        serve_run(grid, config, rundir, done, round_timeout=round_timeout, node_wait=settings.node_wait,
-                  progress=False, log=log, load_model=load_model)
-    write_results(rundir, config)
+    with rundir:  # the directory's lock is held until the ServerApp is done with it, however it ends
+        for note in rundir.notes:
+            log(note)
+        if done < config.federation.rounds:
+            round_timeout = settings.round_timeout or config.federation.client_timeout or None
+            serve_run(grid, config, rundir, done, round_timeout=round_timeout, node_wait=settings.node_wait,
+                      progress=False, log=log, load_model=load_model)
+        write_results(rundir, config)
     log(f"results in {rundir.path}")
 
 

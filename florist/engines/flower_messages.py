@@ -13,17 +13,21 @@ The reply holds ``update`` (ArrayRecord: each module's B, and A unless the metho
 ``meta`` (ConfigRecord: example count, scalings, training log). Arrays travel as float32 numpy arrays,
 which Flower serialises with ``allow_pickle=False``: nothing is ever pickled.
 
-A reply is untrusted: ``read_update`` turns whatever is malformed in it into a ``MessageError``, reads an array
-only after checking its header against its bytes (a header cannot make the server allocate more than was sent),
-and refuses a reply whose arrays hold more than ``max_bytes``. The factors it returns are then screened by the
-server (``florist.aggregation.screen_updates``).
+A reply is untrusted, and a SuperNode reads its job no less carefully: every field of a record is read by one of the
+typed readers below (``int_field``, ``float_field``, ``str_field``, ``bool_field``, ``list_field``), which take a
+value only of the expected type and range (a bool is no integer, NaN no number, a list no longer than its bound)
+and otherwise raise a one-line ``MessageError`` naming the field; a message holding records it should not is refused
+too. ``read_update`` reads an array only after checking its header against its bytes (a header cannot make the
+server allocate more than was sent), and refuses a reply whose arrays hold more than ``max_bytes``. The factors it
+returns are then screened by the server (``florist.aggregation.screen_updates``).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ from ..server import ClientJob, ClientResult
 
 JOB, INIT, FROZEN_A, UPDATE, META, NODE = "job", "init", "frozen-a", "update", "meta", "node"
 BASE_PREFIX = "base-"
+T = TypeVar("T")
 
 TRAIN = "train"  # a ClientJob: train and reply with the update
 DESCRIBE = "query.describe"  # which client is this SuperNode, and how many examples does it hold
@@ -43,6 +48,111 @@ DESCRIBE = "query.describe"  # which client is this SuperNode, and how many exam
 
 class MessageError(ValueError):
     """A record that does not hold what a florist message must; the message names what is missing."""
+
+
+# --- fields of untrusted records -------------------------------------------------------------------------------------
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_INDEX = 2**31 - 1  # a round, a client index, a rank
+MAX_EXAMPLES = 10**12  # the most examples a client may claim: far beyond any client's data
+MAX_STEPS = 10**6  # optimizer steps (and losses) one reply may report: about eleven days at a step a second
+MAX_TOKENS = 10**15
+MAX_SECONDS = 10**9  # about 30 years: summed over any number of clients, still a finite float
+MAX_TEXT = 1000  # characters of a name in a record: a module, a training group, a client id
+SHOWN = 40  # characters of a bad value that an error message shows
+
+
+def _shown(value: object) -> str:
+    """A bad value as an error message shows it: short and on one line (repr escapes line breaks)."""
+    if isinstance(value, (str, bytes, list, tuple)) and len(value) > SHOWN:
+        return f"a {type(value).__name__} of length {len(value)}"
+    try:
+        text = repr(value)
+    except Exception:  # an int of more digits than Python prints, a value whose repr fails
+        return f"a {type(value).__name__}"
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
+
+
+def field(record: Mapping, key: str, where: str) -> object:
+    if key not in record:
+        raise MessageError(f"{where}: no {key!r}")
+    return record[key]
+
+
+def as_int(value: object, what: str, lo: int, hi: int) -> int:
+    """``value`` if it is an integer (not a bool) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(f"{what} is {_shown(value)}, not an integer")
+    if not lo <= value <= hi:
+        raise MessageError(f"{what} is {_shown(value)}, outside [{lo}, {hi}]")
+    return int(value)
+
+
+def as_float(value: object, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``value`` as a float if it is a finite number (not a bool) in ``[lo, hi]``; an integer is taken as one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MessageError(f"{what} is {_shown(value)}, not a number")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise MessageError(f"{what} is {_shown(value)}, beyond float range") from None
+    if not (math.isfinite(x) and lo <= x <= hi):
+        bounds = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) or math.isfinite(hi) else ""
+        raise MessageError(f"{what} is {_shown(x)}, not a finite number{bounds}")
+    return x
+
+
+def as_str(value: object, what: str, max_len: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise MessageError(f"{what} is {_shown(value)}, not a string")
+    if len(value) > max_len:
+        raise MessageError(f"{what} is a string of {len(value)} characters, over {max_len}")
+    return str(value)
+
+
+def as_bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise MessageError(f"{what} is {_shown(value)}, not true or false")
+    return bool(value)
+
+
+def as_list(value: object, what: str, item: Callable[[object, str], T], max_len: int) -> list[T]:
+    """``value``'s items, each read by ``item(x, name)``, if it is a list of at most ``max_len`` items."""
+    if not isinstance(value, (list, tuple)):
+        raise MessageError(f"{what} is {_shown(value)}, not a list")
+    if len(value) > max_len:
+        raise MessageError(f"{what} has {len(value)} items, over {max_len}")
+    return [item(x, f"{what}[{i}]") for i, x in enumerate(value)]
+
+
+def int_field(record: Mapping, key: str, where: str, lo: int, hi: int) -> int:
+    return as_int(field(record, key, where), f"{where}: {key}", lo, hi)
+
+
+def float_field(record: Mapping, key: str, where: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    return as_float(field(record, key, where), f"{where}: {key}", lo, hi)
+
+
+def str_field(record: Mapping, key: str, where: str, max_len: int = MAX_TEXT) -> str:
+    return as_str(field(record, key, where), f"{where}: {key}", max_len)
+
+
+def bool_field(record: Mapping, key: str, where: str) -> bool:
+    return as_bool(field(record, key, where), f"{where}: {key}")
+
+
+def list_field(record: Mapping, key: str, where: str, item: Callable[[object, str], T], max_len: int) -> list[T]:
+    return as_list(field(record, key, where), f"{where}: {key}", item, max_len)
+
+
+def only_records(content: RecordDict, where: str, configs: Collection[str] = (), arrays: Collection[str] = ()) -> None:
+    """Refuse a message holding any record but the config records ``configs`` and array records ``arrays``."""
+    extra = ([f"config record {_shown(k)}" for k in content.config_records if k not in configs]
+             + [f"array record {_shown(k)}" for k in content.array_records if k not in arrays]
+             + [f"metric record {_shown(k)}" for k in content.metric_records])
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise MessageError(f"{where}: an unexpected {extra[0]}{more}")
 
 
 # --- tensors <-> arrays ----------------------------------------------------------------------------------------------
@@ -96,8 +206,8 @@ def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors], with_a:
 def _factor(record: ArrayRecord, name: str, factor: str, where: str, checked: bool = False) -> torch.Tensor:
     key = f"{name}.{factor}"
     if key not in record:
-        raise MessageError(f"{where}: no array {key!r}")
-    return _checked_tensor(record[key], f"{where}, array {key!r}") if checked else _tensor(record[key])
+        raise MessageError(f"{where}: no array {_shown(key)}")
+    return _checked_tensor(record[key], f"{where}, array {_shown(key)}") if checked else _tensor(record[key])
 
 
 def _module_names(record: ArrayRecord) -> list[str]:
@@ -105,7 +215,8 @@ def _module_names(record: ArrayRecord) -> list[str]:
 
 
 def read_adapter(record: ArrayRecord, where: str) -> Delta:
-    return {n: ModuleAggregate(A=_factor(record, n, "A", where), B=_factor(record, n, "B", where)) for n in _module_names(record)}
+    return {n: ModuleAggregate(A=_factor(record, n, "A", where, True), B=_factor(record, n, "B", where, True))
+            for n in _module_names(record)}
 
 
 def frozen_a_record(frozen_a: Mapping[str, torch.Tensor], rank: int) -> ArrayRecord:
@@ -126,6 +237,28 @@ def _data_bytes(a: Array) -> int:
     if any(d < 0 for d in dims):  # a reply's array whose declared dtype or shape means nothing: count what came
         return len(a.data)
     return math.prod(dims) * itemsize
+
+
+# --- the description (SuperNode -> server) ---------------------------------------------------------------------------
+
+
+def description_content(client: int, num_examples: int) -> RecordDict:
+    return RecordDict({NODE: ConfigRecord({"partition-id": client, "num-examples": num_examples})})
+
+
+def read_description(content: RecordDict, where: str, num_clients: int,
+                     max_examples: int = MAX_EXAMPLES) -> tuple[int, int]:
+    """The client a SuperNode says it is and the examples it says it holds: a ``node`` record of exactly those two
+    fields, a client index of the run and a count within ``max_examples``; anything else raises ``MessageError``."""
+    if NODE not in content.config_records:
+        raise MessageError(f"{where}: no {NODE!r} record")
+    only_records(content, where, configs=[NODE])
+    node = content.config_records[NODE]
+    extra = [k for k in node if k not in ("partition-id", "num-examples")]
+    if extra:
+        raise MessageError(f"{where}: an unexpected field {_shown(extra[0])}")
+    return (int_field(node, "partition-id", where, 0, num_clients - 1),
+            int_field(node, "num-examples", where, 0, max_examples))
 
 
 # --- the job (server -> client) --------------------------------------------------------------------------------------
@@ -161,20 +294,27 @@ def job_content(job: ClientJob, round_number: int, group: str, sends_a: bool, co
 
 def job_config(content: RecordDict) -> ConfigRecord:
     if JOB not in content.config_records:
-        raise MessageError("training message without a 'job' record")
+        raise MessageError("message without a 'job' record")
     return content.config_records[JOB]
 
 
 def read_job(content: RecordDict) -> ClientJob:
     """The ``ClientJob`` a training message describes (the config TOML stays in ``job_config(content)``)."""
     job = job_config(content)
-    where = f"round {job['round']} client {job['client']}"
+    client = int_field(job, "client", "the training job", 0, MAX_INDEX)
+    where = f"round {int_field(job, 'round', 'the training job', 1, MAX_INDEX)} client {client}'s job"
     arrays = content.array_records
-    init = read_adapter(arrays[INIT], f"{where}: init") if INIT in arrays else None
-    frozen_a = {n: _tensor(a) for n, a in arrays[FROZEN_A].items()} if FROZEN_A in arrays else None
-    deltas = tuple(read_adapter(arrays[f"{BASE_PREFIX}{i}"], f"{where}: base delta {i}") for i in range(int(job["base-deltas"])))
-    start = ClientStart(rank=int(job["rank"]), alpha=float(job["alpha"]), seed=int(job["seed"]), init=init, frozen_a=frozen_a)
-    return ClientJob(int(job["client"]), start, deltas)
+    init = read_adapter(arrays[INIT], f"{where}, init") if INIT in arrays else None
+    frozen_a = ({n: _checked_tensor(a, f"{where}, frozen A {_shown(n)}") for n, a in arrays[FROZEN_A].items()}
+                if FROZEN_A in arrays else None)
+    deltas = []
+    for i in range(int_field(job, "base-deltas", where, 0, len(arrays))):
+        if f"{BASE_PREFIX}{i}" not in arrays:
+            raise MessageError(f"{where}: no array record '{BASE_PREFIX}{i}'")
+        deltas.append(read_adapter(arrays[f"{BASE_PREFIX}{i}"], f"{where}, base delta {i}"))
+    start = ClientStart(rank=int_field(job, "rank", where, 1, MAX_INDEX), alpha=float_field(job, "alpha", where, 0.0),
+                        seed=int_field(job, "seed", where, *INT64), init=init, frozen_a=frozen_a)
+    return ClientJob(client, start, tuple(deltas))
 
 
 # --- the update (client -> server) -----------------------------------------------------------------------------------
@@ -182,12 +322,12 @@ def read_job(content: RecordDict) -> ClientJob:
 
 def update_content(job: ConfigRecord, update: ClientUpdate, log: TrainingLog) -> RecordDict:
     """The client's factors (B only when the method keeps A frozen), scalings and training log, echoing the job."""
-    names = list(update.modules)
+    names, where = list(update.modules), "the training job"
     meta = ConfigRecord(
         {
-            "round": job["round"],
-            "group": job["group"],
-            "client": job["client"],
+            "round": int_field(job, "round", where, 1, MAX_INDEX),
+            "group": str_field(job, "group", where),
+            "client": int_field(job, "client", where, 0, MAX_INDEX),
             "client-id": update.client_id,
             "num-examples": update.num_examples,
             "modules": names,
@@ -198,13 +338,24 @@ def update_content(job: ConfigRecord, update: ClientUpdate, log: TrainingLog) ->
             "seconds": float(log.seconds),
         }
     )
-    return RecordDict({UPDATE: adapter_record(update.modules, with_a=bool(job["sends-a"])), META: meta})
+    return RecordDict({UPDATE: adapter_record(update.modules, with_a=bool_field(job, "sends-a", where)), META: meta})
 
 
-def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0) -> ClientResult:
+def read_echo(content: RecordDict) -> tuple[int, str, int]:
+    """The round, training group and client a reply says it answers (``meta``'s echo of the job)."""
+    if META not in content.config_records:
+        raise MessageError("reply without a 'meta' record")
+    meta, where = content.config_records[META], "reply"
+    return (int_field(meta, "round", where, 1, MAX_INDEX), str_field(meta, "group", where),
+            int_field(meta, "client", where, 0, MAX_INDEX))
+
+
+def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0,
+                num_examples: int | None = None) -> ClientResult:
     """The client's result; under FFA-LoRA its A is the frozen one the server sent (the client keeps it fixed).
 
-    Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit).
+    Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit)
+    and, when ``num_examples`` is given (what the client's SuperNode said it holds), one that claims another count.
     """
     where = f"client {job.client}'s update"
     if UPDATE not in content.array_records or META not in content.config_records:
@@ -212,17 +363,11 @@ def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0) -> Clie
     size = arrays_bytes(content)
     if max_bytes and size > max_bytes:
         raise MessageError(f"{where}: its arrays hold {size} bytes, over federation.max_update_bytes={max_bytes}")
-    try:
-        return _read_update(content, job, where)
-    except MessageError:
-        raise
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise MessageError(f"{where}: malformed reply ({type(e).__name__}: {' '.join(str(e).split())})") from None
-
-
-def _read_update(content: RecordDict, job: ClientJob, where: str) -> ClientResult:
+    only_records(content, where, configs=[META], arrays=[UPDATE])
     record, meta = content.array_records[UPDATE], content.config_records[META]
-    names, scalings = list(meta["modules"]), list(meta["scalings"])
+    # a module needs at least its B: no reply names more modules than it holds arrays
+    names = list_field(meta, "modules", where, as_str, max_len=len(record))
+    scalings = list_field(meta, "scalings", where, as_float, max_len=len(record))
     if len(names) != len(scalings) or len(set(names)) != len(names):
         raise MessageError(f"{where}: {len(names)} module names (some repeated?) for {len(scalings)} scalings")
     frozen = job.start.frozen_a
@@ -231,14 +376,19 @@ def _read_update(content: RecordDict, job: ClientJob, where: str) -> ClientResul
         B = _factor(record, name, "B", where, checked=True)
         if frozen is not None:  # the method keeps A fixed: the server's A, whatever the reply holds
             if name not in frozen:
-                raise MessageError(f"{where}: module {name!r} has no frozen A")
+                raise MessageError(f"{where}: module {_shown(name)} has no frozen A")
             A = frozen[name][: job.start.rank].to(torch.float32).clone()
         else:
             A = _factor(record, name, "A", where, checked=True)
-        modules[str(name)] = LoraFactors(A=A, B=B, scaling=float(scaling))
-    update = ClientUpdate(modules, num_examples=int(meta["num-examples"]), client_id=str(meta["client-id"]))
-    log = TrainingLog(steps=int(meta["steps"]), tokens=int(meta["tokens"]), losses=[float(x) for x in meta["losses"]],
-                      seconds=float(meta["seconds"]))
+        modules[name] = LoraFactors(A=A, B=B, scaling=scaling)
+    examples = int_field(meta, "num-examples", where, 0, MAX_EXAMPLES)
+    if num_examples is not None and examples != num_examples:
+        raise MessageError(f"{where}: num-examples is {examples}, but its SuperNode said it holds {num_examples}")
+    update = ClientUpdate(modules, num_examples=examples, client_id=str_field(meta, "client-id", where))
+    steps = int_field(meta, "steps", where, 0, MAX_STEPS)
+    losses = list_field(meta, "losses", where, lambda x, what: as_float(x, what, 0.0), max_len=MAX_STEPS)
+    log = TrainingLog(steps=steps, tokens=int_field(meta, "tokens", where, 0, MAX_TOKENS), losses=losses,
+                      seconds=float_field(meta, "seconds", where, 0.0, MAX_SECONDS))
     return ClientResult(job.client, update, log)
 
 
