@@ -21,16 +21,18 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+import stat
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .aggregation import LoraFactors, ModuleAggregate
+from .files import check_writable_place, describe_foreign, make_directory, scan, writing
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -84,9 +86,10 @@ def read_adapter(
     """
     path = Path(path)
     who = client_id or str(path)
-    if not path.exists():
+    status = file_status(path, who, "the directory")
+    if status is None:
         raise AdapterError(f"{who}: no such directory")
-    if not path.is_dir():
+    if not stat.S_ISDIR(status.st_mode):
         raise AdapterError(f"{who}: not a directory (expected a PEFT adapter directory)")
     if not os.access(path, os.R_OK | os.X_OK):
         raise AdapterError(f"{who}: cannot read the directory (permission denied)")
@@ -105,14 +108,35 @@ def read_adapter(
     return modules, info
 
 
+def file_status(path: Path, who: str, label: str) -> os.stat_result | None:
+    """``stat`` of ``path`` (links followed); None when nothing is there. A symbolic link loop or a folder that may
+    not be searched is an ``AdapterError``, where ``Path.exists`` would answer a misleading False."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise AdapterError(f"{who}: cannot read {label} ({getattr(e, 'strerror', None) or one_line(e)})") from None
+
+
+def is_regular_file(file: Path, who: str) -> bool:
+    """True for a regular file; False when absent; a directory, FIFO or device where the file should be is refused
+    (reading a FIFO would block)."""
+    status = file_status(file, who, file.name)
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise AdapterError(f"{who}: {file.name} is not a regular file")
+    return status is not None
+
+
 def read_config(path: Path, who: str) -> dict[str, Any]:
     file = path / CONFIG_NAME
-    if not file.is_file():
+    if not is_regular_file(file, who):
         raise AdapterError(f"{who}: no {CONFIG_NAME}; not a PEFT adapter directory")
     text = read_bytes(file, who, MAX_CONFIG_BYTES)
     try:
         config = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError: broken JSON, bytes that are not UTF-8, an integer of over 4,300 digits; RecursionError: nesting
+    except (ValueError, RecursionError) as e:
         raise AdapterError(f"{who}: {CONFIG_NAME} is not valid JSON ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{who}: {CONFIG_NAME} is not a JSON object")
@@ -174,8 +198,8 @@ def lora_variant_fields() -> list[str]:
 
 def read_tensors(path: Path, who: str, max_bytes: int) -> dict[str, torch.Tensor]:
     file = path / WEIGHTS_NAME
-    if not file.is_file():
-        if (path / PICKLE_NAME).exists():
+    if not is_regular_file(file, who):
+        if file_status(path / PICKLE_NAME, who, PICKLE_NAME) is not None:
             raise AdapterError(f"{who}: {PICKLE_NAME} is a pickle file; florist reads only safetensors")
         raise AdapterError(f"{who}: no {WEIGHTS_NAME}")
     try:
@@ -255,6 +279,15 @@ def pattern_value(config: Mapping[str, Any], field: str, module: str, default: A
         raise AdapterError(f"{where}: a {field} key in {CONFIG_NAME} is not a valid pattern ({e})") from None
 
 
+def check_finite(modules: Mapping[str, LoraFactors], who: str) -> None:
+    """Refuse NaN or Inf in any factor: applied to a model, a single such entry makes every output NaN. (The
+    aggregation front checks client updates itself, with the client's name; this is for applying an adapter.)"""
+    for module, f in modules.items():
+        for label, t in (("lora_A", f.A), ("lora_B", f.B)):
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{who}, module {module}: {label} contains NaN or Inf")
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -275,13 +308,13 @@ def write_adapter(
     """Write ``modules`` (update ``B @ A`` each) as a PEFT LoRA directory at ``path``, atomically.
 
     ``extra_files`` (name -> content) are written beside the adapter. An existing non-empty
-    ``path`` is refused unless ``overwrite``.
+    ``path`` is refused unless ``overwrite``, and even then unless it is an adapter directory florist wrote.
+    A write that fails (a full disk, a file-size limit, no permission) is a ``WriteError``; ``path`` stays as it was.
     """
-    path = Path(path)
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, (extra_files or {}).keys()) as tmp:
         fill_adapter_dir(tmp, modules, base_model, dtype=dtype, task_type=task_type, where=str(path))
         write_extra_files(tmp, extra_files or {})
-    return path
+    return Path(path)
 
 
 def write_adapters(
@@ -295,15 +328,14 @@ def write_adapters(
     task_type: str | None = "CAUSAL_LM",
 ) -> Path:
     """Several adapters under one directory (``path/<name>`` each, e.g. client_0, client_1), atomically as a whole."""
-    path = Path(path)
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, (extra_files or {}).keys()) as tmp:
         for name, modules in adapters.items():
-            check_file_name(name, path)
+            check_file_name(name, Path(path))
             sub = tmp / name
             sub.mkdir()
-            fill_adapter_dir(sub, modules, base_model, dtype=dtype, task_type=task_type, where=str(path / name))
+            fill_adapter_dir(sub, modules, base_model, dtype=dtype, task_type=task_type, where=str(Path(path) / name))
         write_extra_files(tmp, extra_files or {})
-    return path
+    return Path(path)
 
 
 def fill_adapter_dir(
@@ -385,34 +417,62 @@ def check_file_name(name: str, where: Path) -> None:
         raise AdapterError(f"{where}: {name!r} is not a plain file name")
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an output location that exists and is not an empty directory (unless ``overwrite``)."""
+# Besides its config and tensors, what florist writes in an adapter directory (``extra_files``).
+WRITTEN_EXTRA_FILES = frozenset({"aggregation.json", "client.json", "spectra.json"})
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, extra_names: Iterable[str] = ()) -> None:
+    """Refuse an output location that is empty, exists and is not an empty directory (unless ``overwrite``), holds
+    the working directory, or (``overwrite``) is not an adapter directory florist wrote: the one it replaces must
+    hold only adapters (each its config and tensors), the extra files florist writes and ``extra_names``."""
+    if not os.fspath(path):
+        raise AdapterError("the output path is empty; name the directory to write")
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise AdapterError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir():
+        check_writable_place(path)
+        return
+    with contextlib.suppress(OSError):  # a working directory that was removed is in no output
+        if Path.cwd().resolve().is_relative_to(path.resolve()):
+            raise AdapterError(f"{path}: holds the working directory, which replacing it would remove; choose another")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
         raise AdapterError(f"{path}: exists and is not empty (use --overwrite to replace it)")
+    own = frozenset(extra_names) | WRITTEN_EXTRA_FILES
+    found = scan(path, lambda parts, is_dir: written_in_adapter_dir(parts, is_dir, own))
+    if found.foreign:
+        raise AdapterError(f"{describe_foreign(path, found.foreign)}; refusing to delete it (move them out or "
+                           "choose another output)")
+    adapters = [path] if (path / CONFIG_NAME).is_file() else [p for p in path.iterdir() if p.is_dir()]
+    if not adapters or not all((p / CONFIG_NAME).is_file() for p in adapters):
+        raise AdapterError(f"{path}: not an adapter directory florist wrote (no {CONFIG_NAME}); refusing to delete it")
+
+
+def written_in_adapter_dir(parts: tuple[str, ...], is_dir: bool, extra_names: frozenset[str]) -> bool:
+    """Whether ``write_adapter`` or ``write_adapters`` writes an entry at the relative path ``parts``."""
+    if is_dir:
+        return len(parts) == 1
+    return parts[-1] in (CONFIG_NAME, WEIGHTS_NAME) or (len(parts) == 1 and parts[-1] in extra_names)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool, extra_names: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path``, on failure it vanishes.
 
-    File-system failures (permissions, a full disk) become one-line ``AdapterError``s naming ``path``.
+    File-system failures (permissions, a full disk, a file-size limit; safetensors' own error type included)
+    become one-line ``WriteError``s naming ``path``.
     """
-    check_output(path, overwrite)
-    target = path.absolute()  # "." and "dir/.." have no name to put a sibling beside
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    check_output(path, overwrite, extra_names)
+    target = Path(path).absolute()  # "." and "dir/.." have no name to put a sibling beside
+    make_directory(target.parent, path)
+    with writing(path):
         tmp = sibling(target, "tmp")
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot write ({e.strerror or one_line(e)})") from None
     try:
-        yield tmp
-        replace_directory(tmp, target)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise AdapterError(f"{path}: cannot write ({e.strerror or one_line(e)})") from None
+        with writing(path, SafetensorError):
+            yield tmp
+            replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -434,7 +494,8 @@ def replace_directory(new: Path, path: Path) -> None:
     if not path.exists():
         new.rename(path)
         return
-    check_output(path, overwrite=True)
+    if path.is_symlink() or not path.is_dir():  # it became one since check_output
+        raise AdapterError(f"{path}: exists and is not a directory")
     old = sibling(path, "old")
     try:
         path.rename(old / path.name)

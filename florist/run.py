@@ -18,11 +18,11 @@ from rich.console import Console
 from . import data as datasets_api
 from .base_weights import BaseWeights, Delta, adapted_module_names
 from .client import DTYPES, LocalTrainer, shared_frozen_a
-from .config import RunConfig, heldout_source, parse_thresholds
+from .config import ConfigError, RunConfig, heldout_source, parse_thresholds
 from .data.instructions import load_file
 from .engines.inprocess import InProcessEngine
 from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, check_device, empty_model, load_model, load_model_config
 from .results import paper_table, rows_from_records, to_csv, to_markdown
 from .rundir import RunDirectory, atomic_write_text
 from .server import Branch, Engine, Federation, RoundRecord, make_branches
@@ -143,20 +143,22 @@ def _weighted(scores: list[dict], sizes: list[int]) -> dict:
 
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) the federation ``config`` describes, on ``config.engine``; returns the run directory."""
+    check_model_config(config)  # a wrong device or target module is refused before the run directory is touched
     log = log or (lambda msg: console.print(f"[dim]{msg}[/]"))
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=overwrite)
-    if done >= config.federation.rounds:
-        log(f"{rundir.path}: all {done} rounds already finished")
-        write_results(rundir, config)
-        return rundir.path
-    if config.engine == "flower":
-        from .engines.flower import run_simulation  # flwr and ray are imported only for this engine
+    with rundir:  # the directory stays locked against a second florist process until this run ends, however it ends
+        for note in rundir.notes:
+            log(note)
+        if done >= config.federation.rounds:
+            log(f"{rundir.path}: all {done} rounds already finished")
+        elif config.engine == "flower":
+            from .engines.flower import run_simulation  # flwr and ray are imported only for this engine
 
-        run_simulation(config, rundir, done, progress=progress, log=log)
-    else:
-        _run_in_process(config, rundir, done, progress, log)
-    write_results(rundir, config)
+            run_simulation(config, rundir, done, progress=progress, log=log)
+        else:
+            _run_in_process(config, rundir, done, progress, log)
+        write_results(rundir, config)
     return rundir.path
 
 
@@ -183,8 +185,26 @@ class ServerModel:
     base: BaseWeights
 
 
+def check_model_config(config: RunConfig) -> None:
+    """What can be checked of ``config.model`` and ``config.lora`` before any weights load, in a second or so:
+    the device exists here, ``data.cutoff`` fits the model's context, and ``lora.target_modules`` names Linear
+    layers of the model's architecture (read from the model's config alone). A ConfigError naming the key, or a
+    ModelLoadError for a model that cannot be read."""
+    check_device(config.model.device)
+    model_config = load_model_config(config.model.name)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(context, int) and config.data.cutoff > context:  # longer examples would pass the model's positions
+        raise ConfigError(f"config key 'data.cutoff' is {config.data.cutoff}, beyond the {context} tokens the model "
+                          f"reads at once; set it to {context} or less")
+    adapted_module_names(empty_model(model_config), config.lora.target_modules)
+
+
 def load_server_model(config: RunConfig, log: Callable[[str], None], load: Callable | None = None) -> ServerModel:
-    """``load``: a replacement for ``florist.models.load_model`` (same call), e.g. a test's tiny model."""
+    """``load``: a replacement for ``florist.models.load_model`` (same call), e.g. a test's tiny model.
+
+    ``check_model_config`` runs first, so that a deployment's server refuses a bad config before loading weights.
+    """
+    check_model_config(config)
     log(f"loading model {config.model.name or DEFAULT_MODEL}")
     model, tokenizer = (load or load_model)(config.model.name, dtype="float32", device=config.model.device)
     return ServerModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
@@ -232,6 +252,7 @@ def build_federation(
         log=log,
         module_shapes=shapes,
         max_update_norm=config.federation.max_update_norm,
+        use_rslora=config.lora.use_rslora,
     )
 
 

@@ -313,16 +313,21 @@ def test_write_casts_to_the_requested_dtype_contiguously(tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and len(tensors) == 8
 
 
-def test_write_refuses_an_existing_non_empty_directory_unless_overwrite(tmp_path):
+def test_write_refuses_an_existing_directory_and_overwrites_only_its_own(tmp_path):
     out = tmp_path / "g"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     modules = random_aggregate(8, dict.fromkeys(module_names(), 2))
     with pytest.raises(AdapterError, match="exists and is not empty"):
         write_adapter(out, modules, None)
+    with pytest.raises(AdapterError, match=r"holds 1 file florist did not write \(keep.txt\); refusing to delete it"):
+        write_adapter(out, modules, None, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    write_adapter(out, modules, None, extra_files={"note.txt": "old"})
     write_adapter(out, modules, None, overwrite=True, extra_files={"note.txt": "new"})
     assert sorted(os.listdir(out)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "note.txt"])
+    assert (out / "note.txt").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["g"], "no temporary siblings left behind"
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_adapters import TARGETS, load_peft, logits, lora_layers, merged, save_client_adapter, tiny_llama
 from typer.testing import CliRunner
 
+import florist.adapters as adapters
 from florist.adapters import CONFIG_NAME, WEIGHTS_NAME
 from florist.cli import app
 
@@ -325,3 +328,94 @@ def test_the_command_line_starts_without_importing_peft_or_transformers():
     code = "import sys, florist.cli; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("spelling", ["as given", "through a symlink", "through .."])
+def test_refuses_a_client_given_twice(clients, tmp_path, spelling):
+    paths, _ = clients
+    again = {"as given": paths[1], "through a symlink": tmp_path / "link",
+             "through ..": paths[1].parent / ".." / paths[1].parent.name / paths[1].name}[spelling]
+    if spelling == "through a symlink":
+        again.symlink_to(paths[1], target_is_directory=True)
+    result = run("--method", "fedit", "--output", tmp_path / "out", *paths, again)
+    same = "" if spelling == "as given" else f" (the same directory as {paths[1]})"
+    assert_refused(result, tmp_path / "out", f"client directory {again} is given twice{same}; name each client once")
+
+
+def tree(root):
+    """Every entry under ``root``: a file's bytes, "dir", or a symlink's target (never followed)."""
+    return {str(p.relative_to(root)): f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def add_notes(out, outside):
+    (out / "notes.txt").write_text("mine")
+    return "holds 1 file florist did not write (notes.txt); refusing to delete it"
+
+
+def add_link(out, outside):
+    (out / "site").symlink_to(outside, target_is_directory=True)
+    return "holds 1 file florist did not write (site); refusing to delete it"
+
+
+def add_folder(out, outside):
+    (out / "client_9").mkdir()  # a folder of an adapter's name that holds no adapter
+    (out / "client_9" / "train.json").write_text("[]")
+    return "holds 1 file florist did not write (client_9/train.json); refusing to delete it"
+
+
+def enter(out, outside):
+    os.chdir(out)
+    return f"{out}: holds the working directory"
+
+
+@pytest.mark.parametrize("change", [add_notes, add_link, add_folder, enter])
+def test_overwrite_replaces_only_an_aggregate_florist_wrote(clients, tmp_path, monkeypatch, change):
+    paths, _ = clients
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    assert run("--method", "flexlora", "--output", out, *paths).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    message = change(out, outside)
+    before = tree(tmp_path)
+    result = run("--method", "fedit", "--overwrite", "--output", out, *paths)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert message in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_refuses_an_empty_output(clients, tmp_path, monkeypatch):
+    paths, _ = clients
+    monkeypatch.chdir(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        result = run("--method", "fedit", *overwrite, "--output", "", *paths)
+        assert result.exit_code == 2 and result.stderr.strip() == "florist: --output is empty; name the directory to write"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_under_a_file_is_refused_before_reading_any_client(clients, tmp_path):
+    paths, _ = clients
+    result = run("--method", "fedit", "--output", "/dev/null/out", *paths, tmp_path / "site9")  # site9: no such client
+    assert_refused(result, Path("/dev/null/out"), "cannot write /dev/null/out: /dev/null is not a directory")
+
+
+def disk_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_is_one_line_keeps_the_old_output_and_the_command_can_be_rerun(clients, tmp_path, monkeypatch):
+    paths, _ = clients
+    out, old = tmp_path / "new", tmp_path / "old"
+    assert run("--method", "fedit", "--output", old, *paths).exit_code == 0
+    before = tree(tmp_path)
+    monkeypatch.setattr(adapters, "save_file", disk_full)
+    for target, overwrite in ((out, []), (old, ["--overwrite"])):
+        result = run("--method", "flora", *overwrite, "--output", target, *paths)
+        assert_refused(result, out, f"cannot write {target}: No space left on device")
+        assert tree(tmp_path) == before  # no half-written adapter, no temporary sibling, the old output whole
+    monkeypatch.undo()
+    assert run("--method", "flora", "--output", out, *paths).exit_code == 0
+    assert report(out)["method"] == "flora"

@@ -28,8 +28,12 @@ def aggregate_command(
         ..., metavar="CLIENT_DIR", help="The clients' PEFT LoRA adapter directories, one per client."
     ),
     method: str = typer.Option(..., "--method", "-m", help=f"Aggregation rule: {', '.join(METHODS)}."),
-    output: Path = typer.Option(
-        ..., "--output", "-o", metavar="OUT", help="Directory to write; must not exist or be empty unless --overwrite."
+    output: str = typer.Option(  # a str: typer would make "" the working directory, Path("")
+        ...,
+        "--output",
+        "-o",
+        metavar="OUT",
+        help="Directory to write; must not exist or be empty, unless --overwrite and florist wrote it.",
     ),
     threshold: float | None = typer.Option(
         None,
@@ -40,7 +44,9 @@ def aggregate_command(
     weights: str | None = typer.Option(
         None, "--weights", "-w", help="Comma-separated client weights (e.g. example counts), normalised; default equal."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT if it exists and holds an aggregate florist wrote."
+    ),
 ) -> None:
     """Aggregate client LoRA adapters into the global update (FlexLoRA: one adapter per client)."""
     console = Console()
@@ -48,8 +54,12 @@ def aggregate_command(
         check_method(method)
         tau = check_threshold(method, threshold)
         client_weights = parse_weights(weights, clients)
-        check_output(output, overwrite)
-        check_output_apart(output, clients)
+        check_distinct(clients)
+        if not output:
+            raise UserError("--output is empty; name the directory to write")
+        out = Path(output)
+        check_output_apart(out, clients)
+        check_output(out, overwrite)
         updates, infos = read_clients(clients, console)
         aggregation = get_method(method, DEFAULT_THRESHOLD if tau is None else tau)
         with console.status(f"aggregating {len(updates)} clients with {method}"):
@@ -58,8 +68,8 @@ def aggregate_command(
         base_model = common_value(infos, "base_model", console)
         task_type = common_value(infos, "task_type", console)
         report = aggregation_report(method, tau, client_weights, clients, result, comm)
-        write_result(output, result, base_model, task_type, report, overwrite)
-    print_summary(console, method, tau, clients, result, comm, output)
+        write_result(out, result, base_model, task_type, report, overwrite)
+    print_summary(console, method, tau, clients, result, comm, out)
 
 
 def check_method(method: str) -> None:
@@ -97,6 +107,18 @@ def parse_weights(text: str | None, clients: list[Path]) -> list[float] | None:
     if sum(values) <= 0:
         raise UserError("--weights are all zero; nothing to weigh the clients by")
     return values
+
+
+def check_distinct(clients: list[Path]) -> None:
+    """Each client once: a directory named twice (also through a symlink or another spelling) would count twice."""
+    seen: dict[Path, Path] = {}
+    for client in clients:
+        resolved = client.resolve()
+        if resolved in seen:
+            same = "" if str(seen[resolved]) == str(client) else f" (the same directory as {seen[resolved]})"
+            raise UserError(f"client directory {client} is given twice{same}; name each client once "
+                            "(--weights weighs one more)")
+        seen[resolved] = client
 
 
 def check_output_apart(output: Path, clients: list[Path]) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 import typer
+
+from ..files import WriteError
 
 
 class UserError(Exception):
@@ -15,9 +19,14 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn ``UserError`` (and the given exception types) into a one-line message and exit code 2."""
+    """Turn ``UserError``, ``WriteError`` (a full disk, no permission: every command writes through the same helpers)
+    and the given exception types into a one-line message and exit code 2."""
+    if threading.current_thread() is threading.main_thread():
+        # Past a file-size limit (ulimit -f) the system kills the process with SIGXFSZ; ignored, the write fails
+        # with EFBIG instead, and becomes a WriteError like a full disk.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
-    except (UserError, *kinds) as e:
+    except (UserError, WriteError, *kinds) as e:
         print(f"florist: {e}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -38,10 +39,12 @@ def run_command(
     from ..rundir import RunDirError
     from ..server import RoundFailed
 
-    shortcuts = {"federation.methods": methods and _list(methods), "federation.thresholds": thresholds and f'"{thresholds}"',
-                 "federation.rounds": rounds, "model.name": model and f'"{model}"', "data.train": data and f'"{data}"',
-                 "output": output and f'"{output}"', "engine": engine and f'"{engine}"'}
-    overrides = list(set_) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    # strings are quoted as TOML strings (JSON's quoting is TOML's), so a path with " or \ stays that path, and ""
+    # reaches the checks (refused) instead of meaning the default
+    shortcuts = {"federation.methods": methods and _list(methods), "federation.thresholds": thresholds,
+                 "federation.rounds": rounds, "model.name": model, "data.train": data, "output": output, "engine": engine}
+    overrides = list(set_) + [f"{k}={v if isinstance(v, int) else json.dumps(v)}" for k, v in shortcuts.items()
+                              if v is not None]
     with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed):
         cfg = load_config(config, overrides)
         path = run(cfg, overwrite=overwrite, progress=not quiet)
@@ -49,5 +52,5 @@ def run_command(
     console.print(f"\nrun directory: [bold]{path}[/]")
 
 
-def _list(csv: str) -> str:
-    return "[" + ",".join(f'"{x.strip()}"' for x in csv.split(",") if x.strip()) + "]"
+def _list(csv: str) -> list[str]:
+    return [x.strip() for x in csv.split(",") if x.strip()]
