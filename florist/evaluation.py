@@ -18,7 +18,6 @@ Accuracy is macro-averaged over subjects (the paper's number) and reported micro
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import string
@@ -26,7 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .data.instructions import IGNORE_INDEX, build_prompt
+from .reading import TABLE_FORMATS, parse_json_lines, path_kind, read_json_file, read_table_file, read_text_file, reason
 
 Mode = Literal["letter", "option", "answer"]
 Protocol = Literal["loglik", "generate"]
@@ -61,6 +61,7 @@ class Question:
     question: str
     options: list[str]
     answer: int
+    where: str = field(default="", compare=False)  # its file and record, for error messages
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,11 @@ def load_questions(source: str | Path) -> list[Question]:
     A name that is not a path (``cais/mmlu``) is loaded from the Hugging Face hub, which needs a network.
     """
     path = Path(source)
-    if path.is_dir():
+    kind = path_kind(path, EvalDataError)
+    if kind == "dir":
         return questions_from_records(_read_saved_dataset(path), str(path))
-    if path.is_file():
-        return questions_from_records(_read_records_file(path), str(path))
+    if kind is not None:
+        return questions_from_records(_read_records_file(path), str(path))  # a FIFO is refused there, by name
     if _looks_like_hub_id(str(source)):
         return questions_from_records(_read_hub_dataset(str(source)), str(source))
     raise EvalDataError(f"{source}: no such file or directory")
@@ -135,18 +137,35 @@ def questions_from_records(records: Sequence[Mapping[str, Any]], where: str = "r
     return questions
 
 
+def _text(record: Mapping[str, Any], key: str, at: str, default: str | None = None) -> str:
+    """``record[key]`` as text; absent or null gives ``default`` where there is one."""
+    value = record.get(key)
+    if value is None and default is not None:
+        return default
+    return _as_text(value, repr(key), at)
+
+
+def _as_text(value: Any, name: str, at: str) -> str:
+    """A string, or a number as a CSV reader makes of one; anything else is an ``EvalDataError``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise EvalDataError(f"{at}: {name} is {'missing' if value is None else f'a {type(value).__name__}'}, expected text")
+
+
 def _parse_paper_record(record: Mapping[str, Any], at: str) -> Question:
-    text = str(record["input"])
+    text = _text(record, "input", at)
     match = _MMLU_INPUT.match(text)
     if match is None:
         raise EvalDataError(f"{at}: input has no 'Options: A. ...' list of options")
     options = _split_options(match["options"])
-    if len(options) < 2:
-        raise EvalDataError(f"{at}: fewer than two options in {match['options'][:60]!r}")
-    answer = _MMLU_OUTPUT.match(str(record["output"]))
+    output = _text(record, "output", at)
+    answer = _MMLU_OUTPUT.match(output)
     if answer is None:
-        raise EvalDataError(f"{at}: output {str(record['output'])[:40]!r} is not 'The answer is: X. ...'")
-    return _checked(str(record.get("class", "all")), match["question"], options, LETTERS.index(answer["letter"]), at)
+        raise EvalDataError(f"{at}: output {output[:40]!r} is not 'The answer is: X. ...'")
+    subject = _text(record, "class", at, default="all")
+    return _checked(subject, match["question"], options, LETTERS.index(answer["letter"]), at)
 
 
 def _split_options(text: str) -> list[str]:
@@ -163,37 +182,41 @@ def _split_options(text: str) -> list[str]:
 
 def _parse_cais_record(record: Mapping[str, Any], at: str) -> Question:
     choices = record["choices"]
-    if isinstance(choices, str) or not isinstance(choices, Sequence) or len(choices) < 2:
-        raise EvalDataError(f"{at}: 'choices' must be a list of at least two options")
+    if isinstance(choices, (str, bytes, Mapping)) or not isinstance(choices, Sequence):
+        raise EvalDataError(f"{at}: 'choices' must be a list of options, got a {type(choices).__name__}")
+    options = [_as_text(c, f"choice {i}", at) for i, c in enumerate(choices)]
     answer = record["answer"]
     if isinstance(answer, str) and len(answer) == 1 and answer in LETTERS:
         answer = LETTERS.index(answer)
     if not isinstance(answer, int) or isinstance(answer, bool):
-        raise EvalDataError(f"{at}: 'answer' must be an option index, got {answer!r}")
-    return _checked(str(record.get("subject") or "all"), str(record["question"]), [str(c) for c in choices], answer, at)
+        raise EvalDataError(f"{at}: 'answer' must be an option index or letter, got {answer!r}")
+    subject = _text(record, "subject", at, default="all") or "all"
+    return _checked(subject, _text(record, "question", at), options, answer, at)
 
 
 def _checked(subject: str, question: str, options: list[str], answer: int, at: str) -> Question:
+    """A question whose options can be lettered A to Z and whose answer is one of them."""
+    if len(options) < 2:
+        raise EvalDataError(f"{at}: fewer than two options ({len(options)})")
+    if len(options) > len(LETTERS):
+        raise EvalDataError(f"{at}: {len(options)} options, more than the {len(LETTERS)} letters A to Z can name")
     if not 0 <= answer < len(options):
-        raise EvalDataError(f"{at}: answer {answer} is outside the {len(options)} options")
+        letter = f" ({LETTERS[answer]})" if 0 <= answer < len(LETTERS) else ""
+        raise EvalDataError(
+            f"{at}: answer {answer}{letter} is outside the {len(options)} options (A to {LETTERS[len(options) - 1]})"
+        )
     if any(not option.strip() for option in options):
         raise EvalDataError(f"{at}: an option is empty")
-    return Question(subject=subject, question=question, options=options, answer=answer)
+    return Question(subject=subject, question=question, options=options, answer=answer, where=at)
 
 
 def _read_records_file(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".csv"):
-        import datasets
-
-        return list(datasets.load_dataset(suffix[1:], data_files=str(path), split="train"))
-    try:
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+    if suffix in TABLE_FORMATS:
+        return read_table_file(path, EvalDataError)
+    if suffix == ".jsonl":
+        return [record for _, record in parse_json_lines(read_text_file(path, EvalDataError), str(path), EvalDataError)]
+    data = read_json_file(path, EvalDataError)
     if not isinstance(data, list):
         raise EvalDataError(f"{path}: expected a JSON array of questions, got {type(data).__name__}")
     return data
@@ -204,17 +227,22 @@ def _read_saved_dataset(path: Path) -> list[Any]:
 
     try:
         data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if "test" not in data:
+                raise EvalDataError(f"{path}: has splits {list(data)}, none called 'test'")
+            data = data["test"]
+        return list(data)
     except FileNotFoundError:
         raise EvalDataError(f"{path}: not a dataset saved with datasets.save_to_disk") from None
-    if isinstance(data, datasets.DatasetDict):
-        if "test" not in data:
-            raise EvalDataError(f"{path}: has splits {list(data)}, none called 'test'")
-        data = data["test"]
-    return list(data)
+    except EvalDataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged save raises JSON, Arrow and OS errors alike
+        raise EvalDataError(f"{path}: cannot read the saved dataset ({reason(e)})") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith((".json", ".jsonl"))
+    files = (".json", ".jsonl", *TABLE_FORMATS)
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(files)
 
 
 def _read_hub_dataset(name: str) -> list[Any]:
@@ -352,11 +380,49 @@ def _keep_mask(lengths: Sequence[int], scored: Sequence[int]) -> torch.Tensor:
     return keep
 
 
+# ---------------------------------------------------------------------------------------------------- lengths
+
+# Names model configs give their context length under; tokenizers without a limit report about 1e30.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+_NO_LIMIT = 10**9
+
+
+def context_limit(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens one forward pass may hold: the smaller of the model config's context length and the
+    tokenizer's ``model_max_length``; None when neither states one."""
+    config = getattr(model, "config", None)
+    stated = next((n for key in _CONTEXT_KEYS if _is_limit(n := getattr(config, key, None))), None)
+    return min((n for n in (stated, getattr(tokenizer, "model_max_length", None)) if _is_limit(n)), default=None)
+
+
+def _is_limit(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 < n < _NO_LIMIT
+
+
+def check_lengths(what: str, lengths: Sequence[int], limit: int | None, where: Sequence[str]) -> None:
+    """Refuse, before any forward pass, inputs longer than the model reads: past its context a model's positions
+    are meaningless (or out of range), and a 30,000-token pass costs minutes and gigabytes for nothing."""
+    if limit is None:
+        return
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if over:
+        i = over[0]
+        others = f" ({len(over) - 1} more are too long)" if len(over) > 1 else ""
+        raise EvalDataError(
+            f"{where[i]}: {what} is {lengths[i]} tokens, over the {limit} the model reads{others}; "
+            "shorten or drop it"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- scoring
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
+
+
+def _names(questions: Sequence[Question]) -> list[str]:
+    return [q.where or f"question {i} ({q.subject})" for i, q in enumerate(questions)]
 
 
 def letter_log_probs(
@@ -365,6 +431,7 @@ def letter_log_probs(
     """Per question, the log-probability of each option's letter as the token after "The answer is:"."""
     letter_ids = letter_token_ids(tokenizer, max(len(q.options) for q in questions))
     seqs = [_encode(tokenizer, _scoring_context(q)) for q in questions]
+    check_lengths("the prompt", [len(s) for s in seqs], context_limit(model, tokenizer), _names(questions))
     pad_id, out = _pad_id(tokenizer), [[] for _ in questions]
     # Every prompt opens with the same template and instruction (a third of MMLU's tokens): run that prefix once
     # and give each batch a copy of its key/value cache, so only the questions' own tokens are computed per batch.
@@ -452,6 +519,7 @@ def option_log_probs(
     """
     plans = [_option_plan(tokenizer, q, bare) for q in questions]
     lengths = [len(p.context) + max(len(f) for f in p.feeds) for p in plans]
+    check_lengths("the prompt with its longest option", lengths, context_limit(model, tokenizer), _names(questions))
     pad_id, device, out = _pad_id(tokenizer), _device(model), [[] for _ in questions]
     with _inference(model):
         for batch in _run_batches("options", _batches(lengths, batch_size), progress):
@@ -518,6 +586,8 @@ def generate_answers(
     from transformers import GenerationConfig
 
     seqs = [_encode(tokenizer, mmlu_prompt(q)) for q in questions]
+    lengths = [len(s) + sampling.max_new_tokens for s in seqs]
+    check_lengths("the prompt with the tokens to generate", lengths, context_limit(model, tokenizer), _names(questions))
     pad_id, out = _pad_id(tokenizer), [""] * len(questions)
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -658,6 +728,8 @@ def heldout_loss(
     labels = [list(e.get("labels", e["input_ids"])) for e in examples_tokenized]
     if any(len(s) != len(lab) for s, lab in zip(seqs, labels, strict=True)):
         raise ValueError("every example needs as many labels as input_ids")
+    where = [f"held-out example {i}" for i in range(len(seqs))]
+    check_lengths("the example", [len(s) for s in seqs], context_limit(model, tokenizer), where)
     pad_id, total, count = _pad_id(tokenizer), 0.0, 0
     with _inference(model):
         for batch in _run_batches("held-out loss", _batches([len(s) for s in seqs], batch_size), progress):

@@ -18,6 +18,7 @@ import datetime
 import io
 import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -30,8 +31,10 @@ from matplotlib.figure import Figure
 
 from .aggregation.svd import energy_rank
 from .config import heldout_source
-from .results import METHOD_NAMES, PICKS, ResultRow, compared, display_name, paper_table, rows_from_records, to_markdown
-from .rundir import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_text
+from .reading import parse_json_lines, path_kind, read_json_file, read_text_file
+from .results import (METHOD_NAMES, PICKS, ResultRow, branch_label, compared, display_name, format_tau,
+                      paper_table, rows_from_records, to_markdown)
 
 BASELINE_STYLE = {  # marker and colour per baseline, the same in every plot
     "fedit": ("s", "#1f77b4"),
@@ -89,53 +92,153 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run directory; a missing directory or one without metrics.jsonl is a ``ReportError``."""
+    """Read a run directory; a missing directory or one without metrics.jsonl is a ``ReportError``, and so is every
+    damaged file in it that the report reads (the message names the file, and the line and field where it can)."""
     path = Path(path)
-    if not path.exists():
+    kind = path_kind(path, ReportError)
+    if kind is None:
         raise ReportError(f"{path}: no such run directory")
-    if not path.is_dir():
+    if kind != "dir":
         raise ReportError(f"{path}: not a directory")
     metrics = path / "metrics.jsonl"
-    if not metrics.exists():
+    if path_kind(metrics, ReportError) is None:
         raise ReportError(f"{path}: not a run directory (no metrics.jsonl)")
     records = []
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record["round"], record["branch"]  # noqa: B018 - every record names its round and branch
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise ReportError(f"{metrics}:{number}: not a metrics record") from None
+    for number, record in parse_json_lines(read_text_file(metrics, ReportError), str(metrics), ReportError):
+        check_record(record, f"{metrics}:{number}")
         records.append(record)
     config = _read_config(path / "config.toml")
     tolerance = config.get("federation", {}).get("florist_e_tolerance", 0.01)
     try:
         table = paper_table(rows_from_records(records), tolerance)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
         raise ReportError(f"{metrics}: a record lacks a field the table needs ({e})") from None
     if not table:
         raise ReportError(f"{path}: no finished round yet (metrics.jsonl holds only the base model)")
     return Run(path, path.resolve().name, config, records, table, tolerance, _training(path))
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _is_amount(value: object) -> bool:
+    return _is_number(value) and value >= 0  # NaN fails the comparison
+
+
+def _is_singular_value(value: object) -> bool:
+    return _is_amount(value) and math.isfinite(value)
+
+
+def _is_threshold(value: object) -> bool:
+    return value is None or (_is_number(value) and 0 < value <= 1)
+
+
+def _is_ranks(value: object) -> bool:
+    return isinstance(value, dict) and bool(value) and all(_is_count(v) for v in value.values())
+
+
+def _list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+# What every metrics record must hold (field, check, what it must be), what a finished round's records hold besides,
+# and the fields of a record's "evaluation" and "communication" objects, as the tables and plots use them.
+RECORD_FIELDS = (("round", _is_count, "a round number"), ("branch", lambda v: isinstance(v, str), "a name"),
+                 ("evaluation", lambda v: isinstance(v, dict), "an object"))
+ROUND_FIELDS = (("method", lambda v: isinstance(v, str), "a method name"),
+                ("threshold", _is_threshold, "a number in (0, 1] or null"),
+                ("ranks", _is_ranks, "an object of module ranks"),
+                ("communication", lambda v: isinstance(v, dict), "an object"),
+                ("server_seconds", _is_number, "a number"))
+EVALUATION_FIELDS = (("accuracy", _optional(_is_number)), ("micro_accuracy", _optional(_is_number)),
+                     ("heldout_loss", _optional(_is_number)), ("seconds", _optional(_is_number)),
+                     ("n_questions", _optional(_is_count)))
+COMMUNICATION_FIELDS = ("eff_e4", "total_upload_params", "total_download_params", "total_upload_bytes",
+                        "total_download_bytes")
+
+
+def check_record(record: object, where: str) -> None:
+    """A metrics.jsonl record with every field the report reads, of the type it reads it as; ``where`` (file:line)
+    and the field open the error."""
+    if not isinstance(record, dict):
+        raise ReportError(f"{where}: not a metrics record (a JSON object), found a {type(record).__name__}")
+    fields = RECORD_FIELDS + (ROUND_FIELDS if _is_count(record.get("round")) and record["round"] > 0 else ())
+    for key, check, what in fields:
+        if key not in record:
+            raise ReportError(f"{where}: not a metrics record (no {key!r})")
+        if not check(record[key]):
+            raise ReportError(f"{where}: {key} is {_shown(record[key])}, expected {what}")
+    if record["round"] > 0 and record["method"] == "florist" and record["threshold"] is None:
+        raise ReportError(f"{where}: a FLoRIST record without its threshold")
+    for key, check in EVALUATION_FIELDS:
+        if not check(record["evaluation"].get(key)):
+            raise ReportError(f"{where}: evaluation.{key} is {_shown(record['evaluation'][key])}, expected a number")
+    for key in COMMUNICATION_FIELDS if record["round"] > 0 else ():
+        if not _is_amount(record["communication"].get(key)):
+            raise ReportError(f"{where}: communication.{key} is {_shown(record['communication'].get(key))}, "
+                              "expected a number >= 0")
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+# config.toml settings the report formats as numbers or joins as lists; anything else it only prints.
+CONFIG_SECTIONS = ("model", "data", "lora", "train", "federation", "eval")
+CONFIG_TYPES = {
+    "federation.florist_e_tolerance": (_is_amount, "a number >= 0"),
+    "federation.methods": (_list_of(lambda v: isinstance(v, str)), "a list of method names"),
+    "lora.ranks": (_list_of(_is_count), "a list of ranks"),
+    "lora.alpha_per_rank": (_is_number, "a number"),
+    "lora.target_modules": (lambda v: isinstance(v, str) or _list_of(lambda x: isinstance(x, str))(v),
+                            "a list of module names or a regex"),
+    "train.epochs": (_is_number, "a number"),
+}
+
+
 def _read_config(path: Path) -> dict:
-    if not path.exists():
+    if path_kind(path, ReportError) is None:
         return {}
+    text = read_text_file(path, ReportError)
     try:
-        return tomllib.loads(path.read_text())
+        config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ReportError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ReportError(f"{path}: invalid TOML: nested too deeply") from None
+    for section in CONFIG_SECTIONS:
+        if not isinstance(config.get(section, {}), dict):
+            raise ReportError(f"{path}: {section} is {_shown(config[section])}, expected a [{section}] table")
+    for key, (check, what) in CONFIG_TYPES.items():
+        section, name = key.split(".")
+        if name in config.get(section, {}) and not check(config[section][name]):
+            raise ReportError(f"{path}: {key} is {_shown(config[section][name])}, expected {what}")
+    return config
 
 
 def _training(path: Path) -> dict:
     """Client training per group (shared, ffa, ...), summed over rounds, from each client's client.json."""
     groups: dict[str, dict] = {}
-    for info_file in sorted(path.glob("rounds/*/clients/*/client_*/client.json")):
-        try:
-            info = json.loads(info_file.read_text())
-        except json.JSONDecodeError:
-            continue
+    # the folders are globbed and the file looked up in each: a glob would skip a client.json in a link loop unseen
+    for info_file in sorted(d / "client.json" for d in path.glob("rounds/*/clients/*/client_*")):
+        if path_kind(info_file, ReportError) is None:
+            continue  # a client that saved no info is left out of the totals
+        info = read_json_file(info_file, ReportError)
+        if not isinstance(info, dict):
+            raise ReportError(f"{info_file}: expected a JSON object, found a {type(info).__name__}")
+        for key, check in (("steps", _is_count), ("tokens", _is_count), ("seconds", _is_number)):
+            if not check(info.get(key, 0)):
+                raise ReportError(f"{info_file}: {key} is {_shown(info[key])}, expected a number")
         g = groups.setdefault(info_file.parent.parent.name, {"clients": 0, "steps": 0, "tokens": 0, "seconds": 0.0})
         g["clients"] += 1
         g["steps"] += info.get("steps", 0)
@@ -147,12 +250,14 @@ def _training(path: Path) -> dict:
 def load_spectra(run: Run, round_number: int = 1) -> dict[str, list[float]]:
     """FLoRIST's singular values per module in a round (every tau of round 1 shares them), else FlexLoRA's."""
     round_dir = run.path / "rounds" / f"{round_number:03d}"
-    candidates = sorted(round_dir.glob("florist@*/spectra.json")) + sorted(round_dir.glob("flexlora/spectra.json"))
-    for f in candidates:
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
-            raise ReportError(f"{f}: invalid JSON") from None
+    branches = sorted(round_dir.glob("florist@*")) + [round_dir / "flexlora"]
+    for f in (b / "spectra.json" for b in branches):
+        if path_kind(f, ReportError) is None:
+            continue
+        spectra = read_json_file(f, ReportError)
+        if not isinstance(spectra, dict) or not all(_list_of(_is_singular_value)(v) for v in spectra.values()):
+            raise ReportError(f"{f}: expected singular values per module ({{module: [finite numbers >= 0]}})")
+        return spectra
     return {}
 
 
@@ -173,6 +278,11 @@ def _metrics(run: Run) -> list[tuple[str, str, bool]]:
     if run.has_loss:
         out.append(("heldout_loss", "held-out loss (nats / token)", False))
     return out
+
+
+def _targets(targets) -> str:
+    """``lora.target_modules`` as the config gave it: a regex as it is, a list of names joined."""
+    return targets if isinstance(targets, str) else ", ".join(targets)
 
 
 def _value(r: ResultRow, attribute: str) -> float | None:
@@ -246,8 +356,8 @@ def _pick_labels(run: Run) -> list[tuple[str, ResultRow, tuple[int, int]]]:
     """Labels for FLoRIST-O and -E; one label when both are the same tau."""
     best, efficient = run.pick("FLoRIST-O"), run.pick("FLoRIST-E")
     if best is not None and efficient is not None and best.threshold == efficient.threshold:
-        return [(f"FLoRIST-O = FLoRIST-E (τ={best.threshold:.2f})", best, (8, 10))]
-    return [(f"{name} (τ={r.threshold:.2f})", r, offset)
+        return [(f"FLoRIST-O = FLoRIST-E (τ={format_tau(best.threshold)})", best, (8, 10))]
+    return [(f"{name} (τ={format_tau(r.threshold)})", r, offset)
             for name, r, offset in (("FLoRIST-O", best, (8, 10)), ("FLoRIST-E", efficient, (8, -16))) if r is not None]
 
 
@@ -298,7 +408,7 @@ def plot_ranks(run: Run) -> Figure | None:
         ticks = [split_module(m)[0] for m in columns]
         ax.set_xticks(range(len(columns)), [str(t) if t is not None else m for t, m in zip(ticks, columns)], fontsize=7,
                       rotation=0 if all(t is not None for t in ticks) else 90)
-        ax.set_yticks(range(len(taus)), [f"{t:.2f}" for t in taus], fontsize=7)
+        ax.set_yticks(range(len(taus)), [format_tau(t) for t in taus], fontsize=7)
         ax.set_xlabel("layer" if all(t is not None for t in ticks) else "module")
         ax.set_ylabel("threshold τ")
         ax.set_title(f"{kind}: rank kept")
@@ -335,7 +445,9 @@ def plot_spectra(run: Run) -> Figure | None:
     spectra = load_spectra(run)
     if not spectra:
         return None
-    names = spectra_modules(sorted(spectra))
+    names = spectra_modules(sorted(name for name, values in spectra.items() if any(v > 0 for v in values)))
+    if not names:
+        return None
     taus = cut_taus([r.threshold for r in run.sweep_rows() if r.threshold is not None])
     colours = {t: c for t, c in zip(taus, _colours(len(taus)))}
     cols = min(2, len(names))
@@ -357,7 +469,7 @@ def plot_spectra(run: Run) -> Figure | None:
         energy_ax.set_ylabel("cumulative energy (%)", color="tab:orange")
         for t in taus:
             p = energy_rank(torch.tensor(values), t)  # the rule FLoRIST applied
-            ax.axvline(p, color=colours[t], ls="--", lw=1.2, label=f"τ={t:.2f}: keeps {p}")
+            ax.axvline(p, color=colours[t], ls="--", lw=1.2, label=f"τ={format_tau(t)}: keeps {p}")
         ax.set_xlabel("component i")
         ax.set_ylabel("singular value σᵢ (log scale)")
         ax.set_title(name, fontsize=9)
@@ -385,7 +497,7 @@ def round_series(run: Run, attribute: str) -> dict[str, list[tuple[int, float]]]
     series: dict[str, list[tuple[int, float]]] = {}
     picks = {r.label: r for r in run.table if r.label in PICKS}
     wanted = {r.label: display_name(r) for r in run.compared_rows() if r.label not in PICKS}
-    wanted.update({f"florist@{r.threshold:.2f}": f"{name} (τ={r.threshold:.2f})" for name, r in picks.items()})
+    wanted.update({branch_label("florist", r.threshold): f"{name} (τ={format_tau(r.threshold)})" for name, r in picks.items()})
     for branch, shown in wanted.items():
         points = [(rec["round"], scale * rec["evaluation"][key]) for rec in run.records
                   if rec["branch"] == branch and rec["evaluation"].get(key) is not None]
@@ -448,7 +560,7 @@ def describe_setup(run: Run) -> list[str]:
         + (f", at most {data['max_examples_per_client']} examples each" if data.get("max_examples_per_client") else "")
         + f", cutoff {data.get('cutoff', '?')} tokens",
         f"- LoRA ranks: {', '.join(map(str, ranks))} ({'heterogeneous' if len(set(ranks)) > 1 else 'homogeneous'}), "
-        f"α = {lora.get('alpha_per_rank', 2.0):g}·r, modules {', '.join(lora.get('target_modules', []))}",
+        f"α = {lora.get('alpha_per_rank', 2.0):g}·r, modules {_targets(lora.get('target_modules', []))}",
         f"- training: {fed.get('rounds', 1)} round(s) × {length}, batch {train.get('batch_size', '?')} "
         f"(micro {train.get('micro_batch_size', '?')}), lr {train.get('lr', '?')}, scheme {fed.get('scheme', 'merge')}",
         f"- methods: {', '.join(METHOD_NAMES.get(m, m) for m in fed.get('methods', []))}; τ = {fed.get('thresholds', '?')}",
@@ -520,7 +632,7 @@ def _comparison(label: str, name: str, r: ResultRow, best: ResultRow, fedit: Res
     gap = _value(r, attribute) - _value(best, attribute)
     ahead = gap >= 0 if higher else gap <= 0
     unit = " points" if attribute == "accuracy" else ""
-    text = (f"- {label.split(' (')[0]}: {name} (τ={r.threshold:.2f}) {_value(r, attribute):.4g} vs best baseline "
+    text = (f"- {label.split(' (')[0]}: {name} (τ={format_tau(r.threshold)}) {_value(r, attribute):.4g} vs best baseline "
             f"{display_name(best)} {_value(best, attribute):.4g} ({gap:+.3g}{unit}: "
             f"{'at least as good' if ahead else 'worse'})")
     if fedit is not None and fedit.eff_e4:
@@ -614,9 +726,26 @@ def write_report(
     runs = [load_run(p) for p in run_dirs]
     report = build_report(runs, title, plots)
     out = Path(output) if output is not None else runs[0].path
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"{out}: exists and is not a directory")
+    check_targets(out, [*report.images, "report.md"])
+    # a failure past the checks (a full disk) is the writer's one-line WriteError
     for relative, png in report.images.items():
         atomic_write_bytes(out / relative, png)
-    atomic_write_bytes(out / "report.md", report.markdown.encode())
+    atomic_write_text(out / "report.md", report.markdown)  # last: it never points at plots not yet written
     return out / "report.md"
+
+
+def check_targets(out: Path, files: Sequence[str]) -> None:
+    """Before anything is written: each file (relative to ``out``) is a regular file or not there yet, and the
+    nearest folder on its way that exists is a writable folder. A ``report.md`` that is a directory or a ``plots``
+    (or ``out`` itself) that is a file is refused here, with nothing written."""
+    for relative in files:
+        target = out / relative
+        kind = path_kind(target, ReportError)
+        if kind not in (None, "file"):
+            what = "a directory" if kind == "dir" else "not a regular file"
+            raise ReportError(f"{target}: exists and is {what}; cannot write the report there")
+        existing = next(p for p in target.parents if path_kind(p, ReportError) is not None)
+        if path_kind(existing, ReportError) != "dir":
+            raise ReportError(f"{existing}: exists and is not a directory; cannot write {target}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ReportError(f"{existing}: not writable; cannot write {target}")

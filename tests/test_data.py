@@ -134,7 +134,7 @@ def test_folder_without_clients_is_not_a_client_folder(tmp_path):
         ('[{"question": "q", "answer": "a"}]', r"bad.json: row 0: none of the known columns .*it has answer, question"),
         ("[1, 2]", r"bad.json: row 0: expected an object, found int"),
         ('{"instruction": "i", "output": ', r"bad.json: not valid JSON"),
-        ('{"instruction": "i", "output": "o"}\n{"oops"', r"bad.json: line 2 is not valid JSON"),
+        ('{"instruction": "i", "output": "o"}\n{"oops"', r"bad.json:2: not valid JSON"),
         ('"just a string"', r"bad.json: expected a JSON array of rows"),
         ("[]", r"bad.json: no rows"),
         ('[{"instruction": "i", "output": ["a", "b"]}]', r"bad.json: row 0: 'output' is a list, expected text"),

@@ -329,7 +329,7 @@ def test_cli_one_line_errors(tmp_path, shared_data, monkeypatch):
         json.dumps([{"instruction": "x", "input": "Question: q?", "output": "The answer is: A. a", "class": "s"}])
     )
     (tmp_path / "pickled").mkdir()
-    (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
+    (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"")
     mmlu = str(shared_data / MMLU)
     cases = [
@@ -338,7 +338,7 @@ def test_cli_one_line_errors(tmp_path, shared_data, monkeypatch):
         (["--mmlu", str(tmp_path / "no_options.json")], "record 0: input has no 'Options"),
         (["--mmlu", mmlu, "--builtin"], "exclude each other"),
         (["--mmlu", mmlu, "--adapter", str(tmp_path / "nowhere")], "no such directory"),
-        (["--mmlu", mmlu, "--adapter", str(tmp_path / "pickled")], "only a pickled adapter_model.bin"),
+        (["--mmlu", mmlu, "--adapter", str(tmp_path / "pickled")], "adapter_model.bin is a pickle file"),
         (["--mmlu", mmlu, "--device", "blah"], "not a device name"),
     ]
     if not torch.cuda.is_available():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import peft
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings

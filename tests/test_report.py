@@ -182,7 +182,7 @@ def test_round_series_starts_at_the_base_model(tmp_path):
         (lambda p: None, "no such run directory"),
         (lambda p: p.mkdir(), "not a run directory (no metrics.jsonl)"),
         (lambda p: p.write_text("x"), "not a directory"),
-        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{oops\n")), "metrics.jsonl:1: not a metrics record"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{oops\n")), "metrics.jsonl:1: not valid JSON"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text(json.dumps(
             RoundRecord(0, "base", "base", None, [], {}, {}, {}, {}, 0.0).to_dict()) + "\n")), "no finished round yet"),
     ],

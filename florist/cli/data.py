@@ -16,7 +16,8 @@ app.add_typer(data_app, name="data")
 def summary(
     data: str = typer.Option(
         "builtin", "--data",
-        help="builtin, a JSON/JSONL file, a folder of client_K.json files, dolly, alpaca, wizard or a hub id",
+        help="builtin, a JSON/JSONL/Parquet/CSV file, a folder of client_K.json files, dolly, alpaca, wizard "
+        "or a hub id",
     ),
     clients: int | None = typer.Option(
         None, "--clients", help="number of clients [default: 8; for a client folder: its files]"

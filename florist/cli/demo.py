@@ -12,6 +12,8 @@ from ..aggregation import METHODS, AggregationResult, get_method, prepare, sweep
 from ..aggregation.metrics import relative_error
 from ..aggregation.stacking import stack
 from ..communication import round_communication
+from ..config import parse_thresholds
+from ..results import format_tau
 from ..synthetic import MODEL_SHAPES, PAPER_HETEROGENEOUS_RANKS, frozen_a_updates, module_shapes, synthetic_updates
 from . import app
 from .errors import UserError, user_errors
@@ -30,7 +32,12 @@ def demo(
     with user_errors(ValueError):
         if model not in MODEL_SHAPES:
             raise UserError(f"--model {model!r}: choose from {', '.join(MODEL_SHAPES)}")
-        taus = [float(t) for t in thresholds.split(",")]
+        depth = MODEL_SHAPES[model][0]
+        if not 1 <= layers <= depth:
+            raise UserError(f"--layers {layers}: choose 1 to {depth} ({model} has {depth} layers)")
+        if not 0 <= seed < 2**64:
+            raise UserError(f"--seed {seed}: expected 0 to 2^64 - 1")
+        taus = parse_thresholds(thresholds, where="--thresholds")
         shapes = dict(list(module_shapes(model).items())[: 2 * layers])
         for label, ranks in (("homogeneous, r=16", [16] * 8), ("heterogeneous", list(PAPER_HETEROGENEOUS_RANKS))):
             console.print(f"\n[bold]{model}[/], {len(shapes)} modules, 8 clients, {label}: ranks {ranks}")
@@ -55,7 +62,7 @@ def comparison_table(updates, taus: list[float]) -> Table:
             reference = exact_frozen if name == "ffa" else exact
             errors = [relative_error((m.B, m.A), reference[mod]) for mod, m in result.modules.items()]
             table.add_row(
-                name, "" if tau is None else f"{tau:.2f}",
+                name, "" if tau is None else format_tau(tau),
                 f"{min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)}",
                 f"{sum(errors) / len(errors):.3f}",
                 f"{sum(comm.upload_bytes) / 1e6:.1f}", f"{sum(comm.download_bytes) / 1e6:.1f}",

@@ -11,11 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from ..adapters import AdapterError, check_finite, read_adapter
 from . import app
 from .errors import UserError, user_errors
 
 if TYPE_CHECKING:
+    from ..aggregation import LoraFactors
     from ..evaluation import EvalResult, Question
 
 # Where the 1,444-question MMLU subset sits beside a checkout of this project.
@@ -62,24 +63,24 @@ def eval_command(
     """Accuracy macro-averaged over subjects (the paper's number), micro accuracy, question count and time."""
     from .. import evaluation  # here, not at the top: it imports transformers, which `florist --help` need not wait for
 
-    with user_errors(evaluation.EvalDataError):
+    with user_errors(evaluation.EvalDataError, AdapterError):
         questions = _questions(mmlu, builtin, seed)
         if limit is not None and limit < len(questions):
             keep = sorted(random.Random(seed).sample(range(len(questions)), limit))
             questions = [questions[i] for i in keep]
-        if adapter is not None:
-            _check_adapter_dir(adapter)
+        modules = _read_adapter(adapter) if adapter is not None else None
         _check_device(device)
         chosen_mode = mode.value if mode else ("answer" if builtin else "letter")
-        lm, tokenizer = _load(model, adapter, dtype, device)
+        lm, tokenizer = _load(model, adapter, modules, dtype, device)
         if protocol is Protocol.loglik and chosen_mode == "letter":
             try:
                 evaluation.letter_token_ids(tokenizer, max(len(q.options) for q in questions))
             except ValueError as e:
                 raise UserError(f"--mode letter: {e}") from None
-    result = evaluation.evaluate(
-        lm, tokenizer, questions, mode=chosen_mode, protocol=protocol.value, batch_size=batch_size, seed=seed
-    )
+        # questions longer than the model's context are refused here, before the first forward pass
+        result = evaluation.evaluate(
+            lm, tokenizer, questions, mode=chosen_mode, protocol=protocol.value, batch_size=batch_size, seed=seed
+        )
     _print_result(result, per_subject)
 
 
@@ -112,32 +113,51 @@ def _check_device(device: str) -> None:
         raise UserError(f"--device {device}: no MPS device is available here")
 
 
-def _check_adapter_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise UserError(f"--adapter {path}: no such directory")
-    if not (path / CONFIG_NAME).is_file():
-        raise UserError(f"--adapter {path}: no {CONFIG_NAME}, not a PEFT adapter directory")
-    if not (path / WEIGHTS_NAME).is_file():
-        pickled = (path / PICKLE_NAME).exists()
-        why = " (it holds only a pickled adapter_model.bin, which is never loaded)" if pickled else ""
-        raise UserError(f"--adapter {path}: no {WEIGHTS_NAME}{why}")
+def _read_adapter(path: Path) -> dict[str, LoraFactors]:
+    """The adapter through florist's checked reader, before any model is loaded: plain LoRA in safetensors (never a
+    pickle), consistent shapes and ranks, and no NaN or Inf, which would turn every score into noise."""
+    modules, _ = read_adapter(path, client_id=f"--adapter {path}")
+    check_finite(modules, f"--adapter {path}")
+    return modules
 
 
-def _load(model: str | None, adapter: Path | None, dtype: str, device: str):
+def _load(model: str | None, adapter: Path | None, modules: dict[str, LoraFactors] | None, dtype: str, device: str):
     from ..models import ModelLoadError, load_model
 
     try:
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
     except ModelLoadError as e:
         raise UserError(str(e)) from None
-    if adapter is not None:
+    if adapter is not None and modules is not None:
         from peft import PeftModel
 
+        _check_fits(lm, modules, adapter)
         try:
             lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # PEFT's own checks, in its words
             raise UserError(f"--adapter {adapter}: {_first_line(e)}") from None
+        # PEFT puts LoRA layers where target_modules says and drops (with a warning) weights it has no layer for
+        unplaced = [name for name in modules if not hasattr(lm.base_model.model.get_submodule(name), "lora_A")]
+        if unplaced:
+            raise UserError(f"--adapter {adapter}, module {unplaced[0]}: not among the config's target_modules, so "
+                            "PEFT would ignore its weights")
     return lm, tokenizer
+
+
+def _check_fits(lm, modules: dict[str, LoraFactors], adapter: Path) -> None:
+    """Every adapted module exists in the model with the weight shape its factors update. PEFT would drop the weights
+    of a module the model lacks with a warning (the score would then be the base model's), and a shape mismatch
+    ends in a many-line state-dict error."""
+    present = dict(lm.named_modules())
+    for name, f in modules.items():
+        weight = getattr(present.get(name), "weight", None)
+        if weight is None:
+            raise UserError(f"--adapter {adapter}, module {name}: not in the model (an adapter of another model?)")
+        if tuple(weight.shape) != f.shape:
+            raise UserError(
+                f"--adapter {adapter}, module {name}: updates a {f.shape[0]}x{f.shape[1]} weight, "
+                f"the model's is {weight.shape[0]}x{weight.shape[1]} (an adapter of another model?)"
+            )
 
 
 def _first_line(e: BaseException) -> str:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from ..reading import TABLE_FORMATS, parse_json, parse_json_lines, path_kind, read_table_file, read_text_file, reason
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -130,17 +132,19 @@ def from_rows(rows: Iterable[Mapping[str, Any]], where: str) -> datasets.Dataset
 
 
 def read_json_rows(path: str | Path) -> list[Any]:
-    """The rows of a JSON array file or a JSON Lines file."""
+    """The rows of a JSON array file, a JSON Lines file, or a Parquet or CSV table."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in TABLE_FORMATS:
+        return read_table_file(path, DataError)
+    text = read_text_file(path, DataError)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":  # anything but "several documents" is a broken file
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        rows = _json_lines(path, text)
+            parse_json(text, str(path), DataError)  # raises, naming the file and the place
+        rows = [row for _, row in parse_json_lines(text, str(path), DataError)]
+    except (ValueError, RecursionError):
+        rows = parse_json(text, str(path), DataError)  # raises, naming the file
     if isinstance(rows, Mapping):
         rows = [rows]  # a JSON Lines file of one line
     if not isinstance(rows, list):
@@ -148,27 +152,25 @@ def read_json_rows(path: str | Path) -> list[Any]:
     return rows
 
 
-def _json_lines(path: Path, text: str) -> list[Any]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-    return rows
-
-
 def client_files(path: str | Path) -> list[Path]:
     """``client_K.json`` (or ``local_training_K.json``) files of a folder, ordered by K; [] when there are none."""
-    path = Path(path)
-    if not path.is_dir():
+    path = Path(path).expanduser()
+    if path_kind(path, DataError) != "dir":
         return []
     found: dict[str, dict[int, Path]] = {}
-    for f in path.iterdir():
-        match = CLIENT_FILE.match(f.name)
-        if match and f.is_file():
-            found.setdefault(match.group(1), {})[int(match.group(2))] = f
+    try:
+        names = sorted(f.name for f in path.iterdir())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the folder ({reason(e)})") from None
+    for name in names:
+        match = CLIENT_FILE.match(name)
+        if match:
+            if path_kind(path / name, DataError) != "file":
+                raise DataError(f"{path / name}: not a file")
+            by_index, k = found.setdefault(match.group(1), {}), int(match.group(2))
+            if k in by_index:  # client_0.json and client_00.json: one would silently replace the other
+                raise DataError(f"{path}: {by_index[k].name} and {name} are both client {k}; keep one")
+            by_index[k] = path / name
     if not found:
         return []
     if len(found) > 1:
@@ -194,7 +196,7 @@ def load_client_folder(path: str | Path) -> list[datasets.Dataset]:
 
 
 def load_file(path: str | Path) -> datasets.Dataset:
-    """A schema Dataset from a JSON or JSON Lines file."""
+    """A schema Dataset from a JSON, JSON Lines, Parquet or CSV file."""
     return from_rows(read_json_rows(path), str(path))
 
 
@@ -217,12 +219,13 @@ def load_hub(name: str, split: str = "train") -> datasets.Dataset:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith((".json", ".jsonl")) or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    suffixes = (".json", ".jsonl", *TABLE_FORMATS)
+    return spec.endswith(suffixes) or spec.startswith((".", "/", "~")) or spec.count("/") != 1
 
 
 def load_instructions(spec: str, seed: int = 0) -> datasets.Dataset:
-    """Instruction data in the schema from ``builtin``, a JSON/JSONL file, a client folder (all clients together),
-    an alias (``dolly``, ``alpaca``, ``wizard``) or a hub id such as ``databricks/databricks-dolly-15k``.
+    """Instruction data in the schema from ``builtin``, a JSON/JSONL/Parquet/CSV file, a client folder (all clients
+    together), an alias (``dolly``, ``alpaca``, ``wizard``) or a hub id such as ``databricks/databricks-dolly-15k``.
 
     ``seed`` only matters for ``builtin``, whose invented facts it draws (``builtin_heldout(seed)`` asks about them).
     """
@@ -231,10 +234,11 @@ def load_instructions(spec: str, seed: int = 0) -> datasets.Dataset:
 
         return builtin_train(seed)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    kind = path_kind(path, DataError)
+    if kind == "dir":
         return datasets.concatenate_datasets(load_client_folder(path))
-    if path.is_file():
-        return load_file(path)
+    if kind is not None:
+        return load_file(path)  # a FIFO or a device is refused there, by name
     if spec in DATASET_ALIASES:
         return load_hub(DATASET_ALIASES[spec])
     if _looks_like_path(spec):

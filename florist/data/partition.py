@@ -47,8 +47,8 @@ def _partitioner(
     if column not in ds.column_names:
         raise DataError(f"{scheme} split needs column {column!r}; the dataset has {', '.join(ds.column_names)}")
     if scheme == "dirichlet":
-        if not alpha > 0:
-            raise DataError(f"alpha must be positive, got {alpha}")
+        if not (alpha > 0 and math.isfinite(alpha)):  # an infinite alpha draws NaN shares
+            raise DataError(f"alpha must be positive and finite, got {alpha}")
         return DirichletPartitioner(
             num_partitions=num_clients, partition_by=column, alpha=float(alpha),
             min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
@@ -111,12 +111,15 @@ def load_clients(
 ) -> list[datasets.Dataset]:
     """Client datasets from a data spec: a folder of client files as it is, anything else loaded and partitioned
     (``num_clients`` defaults to 8, the paper's setting). ``seed`` also draws the facts of ``builtin``."""
+    if num_clients is not None and num_clients < 1:  # before a folder's count is compared with it
+        raise DataError(f"the number of clients must be at least 1, got {num_clients}")
     if is_client_folder(spec):
         clients = load_client_folder(spec)
         if num_clients is not None and num_clients != len(clients):
             raise DataError(f"{spec} holds {len(clients)} client files, but {num_clients} clients were asked for")
         return clients
-    return partition(load_instructions(spec, seed), num_clients or 8, scheme, alpha, seed, column)
+    clients = 8 if num_clients is None else num_clients
+    return partition(load_instructions(spec, seed), clients, scheme, alpha, seed, column)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
