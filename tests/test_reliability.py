@@ -174,21 +174,23 @@ def test_a_client_that_raises_or_overruns_its_time_is_left_out_in_process(tmp_pa
     def faulty(self, examples, start, client_id="", on_step=None):
         if client_id == "client 1":
             raise RuntimeError("disk full")
-        if client_id == "client 2":  # every optimizer step takes longer than the client's whole time limit
+        # every optimizer step takes longer than the client's whole time limit; the limit leaves the honest clients
+        # (a few seconds of training each) ample room on a loaded machine
+        if client_id == "client 2":
             def slow_step(*args):
                 hung.set()
-                time.sleep(6)
+                time.sleep(13)
                 on_step(*args)
             return real(self, examples, start, client_id, slow_step)
         return real(self, examples, start, client_id, on_step)
 
     monkeypatch.setattr(LocalTrainer, "train", faulty)
-    path = run(tmp_path, "r", 'federation.methods=["fedit","florist"]', "data.clients=4", "federation.client_timeout=5")
+    path = run(tmp_path, "r", 'federation.methods=["fedit","florist"]', "data.clients=4", "federation.client_timeout=12")
     assert hung.is_set()
     for record in records(path):
         assert record["participants"] == [0, 3], record["rejected"]
         assert record["rejected"]["1"] == "RuntimeError: disk full"
-        assert record["rejected"]["2"].startswith("ClientTimeout: still training after 5 s (step 1 of ")
+        assert record["rejected"]["2"].startswith("ClientTimeout: still training after 12 s (step 1 of ")
     global_of_accepted(path, "fedit", [0, 3])
 
 
@@ -312,8 +314,9 @@ def test_a_server_killed_mid_write_and_between_rounds_resumes_to_the_same_adapte
 def test_resume_removes_what_a_kill_left_half_written(tmp_path):
     """Whatever a kill cut short (a temporary file, an unfinished round, metrics ahead of the state) is dropped."""
     path = run(tmp_path, "r", 'federation.methods=["fedit"]', 'eval.questions="none"')
-    (path / ".metrics.jsonl.x1y2.tmp").write_text("half a line")
-    (path / "rounds" / "002" / "clients" / "shared" / ".client_0.ab12.tmp").mkdir(parents=True)
+    (path / ".metrics.jsonl.x1y2z3w4.tmp").write_text("half a line")  # the names atomic writes give
+    (path / "rounds" / "001" / "clients" / "shared" / ".client_0.ab12cd34.tmp").mkdir()
+    (path / "rounds" / "002" / "clients" / "shared" / ".client_0.ab12cd34.tmp").mkdir(parents=True)
     with (path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"round": 2, "branch": "fedit"}) + "\n")
     cfg = load_config(None, FAST + [f'output="{path}"', 'federation.methods=["fedit"]', 'eval.questions="none"'])
@@ -546,8 +549,8 @@ def test_under_ffa_the_server_keeps_its_own_a_whatever_the_reply_holds():
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.config_records["meta"].__setitem__("scalings", [1.0, 2.0]), "module names"),
-    (lambda c: c.config_records["meta"].__setitem__("num-examples", "many"), r"malformed reply \(ValueError"),
-    (lambda c: c.config_records["meta"].__delitem__("losses"), r"malformed reply \(KeyError"),
+    (lambda c: c.config_records["meta"].__setitem__("num-examples", "many"), "num-examples is 'many', not an integer"),
+    (lambda c: c.config_records["meta"].__delitem__("losses"), "no 'losses'"),
     (lambda c: c.array_records["update"].__setitem__(f"{Q}.B", Array(np.zeros((64, 2), dtype=np.int64))), "dtype int64"),
     (lambda c: c.array_records["update"].__setitem__(f"{Q}.B", npy_claiming((64, 2), bytes(16))), "do not hold"),
     (lambda c: c.array_records["update"].__setitem__(f"{Q}.A", Array(dtype="<f4", shape=(2, 64), stype="numpy.ndarray",
