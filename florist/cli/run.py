@@ -30,14 +30,7 @@ def run_command(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Train clients, aggregate with every method, evaluate, and write the paper-style results table."""
-    from ..adapters import AdapterError
     from ..config import ConfigError, load_config
-    from ..data import DataError
-    from ..evaluation import EvalDataError
-    from ..models import ModelLoadError
-    from ..run import run
-    from ..rundir import RunDirError
-    from ..server import RoundFailed
 
     # strings are quoted as TOML strings (JSON's quoting is TOML's), so a path with " or \ stays that path, and ""
     # reaches the checks (refused) instead of meaning the default
@@ -45,8 +38,17 @@ def run_command(
                  "federation.rounds": rounds, "model.name": model, "data.train": data, "output": output, "engine": engine}
     overrides = list(set_) + [f"{k}={v if isinstance(v, int) else json.dumps(v)}" for k, v in shortcuts.items()
                               if v is not None]
-    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed):
+    with user_errors(ConfigError):  # before torch and transformers are imported: a mistake is told in a second
         cfg = load_config(config, overrides)
+    from ..adapters import AdapterError
+    from ..data import DataError
+    from ..evaluation import EvalDataError
+    from ..models import ModelLoadError
+    from ..run import run
+    from ..rundir import RunDirError
+    from ..server import RoundFailed
+
+    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed):
         path = run(cfg, overwrite=overwrite, progress=not quiet)
     console.print(Markdown((path / "results.md").read_text()))
     console.print(f"\nrun directory: [bold]{path}[/]")
