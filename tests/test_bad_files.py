@@ -6,11 +6,9 @@ the program can use: never a traceback, a hang, or a UnicodeDecodeError / KeyErr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_fuzz import no_hang
 from test_report import make_run
 from typer.testing import CliRunner
 
@@ -30,8 +29,20 @@ from florist import models
 from florist.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter
 from florist.cli import app
 from florist.data import DataError, load_clients, load_instructions
-from florist.evaluation import EvalDataError, Question, load_questions, questions_from_records
-from florist.report import ReportError, build_report, load_run, load_spectra, plot_spectra, write_report
+from florist.evaluation import (
+    EvalDataError,
+    Question,
+    load_questions,
+    questions_from_records,
+)
+from florist.report import (
+    ReportError,
+    build_report,
+    load_run,
+    load_spectra,
+    plot_spectra,
+    write_report,
+)
 
 SWEEP = settings(
     deadline=None,  # a loaded machine; a hang is the alarm's to catch
@@ -44,22 +55,6 @@ ROOT = os.geteuid() == 0
 GOOD_ROWS = [{"instruction": f"q{i}", "output": f"a{i}", "category": "ab"[i % 2]} for i in range(4)]
 GOOD_QUESTIONS = [{"question": "2 + 2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}]
 Q_PROJ = "model.layers.0.self_attn.q_proj"
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 30):
-    """Fail a read that blocks (a FIFO read as a file would) instead of letting it stall the suite."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"a read ran for over {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --- the readers -----------------------------------------------------------------------------------------------------

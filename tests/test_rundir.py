@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reliability import leftovers
 from typer.testing import CliRunner
 
 import florist.adapters as adapters
@@ -78,10 +79,6 @@ def tree(root: Path) -> dict[str, object]:
             rel = str(p.relative_to(root))
             out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
     return out
-
-
-def leftovers(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob(".*") if p.name.endswith((".tmp", ".old")))
 
 
 def same_adapters(a: Path, b: Path) -> int:
