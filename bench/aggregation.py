@@ -250,7 +250,9 @@ def run_case(case: Case) -> dict:
     step(client_updates([("warm.q", (96, 128)), ("warm.v", (64, 128))], ranks, case.seed, shared_a))
     svd_seconds.clear()
 
-    inputs = [(client_updates(mods, ranks, case.seed, shared_a), len(mods), total) for mods, total in measured_groups(case)]
+    inputs = [
+        (client_updates(mods, ranks, case.seed, shared_a), len(mods), total) for mods, total in measured_groups(case)
+    ]
     figures = measure(step, inputs, case.repeats)
     n_modules = sum(total for _, _, total in inputs)
     sampled = sum(measured for _, measured, _ in inputs)
@@ -363,24 +365,43 @@ def result_rows(results: Sequence[dict]) -> list[list[str]]:
     rows = []
     for r in results:
         approx = "~" if r["extrapolated"] else ""
-        rows.append([
-            MODELS[r["model"]].title,
-            r["ranks"],
-            MethodSpec(r["method"], r["threshold"]).label,
-            str(r["modules"]) + (f" ({r['measured_modules']} timed)" if r["extrapolated"] else ""),
-            f"{approx}{r['seconds']:.3f}",
-            f"{approx}{r['cpu_seconds']:.3f}",
-            f"{r['seconds_per_module'] * 1000:.1f}",
-            "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
-            "–" if r["mean_rank"] is None else f"{r['mean_rank']:.1f}",
-        ])
+        rows.append(
+            [
+                MODELS[r["model"]].title,
+                r["ranks"],
+                MethodSpec(r["method"], r["threshold"]).label,
+                str(r["modules"]) + (f" ({r['measured_modules']} timed)" if r["extrapolated"] else ""),
+                f"{approx}{r['seconds']:.3f}",
+                f"{approx}{r['cpu_seconds']:.3f}",
+                f"{r['seconds_per_module'] * 1000:.1f}",
+                "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+                "–" if r["mean_rank"] is None else f"{r['mean_rank']:.1f}",
+            ]
+        )
     return rows
 
 
 RESULT_HEADER = [
-    "model", "ranks", "method", "modules", "step s", "step CPU s", "ms / module", "peak extra MiB", "mean kept rank",
+    "model",
+    "ranks",
+    "method",
+    "modules",
+    "step s",
+    "step CPU s",
+    "ms / module",
+    "peak extra MiB",
+    "mean kept rank",
 ]
-SIZE_HEADER = ["model", "module (m×n)", "count", "ranks", "Σr", "stacks (m+n)·Σr MiB", "dense m×n MiB", "dense / stacks"]
+SIZE_HEADER = [
+    "model",
+    "module (m×n)",
+    "count",
+    "ranks",
+    "Σr",
+    "stacks (m+n)·Σr MiB",
+    "dense m×n MiB",
+    "dense / stacks",
+]
 
 
 def size_rows(models: Sequence[str]) -> list[list[str]]:
@@ -393,10 +414,18 @@ def size_rows(models: Sequence[str]) -> list[list[str]]:
                 total_rank = sum(ranks)
                 stacks = (m + n) * total_rank * BYTES_PER_FLOAT / MIB
                 dense = m * n * BYTES_PER_FLOAT / MIB
-                rows.append([
-                    model.title, f"{proj} {m}×{n}", str(model.layers), label, str(total_rank),
-                    f"{stacks:.2f}", f"{dense:.1f}", f"{dense / stacks:.1f}×",
-                ])
+                rows.append(
+                    [
+                        model.title,
+                        f"{proj} {m}×{n}",
+                        str(model.layers),
+                        label,
+                        str(total_rank),
+                        f"{stacks:.2f}",
+                        f"{dense:.1f}",
+                        f"{dense / stacks:.1f}×",
+                    ]
+                )
     return rows
 
 
@@ -405,7 +434,11 @@ def findings(results: Sequence[dict]) -> list[str]:
     lines = []
     for key in dict.fromkeys(r["model"] for r in results):
         for ranks in dict.fromkeys(r["ranks"] for r in results if r["model"] == key):
-            case = {MethodSpec(r["method"], r["threshold"]).label: r for r in results if r["model"] == key and r["ranks"] == ranks}
+            case = {
+                MethodSpec(r["method"], r["threshold"]).label: r
+                for r in results
+                if r["model"] == key and r["ranks"] == ranks
+            }
             florist = [r for r in case.values() if r["method"] == "florist"]
             dense = case.get(next((k for k in case if k.startswith("dense")), ""), None)
             if not florist or dense is None or dense["svd_seconds"] is None:
@@ -485,7 +518,9 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
             print(line + "  ")
         print()
         print_markdown(RESULT_HEADER, result_rows(results))
-        print("Theoretical working set per module (float32): FLoRIST decomposes the stacks, the dense route the m×n update.\n")
+        print(
+            "Theoretical working set per module (float32): FLoRIST decomposes the stacks, the dense route the m×n update.\n"
+        )
         print_markdown(SIZE_HEADER, size_rows(models))
         for line in findings(results):
             print(f"- {line}")
@@ -502,16 +537,28 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the fastest is reported (default 3)")
-    parser.add_argument("--dense-repeats", type=int, default=1, help="timed runs of the dense route cases (default 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--dense-modules", type=int, default=1,
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per case; the fastest is reported (default 3)"
+    )
+    parser.add_argument("--dense-repeats", type=int, default=1, help="timed runs of the dense route cases (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dense-modules",
+        type=int,
+        default=1,
         help="modules of each shape the dense route actually runs, then extrapolated; 0 = all (default 1)",
     )
-    parser.add_argument("--taus", default="0.9,1.0", help="FLoRIST thresholds (default 0.9,1.0); the dense route uses the lowest")
+    parser.add_argument(
+        "--taus", default="0.9,1.0", help="FLoRIST thresholds (default 0.9,1.0); the dense route uses the lowest"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="print markdown tables, ready for the README")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
@@ -521,7 +568,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
-        parser.error(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(MODELS)}")
+        parser.error(
+            f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(MODELS)}"
+        )
     try:
         args.taus = sorted({float(t) for t in args.taus.split(",")}, reverse=True)
     except ValueError:
@@ -539,8 +588,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def all_cases(args: argparse.Namespace) -> list[Case]:
     return [
         Case(
-            model, ranks, spec.key, spec.threshold, args.seed, args.threads,
-            args.dense_repeats if spec.dense else args.repeats, args.dense_modules,
+            model,
+            ranks,
+            spec.key,
+            spec.threshold,
+            args.seed,
+            args.threads,
+            args.dense_repeats if spec.dense else args.repeats,
+            args.dense_modules,
         )
         for model in args.models
         for ranks in RANKS

@@ -62,27 +62,57 @@ def run_protocol(model, tokenizer, questions, protocol: str, args) -> dict:
     t = clock.elapsed()
     lengths = [len(tokenizer(mmlu_prompt(q))["input_ids"]) for q in questions]
     return {
-        "protocol": protocol, "questions": len(questions), "wall": t.wall, "cpu": t.cpu,
-        "q_per_s_wall": len(questions) / t.wall, "q_per_s_cpu": len(questions) / t.cpu * args.threads,
-        "accuracy": result.accuracy, "micro_accuracy": result.micro_accuracy,
-        "mean_prompt_tokens": statistics.mean(lengths), "load_after": load_average(),
+        "protocol": protocol,
+        "questions": len(questions),
+        "wall": t.wall,
+        "cpu": t.cpu,
+        "q_per_s_wall": len(questions) / t.wall,
+        "q_per_s_cpu": len(questions) / t.cpu * args.threads,
+        "accuracy": result.accuracy,
+        "micro_accuracy": result.micro_accuracy,
+        "mean_prompt_tokens": statistics.mean(lengths),
+        "load_after": load_average(),
     }
 
 
 def report(results: dict[str, dict], args, machine: str) -> None:
     generative = [g for g in GENERATIVE if g in results]
-    header = ["protocol", "questions", "mean prompt tokens", "wall s", "CPU s", "q/s (wall)", "q/s (CPU)",
-              *(f"× {g} (wall / CPU)" for g in generative), "accuracy (macro)", "load after"]
+    header = [
+        "protocol",
+        "questions",
+        "mean prompt tokens",
+        "wall s",
+        "CPU s",
+        "q/s (wall)",
+        "q/s (CPU)",
+        *(f"× {g} (wall / CPU)" for g in generative),
+        "accuracy (macro)",
+        "load after",
+    ]
     rows = []
     for r in results.values():
         ratios = []
         for g in generative:
             gen = results[g]
-            ratios.append("" if r is gen else
-                          f"{r['q_per_s_wall'] / gen['q_per_s_wall']:.1f} / {r['q_per_s_cpu'] / gen['q_per_s_cpu']:.1f}")
-        rows.append([r["protocol"], str(r["questions"]), f"{r['mean_prompt_tokens']:.0f}", f"{r['wall']:.1f}",
-                     f"{r['cpu']:.1f}", f"{r['q_per_s_wall']:.2f}", f"{r['q_per_s_cpu']:.2f}", *ratios,
-                     f"{100 * r['accuracy']:.2f}%", r["load_after"]])
+            ratios.append(
+                ""
+                if r is gen
+                else f"{r['q_per_s_wall'] / gen['q_per_s_wall']:.1f} / {r['q_per_s_cpu'] / gen['q_per_s_cpu']:.1f}"
+            )
+        rows.append(
+            [
+                r["protocol"],
+                str(r["questions"]),
+                f"{r['mean_prompt_tokens']:.0f}",
+                f"{r['wall']:.1f}",
+                f"{r['cpu']:.1f}",
+                f"{r['q_per_s_wall']:.2f}",
+                f"{r['q_per_s_cpu']:.2f}",
+                *ratios,
+                f"{100 * r['accuracy']:.2f}%",
+                r["load_after"],
+            ]
+        )
     notes = [
         f"Machine: {machine}.",
         f"Embedded SmolLM2-135M-Instruct, float32 weights, {args.dtype} compute, batch size {args.batch_size}; "
@@ -114,16 +144,26 @@ def report(results: dict[str, dict], args, machine: str) -> None:
         gen = results[g]
         wall, cpu = letter["q_per_s_wall"] / gen["q_per_s_wall"], letter["q_per_s_cpu"] / gen["q_per_s_cpu"]
         verdict = "met" if min(wall, cpu) >= 10 else "NOT met"
-        print(f"\nTarget ≥ 10× the generative protocol ({g}): letter scoring is {wall:.1f}× (wall), {cpu:.1f}× (CPU): {verdict}.")
+        print(
+            f"\nTarget ≥ 10× the generative protocol ({g}): letter scoring is {wall:.1f}× (wall), {cpu:.1f}× (CPU): {verdict}."
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS, help="MMLU file (default: the 1,444 subset)")
     p.add_argument("--limit", type=int, default=0, help="questions to score (default 0: all)")
-    p.add_argument("--generate-limit", type=int, default=128,
-                   help="questions to generate for, the first of the same list (default 128; 0: as --limit)")
-    p.add_argument("--protocols", default="letter,generate,generate-unbatched", help=f"comma-separated from {', '.join(PROTOCOLS)}")
+    p.add_argument(
+        "--generate-limit",
+        type=int,
+        default=128,
+        help="questions to generate for, the first of the same list (default 128; 0: as --limit)",
+    )
+    p.add_argument(
+        "--protocols", default="letter,generate,generate-unbatched", help=f"comma-separated from {', '.join(PROTOCOLS)}"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (autocast)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")

@@ -140,8 +140,9 @@ class MatmulPeak:
         return f"{m}×{k} @ {k}×{n} {self.dtype}"
 
 
-def matmul_peak(dtype: torch.dtype, threads: int, shape: tuple[int, int, int] = (2048, 2048, 2048),
-                seconds: float = 3.0) -> MatmulPeak:
+def matmul_peak(
+    dtype: torch.dtype, threads: int, shape: tuple[int, int, int] = (2048, 2048, 2048), seconds: float = 3.0
+) -> MatmulPeak:
     """The best rate of repeated m×k @ k×n products: the machine's attainable matrix-multiply FLOP/s.
 
     Six timed bursts of about ``seconds / 6`` each; the fastest burst counts (the one least disturbed).

@@ -39,16 +39,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure_loaded() -> dict:
-    import florist.run  # noqa: F401  - the same imports as the round, so the baselines match
     from machine import peak_rss_mib, rss_mib
 
+    import florist.run  # noqa: F401  - the same imports as the round, so the baselines match
     from florist.models import load_model
 
     before = rss_mib()
     model, _ = load_model()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     sum(float(p.detach().sum()) for p in model.parameters())  # page the memory-mapped weights in
-    return {"rss_before_load_mib": before, "rss_loaded_mib": rss_mib(), "peak_mib": peak_rss_mib(), "weights_mib": weights}
+    return {
+        "rss_before_load_mib": before,
+        "rss_loaded_mib": rss_mib(),
+        "peak_mib": peak_rss_mib(),
+        "weights_mib": weights,
+    }
 
 
 def measure_round(args: argparse.Namespace, clients: int) -> dict:
@@ -58,20 +63,22 @@ def measure_round(args: argparse.Namespace, clients: int) -> dict:
     from florist.run import run
 
     with tempfile.TemporaryDirectory() as out:
-        config = load_config(overrides=[
-            f"output={json.dumps(str(Path(out) / 'run'))}",
-            f"data.train={json.dumps(str(args.data))}",
-            "data.clients=8",
-            f"federation.clients_per_round={clients}",
-            f"data.max_examples_per_client={args.examples}",
-            f"data.cutoff={args.cutoff}",
-            f"train.max_steps={args.steps}",
-            f"train.batch_size={args.batch_size}",
-            f"train.micro_batch_size={args.micro_batch_size}",
-            "federation.rounds=1",
-            'eval.questions="none"',
-            "eval.heldout_loss=false",
-        ])
+        config = load_config(
+            overrides=[
+                f"output={json.dumps(str(Path(out) / 'run'))}",
+                f"data.train={json.dumps(str(args.data))}",
+                "data.clients=8",
+                f"federation.clients_per_round={clients}",
+                f"data.max_examples_per_client={args.examples}",
+                f"data.cutoff={args.cutoff}",
+                f"train.max_steps={args.steps}",
+                f"train.batch_size={args.batch_size}",
+                f"train.micro_batch_size={args.micro_batch_size}",
+                "federation.rounds=1",
+                'eval.questions="none"',
+                "eval.heldout_loss=false",
+            ]
+        )
         clock = Stopwatch()
         run(config, progress=False, log=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         t = clock.elapsed()
@@ -81,10 +88,26 @@ def measure_round(args: argparse.Namespace, clients: int) -> dict:
 
 def child(kind: str, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter, so its peak resident memory is its own."""
-    argv = [sys.executable, os.path.abspath(__file__), "--child", kind, "--data", str(args.data),
-            "--examples", str(args.examples), "--steps", str(args.steps), "--cutoff", str(args.cutoff),
-            "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-            "--threads", str(args.threads)]
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        kind,
+        "--data",
+        str(args.data),
+        "--examples",
+        str(args.examples),
+        "--steps",
+        str(args.steps),
+        "--cutoff",
+        str(args.cutoff),
+        "--batch-size",
+        str(args.batch_size),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
@@ -93,7 +116,9 @@ def child(kind: str, args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of 8 client files (default: Dolly)")
     p.add_argument("--examples", type=int, default=16, help="examples per client (default 16)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per client (default 1)")
@@ -115,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure_loaded() if args.child == "loaded" else measure_round(args, int(args.child.split("-")[1]))))
+        print(
+            json.dumps(
+                measure_loaded() if args.child == "loaded" else measure_round(args, int(args.child.split("-")[1]))
+            )
+        )
         return
     from machine import announce_machine, load_average
 
@@ -138,8 +167,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {"machine": machine, "loaded": loaded, "round_1": one, "round_8": eight,
-           "args": {k: str(v) for k, v in vars(args).items()}}
+    out = {
+        "machine": machine,
+        "loaded": loaded,
+        "round_1": one,
+        "round_8": eight,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     (args.out / "memory.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out / 'memory.json'}", file=sys.stderr)
 

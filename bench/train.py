@@ -46,10 +46,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from machine import (  # noqa: E402
-    MatmulPeak, Stopwatch, announce_machine, load_average, matmul_peak, peak_rss_mib, release_free_memory,
-    reset_peak_rss, rss_mib,
+    MatmulPeak,
+    Stopwatch,
+    announce_machine,
+    load_average,
+    matmul_peak,
+    peak_rss_mib,
+    release_free_memory,
+    reset_peak_rss,
+    rss_mib,
 )
 
 import florist.client as client_module  # noqa: E402
@@ -127,7 +133,9 @@ def train_florist(model, tokenizer, examples, args, dtype: str, checkpointing: b
         model,
         tokenizer.pad_token_id,
         LoraConfig(ranks=[args.rank], target_modules=["q_proj", "v_proj"], dropout=0.05),
-        TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size),
+        TrainConfig(
+            lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size
+        ),
         dtype=dtype,
         gradient_checkpointing=checkpointing,
     )
@@ -137,13 +145,27 @@ def train_florist(model, tokenizer, examples, args, dtype: str, checkpointing: b
     clock = Stopwatch()
     try:
         with profiled(name, args.profile):
-            _, log = trainer.train(examples, ClientStart(rank=args.rank, alpha=2 * args.rank, seed=args.seed),
-                                   on_step=lambda s, n, loss: progress(name, s, n, loss))
+            _, log = trainer.train(
+                examples,
+                ClientStart(rank=args.rank, alpha=2 * args.rank, seed=args.seed),
+                on_step=lambda s, n, loss: progress(name, s, n, loss),
+            )
     finally:
         client_module.collate = counter.collate
     t = clock.elapsed()
-    return Run(name, t.wall, t.cpu, 0.0, 0.0, log.steps, counter.real, counter.computed, peak_rss_mib() - before,
-               6.0 if checkpointing else 4.0, list(log.losses))
+    return Run(
+        name,
+        t.wall,
+        t.cpu,
+        0.0,
+        0.0,
+        log.steps,
+        counter.real,
+        counter.computed,
+        peak_rss_mib() - before,
+        6.0 if checkpointing else 4.0,
+        list(log.losses),
+    )
 
 
 def train_reference(model, tokenizer, examples, args) -> Run:
@@ -161,21 +183,40 @@ def train_reference(model, tokenizer, examples, args) -> Run:
     clock = Stopwatch()
     client_model = copy.deepcopy(model)
     torch.manual_seed(args.seed)
-    client_model = peft.get_peft_model(client_model, peft.LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
-        bias="none", task_type="CAUSAL_LM",
-    ))
+    client_model = peft.get_peft_model(
+        client_model,
+        peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.05,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     rows = datasets.Dataset.from_list([{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples])
     counter = TokenCounter(DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True))
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=client_model,
             args=TrainingArguments(
-                output_dir=out, per_device_train_batch_size=args.micro_batch_size,
-                gradient_accumulation_steps=args.batch_size // args.micro_batch_size, max_steps=args.steps,
-                learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                seed=args.seed, train_sampling_strategy="random", dataloader_pin_memory=False, disable_tqdm=True,
+                output_dir=out,
+                per_device_train_batch_size=args.micro_batch_size,
+                gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+                max_steps=args.steps,
+                learning_rate=args.lr,
+                lr_scheduler_type="linear",
+                warmup_steps=0,
+                weight_decay=0.0,
+                optim="adamw_torch",
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                use_cpu=True,
+                seed=args.seed,
+                train_sampling_strategy="random",
+                dataloader_pin_memory=False,
+                disable_tqdm=True,
             ),
             train_dataset=rows,
             data_collator=counter,
@@ -187,8 +228,19 @@ def train_reference(model, tokenizer, examples, args) -> Run:
         steps = trainer.state.global_step
     t = clock.elapsed()
     del trainer, client_model
-    return Run("reference", t.wall, t.cpu, setup.wall, setup.cpu, steps, counter.real, counter.computed,
-               peak_rss_mib() - before, 4.0, losses)
+    return Run(
+        "reference",
+        t.wall,
+        t.cpu,
+        setup.wall,
+        setup.cpu,
+        steps,
+        counter.real,
+        counter.computed,
+        peak_rss_mib() - before,
+        4.0,
+        losses,
+    )
 
 
 @contextmanager
@@ -232,8 +284,12 @@ def measure_peaks(threads: int) -> dict[str, MatmulPeak]:
 def best_peaks(*measurements: dict[str, MatmulPeak]) -> dict[str, MatmulPeak]:
     """Per case, the best rate of several measurements (before and after the runs): the attainable one."""
     return {
-        key: MatmulPeak(first.dtype, first.shape, max(m[key].gflops_wall for m in measurements),
-                        max(m[key].gflops_cpu for m in measurements))
+        key: MatmulPeak(
+            first.dtype,
+            first.shape,
+            max(m[key].gflops_wall for m in measurements),
+            max(m[key].gflops_cpu for m in measurements),
+        )
         for key, first in measurements[0].items()
     }
 
@@ -268,8 +324,13 @@ def save_plot(runs: dict[str, Run], path: Path) -> None:
         if name in runs:
             run = runs[name]
             label = f"{name} (its own random batches)" if name == "reference" else name
-            ax.plot(range(1, len(run.losses) + 1), run.losses, marker=marker, label=label,
-                    linestyle="--" if name == "reference" else "-")
+            ax.plot(
+                range(1, len(run.losses) + 1),
+                run.losses,
+                marker=marker,
+                label=label,
+                linestyle="--" if name == "reference" else "-",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("One client's LoRA training, SmolLM2-135M, Dolly client 0")
@@ -280,11 +341,26 @@ def save_plot(runs: dict[str, Run], path: Path) -> None:
     plt.close(fig)
 
 
-def report(runs: dict[str, Run], peaks: dict[str, MatmulPeak], n_params: int, args, machine: str, load_after: str) -> dict:
+def report(
+    runs: dict[str, Run], peaks: dict[str, MatmulPeak], n_params: int, args, machine: str, load_after: str
+) -> dict:
     ref = runs.get("reference")
-    header = ["variant", "steps", "real tokens", "padding", "wall s", "CPU s", "tokens/s (wall)", "tokens/s (CPU)",
-              "× reference (wall / CPU)", "6NT GFLOP/s (CPU)", "executed GFLOP/s (CPU)", "% of matmul peak (CPU)",
-              "% of model-shape matmul (CPU)", "peak extra MiB"]
+    header = [
+        "variant",
+        "steps",
+        "real tokens",
+        "padding",
+        "wall s",
+        "CPU s",
+        "tokens/s (wall)",
+        "tokens/s (CPU)",
+        "× reference (wall / CPU)",
+        "6NT GFLOP/s (CPU)",
+        "executed GFLOP/s (CPU)",
+        "% of matmul peak (CPU)",
+        "% of model-shape matmul (CPU)",
+        "peak extra MiB",
+    ]
     rows, summary = [], {}
     for name, run in runs.items():
         tps_wall, tps_cpu = tokens_per_second(run)
@@ -296,19 +372,37 @@ def report(runs: dict[str, Run], peaks: dict[str, MatmulPeak], n_params: int, ar
         if ref is not None and run is not ref:
             ref_wall, ref_cpu = tokens_per_second(ref)
             ratio = f"{tps_wall / ref_wall:.2f} / {tps_cpu / ref_cpu:.2f}"
-        rows.append([
-            name, str(run.steps), str(run.real_tokens), f"{1 - run.real_tokens / run.computed_tokens:.0%}",
-            f"{run.wall:.1f}", f"{run.cpu:.1f}", f"{tps_wall:.0f}", f"{tps_cpu:.0f}", ratio,
-            f"{f['model_6nt_cpu']:.0f}", f"{f['executed_cpu']:.0f}", f"{share:.1%} of {peak.dtype}",
-            f"{f['executed_cpu'] / shaped.gflops_cpu:.1%}", f"{run.peak_extra_mib:.0f}",
-        ])
-        summary[name] = {**asdict(run), "tokens_per_s_wall": tps_wall, "tokens_per_s_cpu": tps_cpu, "gflops": f,
-                         "executed_share_of_peak_cpu": share,
-                         "executed_share_of_model_shape_cpu": f["executed_cpu"] / shaped.gflops_cpu}
+        rows.append(
+            [
+                name,
+                str(run.steps),
+                str(run.real_tokens),
+                f"{1 - run.real_tokens / run.computed_tokens:.0%}",
+                f"{run.wall:.1f}",
+                f"{run.cpu:.1f}",
+                f"{tps_wall:.0f}",
+                f"{tps_cpu:.0f}",
+                ratio,
+                f"{f['model_6nt_cpu']:.0f}",
+                f"{f['executed_cpu']:.0f}",
+                f"{share:.1%} of {peak.dtype}",
+                f"{f['executed_cpu'] / shaped.gflops_cpu:.1%}",
+                f"{run.peak_extra_mib:.0f}",
+            ]
+        )
+        summary[name] = {
+            **asdict(run),
+            "tokens_per_s_wall": tps_wall,
+            "tokens_per_s_cpu": tps_cpu,
+            "gflops": f,
+            "executed_share_of_peak_cpu": share,
+            "executed_share_of_model_shape_cpu": f["executed_cpu"] / shaped.gflops_cpu,
+        }
     notes = [
         f"Machine: {machine}; load average after: {load_after}.",
         "Matmul rates (torch.matmul, best burst, before and after the runs), GFLOP/s per CPU-second (wall): "
-        + "; ".join(f"{p.label} {p.gflops_cpu:.0f} ({p.gflops_wall:.0f})" for p in peaks.values()) + ".",
+        + "; ".join(f"{p.label} {p.gflops_cpu:.0f} ({p.gflops_wall:.0f})" for p in peaks.values())
+        + ".",
         f"Workload: {args.examples} examples of {args.data.name}, cutoff {args.cutoff}, batch {args.batch_size} "
         f"(micro-batch {args.micro_batch_size}), {args.steps} steps, r {args.rank}, alpha {2 * args.rank}, q_proj/v_proj, "
         f"dropout 0.05, lr {args.lr}; N = {n_params / 1e6:.1f} M base parameters.",
@@ -317,8 +411,14 @@ def report(runs: dict[str, Run], peaks: dict[str, MatmulPeak], n_params: int, ar
         "times the threads, which other processes' load hardly changes; wall figures move with the load.",
     ]
     print_table(header, rows, notes, args.markdown)
-    out = {"machine": machine, "load_after": load_after, "peaks": {k: v.as_dict() for k, v in peaks.items()},
-           "n_params": n_params, "args": {k: str(v) for k, v in vars(args).items()}, "runs": summary}
+    out = {
+        "machine": machine,
+        "load_after": load_after,
+        "peaks": {k: v.as_dict() for k, v in peaks.items()},
+        "n_params": n_params,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": summary,
+    }
     if "florist-fp32" in runs and "florist-bf16" in runs:
         fp32, bf16 = runs["florist-fp32"].losses, runs["florist-bf16"].losses
         gap = max_relative_gap(fp32, bf16)
@@ -341,10 +441,14 @@ def findings(runs: dict[str, Run], out: dict, args) -> None:
     ratio_cpu = tokens_per_second(best)[1] / tokens_per_second(ref)[1]
     share = out["runs"]["florist-bf16"]["executed_share_of_peak_cpu"]
     shaped = out["runs"]["florist-bf16"]["executed_share_of_model_shape_cpu"]
-    print(f"\nTarget ≥ 1.5× the reference: florist-bf16 is {ratio_wall:.2f}× (wall), {ratio_cpu:.2f}× (CPU): "
-          f"{'met' if min(ratio_wall, ratio_cpu) >= 1.5 else 'NOT met'}.")
-    print(f"Target ≥ half the matmul peak: florist-bf16 executes at {share:.1%} of the large bfloat16 matmul rate "
-          f"and {shaped:.1%} of the rate at the model's own MLP shape (CPU time): {'met' if share >= 0.5 else 'NOT met'}.")
+    print(
+        f"\nTarget ≥ 1.5× the reference: florist-bf16 is {ratio_wall:.2f}× (wall), {ratio_cpu:.2f}× (CPU): "
+        f"{'met' if min(ratio_wall, ratio_cpu) >= 1.5 else 'NOT met'}."
+    )
+    print(
+        f"Target ≥ half the matmul peak: florist-bf16 executes at {share:.1%} of the large bfloat16 matmul rate "
+        f"and {shaped:.1%} of the rate at the model's own MLP shape (CPU time): {'met' if share >= 0.5 else 'NOT met'}."
+    )
     out["ratio_wall"], out["ratio_cpu"] = ratio_wall, ratio_cpu
 
 
@@ -375,7 +479,9 @@ def print_table(header, rows, notes, markdown: bool) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a client file (default: Dolly client 0)")
     p.add_argument("--examples", type=int, default=64, help="first N rows of the file (default 64)")
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example at most (default 256)")
@@ -386,13 +492,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")
-    p.add_argument("--variants", default="reference,florist-fp32,florist-bf16",
-                   help="comma-separated from reference, florist-fp32, florist-bf16, florist-bf16-ckpt")
+    p.add_argument(
+        "--variants",
+        default="reference,florist-fp32,florist-bf16",
+        help="comma-separated from reference, florist-fp32, florist-bf16, florist-bf16-ckpt",
+    )
     p.add_argument("--checkpointing", action="store_true", help="add florist-bf16-ckpt (gradient checkpointing)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table, ready for the README")
-    p.add_argument("--profile", action="store_true",
-                   help="profile the florist variants with torch.profiler (slows them; shares of CPU time only)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="where train.json and train_loss.png go (default bench/results)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the florist variants with torch.profiler (slows them; shares of CPU time only)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=RESULTS, help="where train.json and train_loss.png go (default bench/results)"
+    )
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.checkpointing and "florist-bf16-ckpt" not in args.variants:
@@ -424,14 +538,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         if variant == "reference":
             runs[variant] = train_reference(model, tokenizer, examples, args)
         else:
-            runs[variant] = train_florist(model, tokenizer, examples, args,
-                                          "float32" if variant == "florist-fp32" else "bfloat16",
-                                          checkpointing=variant.endswith("ckpt"))
+            runs[variant] = train_florist(
+                model,
+                tokenizer,
+                examples,
+                args,
+                "float32" if variant == "florist-fp32" else "bfloat16",
+                checkpointing=variant.endswith("ckpt"),
+            )
     peaks_after = measure_peaks(args.threads)
     peaks = best_peaks(peaks_before, peaks_after)
     out = report(runs, peaks, n_params, args, machine, load_average())
-    out["peaks_measured"] = {"before": {k: v.as_dict() for k, v in peaks_before.items()},
-                             "after": {k: v.as_dict() for k, v in peaks_after.items()}}
+    out["peaks_measured"] = {
+        "before": {k: v.as_dict() for k, v in peaks_before.items()},
+        "after": {k: v.as_dict() for k, v in peaks_after.items()},
+    }
     if args.profile:
         print("\nprofiled run: its timings are slowed by the profiler, so nothing was written", file=sys.stderr)
         return

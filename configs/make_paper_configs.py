@@ -57,7 +57,14 @@ def paper_config(model: str, checkpointing: bool, data: str, ranks: list[int], o
             "dropout": 0.05,
             "use_rslora": False,
         },
-        "train": {"lr": 3e-4, "epochs": 3.0, "max_steps": 0, "batch_size": 128, "micro_batch_size": 16, "weight_decay": 0.0},
+        "train": {
+            "lr": 3e-4,
+            "epochs": 3.0,
+            "max_steps": 0,
+            "batch_size": 128,
+            "micro_batch_size": 16,
+            "weight_decay": 0.0,
+        },
         "federation": {
             "rounds": 1,
             "clients_per_round": 0,
@@ -91,6 +98,7 @@ def grid() -> dict[str, tuple[str, dict]]:
 
 def to_toml(config: dict) -> str:
     """Top-level keys, then one [section] per table, lists on one line (tomli_w would split them over many)."""
+
     def value(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"

@@ -443,8 +443,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, extra_names: 
     own = frozenset(extra_names) | WRITTEN_EXTRA_FILES
     found = scan(path, lambda parts, is_dir: written_in_adapter_dir(parts, is_dir, own))
     if found.foreign:
-        raise AdapterError(f"{describe_foreign(path, found.foreign)}; refusing to delete it (move them out or "
-                           "choose another output)")
+        raise AdapterError(
+            f"{describe_foreign(path, found.foreign)}; refusing to delete it (move them out or choose another output)"
+        )
     adapters = [path] if (path / CONFIG_NAME).is_file() else [p for p in path.iterdir() if p.is_dir()]
     if not adapters or not all((p / CONFIG_NAME).is_file() for p in adapters):
         raise AdapterError(f"{path}: not an adapter directory florist wrote (no {CONFIG_NAME}); refusing to delete it")

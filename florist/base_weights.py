@@ -44,15 +44,22 @@ def adapted_module_names(model: nn.Module, target_modules: str | Sequence[str]) 
         matched = [(name, module) for name, module in model.named_modules() if name and targets(target_modules, name)]
         for name, module in matched:
             if not isinstance(module, nn.Linear):
-                raise ConfigError(f"config key 'lora.target_modules' {target_modules!r} matches {name} of type "
-                                  f"{type(module).__name__}; only Linear layers can be adapted")
+                raise ConfigError(
+                    f"config key 'lora.target_modules' {target_modules!r} matches {name} of type "
+                    f"{type(module).__name__}; only Linear layers can be adapted"
+                )
         names = [name for name, _ in matched]
     if not names:
         leaves = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
-        form = (f"a string is a regex for whole names such as {linear[0] if linear else '-'}; a list names modules"
-                if isinstance(target_modules, str) else "a list names modules by full name or dotted tail")
-        raise ConfigError(f"config key 'lora.target_modules' {target_modules!r} matches no module of the model "
-                          f"({form}); its Linear layers are named {leaves}")
+        form = (
+            f"a string is a regex for whole names such as {linear[0] if linear else '-'}; a list names modules"
+            if isinstance(target_modules, str)
+            else "a list names modules by full name or dotted tail"
+        )
+        raise ConfigError(
+            f"config key 'lora.target_modules' {target_modules!r} matches no module of the model "
+            f"({form}); its Linear layers are named {leaves}"
+        )
     return names
 
 

@@ -113,7 +113,9 @@ def shared_frozen_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) ->
     return out
 
 
-def length_grouped_batches(lengths: Sequence[int], micro_batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: Sequence[int], micro_batch_size: int, seed: int, group: int = 32
+) -> list[list[int]]:
     """A seeded shuffle, then examples sorted by length within windows of ``group`` micro-batches.
 
     Neighbours in a micro-batch have similar lengths, so little of each batch is padding, while
@@ -265,7 +267,11 @@ class LocalTrainer:
             return
         layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
         per_element = 4 + self.dtype.itemsize  # float32 probabilities and their copy in the compute dtype
-        fits = layers is not None and heads is not None and layers * batch * heads * width**2 * per_element <= EAGER_ATTENTION_BUDGET
+        fits = (
+            layers is not None
+            and heads is not None
+            and layers * batch * heads * width**2 * per_element <= EAGER_ATTENTION_BUDGET
+        )
         wanted = "eager" if fits else "sdpa"
         if config._attn_implementation != wanted:
             self.model.set_attn_implementation(wanted)

@@ -67,9 +67,7 @@ def round_communication(
     bytes_per_param: int = 4,
 ) -> RoundCommunication:
     """Traffic of one round; ``bytes_per_param`` is the wire dtype's size (float32 by default)."""
-    upload = [
-        sum(f.B.numel() + (f.A.numel() if method.sends_a else 0) for f in u.modules.values()) for u in updates
-    ]
+    upload = [sum(f.B.numel() + (f.A.numel() if method.sends_a else 0) for f in u.modules.values()) for u in updates]
     download, ranks = [], []
     for k in range(len(updates)):
         adapter = result.for_client(k)

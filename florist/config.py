@@ -462,17 +462,25 @@ def validate(c: RunConfig) -> None:
     check_fields(c)
     taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
-        (len(c.lora.ranks) in (1, c.data.clients),
-         f"lora.ranks: give one rank or {c.data.clients} (one per client); got {len(c.lora.ranks)}"),
-        (c.train.batch_size % c.train.micro_batch_size == 0,
-         f"train.batch_size {c.train.batch_size} must be a multiple of train.micro_batch_size "
-         f"{c.train.micro_batch_size}"),
+        (
+            len(c.lora.ranks) in (1, c.data.clients),
+            f"lora.ranks: give one rank or {c.data.clients} (one per client); got {len(c.lora.ranks)}",
+        ),
+        (
+            c.train.batch_size % c.train.micro_batch_size == 0,
+            f"train.batch_size {c.train.batch_size} must be a multiple of train.micro_batch_size "
+            f"{c.train.micro_batch_size}",
+        ),
         (c.train.epochs > 0 or c.train.max_steps > 0, "train: set epochs > 0 or max_steps > 0"),
-        (c.federation.clients_per_round <= c.data.clients,
-         f"federation.clients_per_round {c.federation.clients_per_round} is above data.clients {c.data.clients}"),
-        (c.federation.min_clients <= taking_part,
-         f"federation.min_clients {c.federation.min_clients} is above the {taking_part} clients taking part in a "
-         "round (federation.clients_per_round, or data.clients when it is 0)"),
+        (
+            c.federation.clients_per_round <= c.data.clients,
+            f"federation.clients_per_round {c.federation.clients_per_round} is above data.clients {c.data.clients}",
+        ),
+        (
+            c.federation.min_clients <= taking_part,
+            f"federation.min_clients {c.federation.min_clients} is above the {taking_part} clients taking part in a "
+            "round (federation.clients_per_round, or data.clients when it is 0)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -409,8 +409,7 @@ def check_lengths(what: str, lengths: Sequence[int], limit: int | None, where: S
         i = over[0]
         others = f" ({len(over) - 1} more are too long)" if len(over) > 1 else ""
         raise EvalDataError(
-            f"{where[i]}: {what} is {lengths[i]} tokens, over the {limit} the model reads{others}; "
-            "shorten or drop it"
+            f"{where[i]}: {what} is {lengths[i]} tokens, over the {limit} the model reads{others}; shorten or drop it"
         )
 
 
@@ -437,8 +436,13 @@ def letter_log_probs(
     # and give each batch a copy of its key/value cache, so only the questions' own tokens are computed per batch.
     shared = _shared_prefix_length(seqs)
     with _inference(model):
-        prefix = model(input_ids=torch.as_tensor([seqs[0][:shared]], device=_device(model)), use_cache=True,
-                       logits_to_keep=1).past_key_values if shared else None
+        prefix = (
+            model(
+                input_ids=torch.as_tensor([seqs[0][:shared]], device=_device(model)), use_cache=True, logits_to_keep=1
+            ).past_key_values
+            if shared
+            else None
+        )
         for batch in _run_batches("letters", _batches([len(s) for s in seqs], batch_size), progress):
             rows = _last_log_probs(model, [seqs[i][shared:] for i in batch], prefix, shared, pad_id)
             for row, i in enumerate(batch):
@@ -454,7 +458,9 @@ def _shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _last_log_probs(model: Any, suffixes: Sequence[Sequence[int]], prefix: Any, shared: int, pad_id: int) -> torch.Tensor:
+def _last_log_probs(
+    model: Any, suffixes: Sequence[Sequence[int]], prefix: Any, shared: int, pad_id: int
+) -> torch.Tensor:
     """Log-softmax of the next-token logits after each row's last token; the rows continue ``prefix`` (``shared``
     tokens of key/value cache, or None) and are right-padded, positions counted on from the prefix."""
     device = _device(model)
@@ -465,13 +471,17 @@ def _last_log_probs(model: Any, suffixes: Sequence[Sequence[int]], prefix: Any, 
         return _log_softmax_rows(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits)
     cache = copy.deepcopy(prefix)
     cache.batch_repeat_interleave(len(suffixes))
-    return _log_softmax_rows(model(
-        input_ids=ids,
-        attention_mask=torch.cat([torch.ones((len(suffixes), shared), dtype=mask.dtype, device=device), mask], dim=1),
-        position_ids=shared + torch.arange(ids.shape[1], device=device).expand_as(ids),
-        past_key_values=cache,
-        logits_to_keep=keep,
-    ).logits)
+    return _log_softmax_rows(
+        model(
+            input_ids=ids,
+            attention_mask=torch.cat(
+                [torch.ones((len(suffixes), shared), dtype=mask.dtype, device=device), mask], dim=1
+            ),
+            position_ids=shared + torch.arange(ids.shape[1], device=device).expand_as(ids),
+            past_key_values=cache,
+            logits_to_keep=keep,
+        ).logits
+    )
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,6 @@ def scan(root: Path, written: Callable[[tuple[str, ...], bool], bool]) -> Scan:
 
 
 def describe_foreign(path: str | os.PathLike, foreign: list[str], shown: int = 3) -> str:
-    """"runs/x holds 2 files florist did not write (notes.txt, data/)"."""
+    """ "runs/x holds 2 files florist did not write (notes.txt, data/)"."""
     names = ", ".join(foreign[:shown]) + (", ..." if len(foreign) > shown else "")
     return f"{path} holds {len(foreign)} file{'s' if len(foreign) != 1 else ''} florist did not write ({names})"

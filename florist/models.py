@@ -251,7 +251,9 @@ def empty_model(config: PretrainedConfig) -> PreTrainedModel:
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, ImportError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ModelLoadError(f"a model of type {config.model_type!r} is not a causal LM florist can load: {reason}") from e
+        raise ModelLoadError(
+            f"a model of type {config.model_type!r} is not a causal LM florist can load: {reason}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------

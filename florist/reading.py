@@ -138,4 +138,3 @@ def read_table_file(path: str | os.PathLike, error: ErrorType) -> list[dict[str,
         return table.to_pylist()
     except (pyarrow.ArrowException, OSError, ValueError) as e:  # ArrowInvalid is a ValueError
         raise error(f"{path}: not a valid {suffix[1:]} file ({reason(e)})") from None
-

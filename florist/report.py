@@ -33,8 +33,18 @@ from .aggregation.svd import energy_rank
 from .config import heldout_source
 from .files import atomic_write_bytes, atomic_write_text
 from .reading import parse_json_lines, path_kind, read_json_file, read_text_file
-from .results import (METHOD_NAMES, PICKS, ResultRow, branch_label, compared, display_name, format_tau,
-                      paper_table, rows_from_records, to_markdown)
+from .results import (
+    METHOD_NAMES,
+    PICKS,
+    ResultRow,
+    branch_label,
+    compared,
+    display_name,
+    format_tau,
+    paper_table,
+    rows_from_records,
+    to_markdown,
+)
 
 BASELINE_STYLE = {  # marker and colour per baseline, the same in every plot
     "fedit": ("s", "#1f77b4"),
@@ -152,18 +162,32 @@ def _list_of(check):
 
 # What every metrics record must hold (field, check, what it must be), what a finished round's records hold besides,
 # and the fields of a record's "evaluation" and "communication" objects, as the tables and plots use them.
-RECORD_FIELDS = (("round", _is_count, "a round number"), ("branch", lambda v: isinstance(v, str), "a name"),
-                 ("evaluation", lambda v: isinstance(v, dict), "an object"))
-ROUND_FIELDS = (("method", lambda v: isinstance(v, str), "a method name"),
-                ("threshold", _is_threshold, "a number in (0, 1] or null"),
-                ("ranks", _is_ranks, "an object of module ranks"),
-                ("communication", lambda v: isinstance(v, dict), "an object"),
-                ("server_seconds", _is_number, "a number"))
-EVALUATION_FIELDS = (("accuracy", _optional(_is_number)), ("micro_accuracy", _optional(_is_number)),
-                     ("heldout_loss", _optional(_is_number)), ("seconds", _optional(_is_number)),
-                     ("n_questions", _optional(_is_count)))
-COMMUNICATION_FIELDS = ("eff_e4", "total_upload_params", "total_download_params", "total_upload_bytes",
-                        "total_download_bytes")
+RECORD_FIELDS = (
+    ("round", _is_count, "a round number"),
+    ("branch", lambda v: isinstance(v, str), "a name"),
+    ("evaluation", lambda v: isinstance(v, dict), "an object"),
+)
+ROUND_FIELDS = (
+    ("method", lambda v: isinstance(v, str), "a method name"),
+    ("threshold", _is_threshold, "a number in (0, 1] or null"),
+    ("ranks", _is_ranks, "an object of module ranks"),
+    ("communication", lambda v: isinstance(v, dict), "an object"),
+    ("server_seconds", _is_number, "a number"),
+)
+EVALUATION_FIELDS = (
+    ("accuracy", _optional(_is_number)),
+    ("micro_accuracy", _optional(_is_number)),
+    ("heldout_loss", _optional(_is_number)),
+    ("seconds", _optional(_is_number)),
+    ("n_questions", _optional(_is_count)),
+)
+COMMUNICATION_FIELDS = (
+    "eff_e4",
+    "total_upload_params",
+    "total_download_params",
+    "total_upload_bytes",
+    "total_download_bytes",
+)
 
 
 def check_record(record: object, where: str) -> None:
@@ -184,8 +208,9 @@ def check_record(record: object, where: str) -> None:
             raise ReportError(f"{where}: evaluation.{key} is {_shown(record['evaluation'][key])}, expected a number")
     for key in COMMUNICATION_FIELDS if record["round"] > 0 else ():
         if not _is_amount(record["communication"].get(key)):
-            raise ReportError(f"{where}: communication.{key} is {_shown(record['communication'].get(key))}, "
-                              "expected a number >= 0")
+            raise ReportError(
+                f"{where}: communication.{key} is {_shown(record['communication'].get(key))}, expected a number >= 0"
+            )
 
 
 def _shown(value: object) -> str:
@@ -200,8 +225,10 @@ CONFIG_TYPES = {
     "federation.methods": (_list_of(lambda v: isinstance(v, str)), "a list of method names"),
     "lora.ranks": (_list_of(_is_count), "a list of ranks"),
     "lora.alpha_per_rank": (_is_number, "a number"),
-    "lora.target_modules": (lambda v: isinstance(v, str) or _list_of(lambda x: isinstance(x, str))(v),
-                            "a list of module names or a regex"),
+    "lora.target_modules": (
+        lambda v: isinstance(v, str) or _list_of(lambda x: isinstance(x, str))(v),
+        "a list of module names or a regex",
+    ),
     "train.epochs": (_is_number, "a number"),
 }
 
@@ -326,22 +353,48 @@ def _tradeoff_panel(ax, run: Run, attribute: str, label: str, higher: bool, norm
     for r in rows:
         if r.method in BASELINE_STYLE:
             marker, colour = BASELINE_STYLE[r.method]
-            ax.scatter(r.download_bytes / 1e6, _value(r, attribute), marker=marker, s=80, color=colour,
-                       edgecolor="black", zorder=3, label=METHOD_NAMES[r.method])
+            ax.scatter(
+                r.download_bytes / 1e6,
+                _value(r, attribute),
+                marker=marker,
+                s=80,
+                color=colour,
+                edgecolor="black",
+                zorder=3,
+                label=METHOD_NAMES[r.method],
+            )
     florist = sorted((r for r in rows if r.method == "florist"), key=lambda r: r.threshold)
     sweep_points = None
     if florist:
         xs, ys = [r.download_bytes / 1e6 for r in florist], [_value(r, attribute) for r in florist]
         ax.plot(xs, ys, color="0.3", lw=0.8, zorder=2)
-        sweep_points = ax.scatter(xs, ys, c=[r.threshold for r in florist], cmap=FLORIST_CMAP, norm=norm, s=40,
-                                  edgecolor="black", linewidth=0.5, zorder=4, label="FLoRIST (colour: τ)")
+        sweep_points = ax.scatter(
+            xs,
+            ys,
+            c=[r.threshold for r in florist],
+            cmap=FLORIST_CMAP,
+            norm=norm,
+            s=40,
+            edgecolor="black",
+            linewidth=0.5,
+            zorder=4,
+            label="FLoRIST (colour: τ)",
+        )
     for text, r, offset in _pick_labels(run):
         if _value(r, attribute) is not None:
             x, y = r.download_bytes / 1e6, _value(r, attribute)
             ax.scatter(x, y, s=220, facecolor="none", edgecolor="crimson", linewidth=1.8, zorder=5)
-            ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=9, color="crimson",
-                        weight="bold", zorder=6,
-                        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=offset,
+                textcoords="offset points",
+                fontsize=9,
+                color="crimson",
+                weight="bold",
+                zorder=6,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            )
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.15)
     ax.set_xlabel("download, all clients and rounds (MB, log scale)")
@@ -357,8 +410,11 @@ def _pick_labels(run: Run) -> list[tuple[str, ResultRow, tuple[int, int]]]:
     best, efficient = run.pick("FLoRIST-O"), run.pick("FLoRIST-E")
     if best is not None and efficient is not None and best.threshold == efficient.threshold:
         return [(f"FLoRIST-O = FLoRIST-E (τ={format_tau(best.threshold)})", best, (8, 10))]
-    return [(f"{name} (τ={format_tau(r.threshold)})", r, offset)
-            for name, r, offset in (("FLoRIST-O", best, (8, 10)), ("FLoRIST-E", efficient, (8, -16))) if r is not None]
+    return [
+        (f"{name} (τ={format_tau(r.threshold)})", r, offset)
+        for name, r, offset in (("FLoRIST-O", best, (8, 10)), ("FLoRIST-E", efficient, (8, -16)))
+        if r is not None
+    ]
 
 
 _LAYER = re.compile(r"layers?\.(\d+)\.")
@@ -403,11 +459,22 @@ def plot_ranks(run: Run) -> Figure | None:
         if len(columns) * len(taus) <= 1000:
             for i, row in enumerate(grid):
                 for j, value in enumerate(row):
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=6,
-                            color="black" if value > vmax ** 0.7 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        str(value),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if value > vmax**0.7 else "white",
+                    )
         ticks = [split_module(m)[0] for m in columns]
-        ax.set_xticks(range(len(columns)), [str(t) if t is not None else m for t, m in zip(ticks, columns)], fontsize=7,
-                      rotation=0 if all(t is not None for t in ticks) else 90)
+        ax.set_xticks(
+            range(len(columns)),
+            [str(t) if t is not None else m for t, m in zip(ticks, columns)],
+            fontsize=7,
+            rotation=0 if all(t is not None for t in ticks) else 90,
+        )
         ax.set_yticks(range(len(taus)), [format_tau(t) for t in taus], fontsize=7)
         ax.set_xlabel("layer" if all(t is not None for t in ticks) else "module")
         ax.set_ylabel("threshold τ")
@@ -476,7 +543,7 @@ def plot_spectra(run: Run) -> Figure | None:
         ax.set_xlim(0, len(values) + 1)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     fig.suptitle(f"{run.name}: singular values of the exact aggregate (round 1) and FLoRIST's cut-offs", weight="bold")
     return fig
@@ -497,10 +564,15 @@ def round_series(run: Run, attribute: str) -> dict[str, list[tuple[int, float]]]
     series: dict[str, list[tuple[int, float]]] = {}
     picks = {r.label: r for r in run.table if r.label in PICKS}
     wanted = {r.label: display_name(r) for r in run.compared_rows() if r.label not in PICKS}
-    wanted.update({branch_label("florist", r.threshold): f"{name} (τ={format_tau(r.threshold)})" for name, r in picks.items()})
+    wanted.update(
+        {branch_label("florist", r.threshold): f"{name} (τ={format_tau(r.threshold)})" for name, r in picks.items()}
+    )
     for branch, shown in wanted.items():
-        points = [(rec["round"], scale * rec["evaluation"][key]) for rec in run.records
-                  if rec["branch"] == branch and rec["evaluation"].get(key) is not None]
+        points = [
+            (rec["round"], scale * rec["evaluation"][key])
+            for rec in run.records
+            if rec["branch"] == branch and rec["evaluation"].get(key) is not None
+        ]
         if base.get(key) is not None:
             points.insert(0, (0, scale * base[key]))
         if points:
@@ -533,11 +605,17 @@ def plot_rounds(run: Run) -> Figure | None:
 
 
 PLOTS = {  # file suffix -> (figure maker, caption)
-    "tradeoff": (plot_tradeoff, "Quality against total download. Grey band: the Pareto front over every method and τ; "
-                 "circles: FLoRIST's τ sweep (colour: τ); red rings: FLoRIST-O and FLoRIST-E."),
+    "tradeoff": (
+        plot_tradeoff,
+        "Quality against total download. Grey band: the Pareto front over every method and τ; "
+        "circles: FLoRIST's τ sweep (colour: τ); red rings: FLoRIST-O and FLoRIST-E.",
+    ),
     "ranks": (plot_ranks, "Rank FLoRIST kept per layer and module at every τ (last round)."),
-    "spectra": (plot_spectra, "Singular values of the exact aggregated update ΔW (round 1) for a few modules, "
-                "with the rank each τ keeps (dashed) and the cumulative energy (orange, right axis)."),
+    "spectra": (
+        plot_spectra,
+        "Singular values of the exact aggregated update ΔW (round 1) for a few modules, "
+        "with the rank each τ keeps (dashed) and the cumulative energy (orange, right axis).",
+    ),
     "rounds": (plot_rounds, "Accuracy and held-out loss per round for the baselines and FLoRIST-O/E."),
 }
 
@@ -581,8 +659,10 @@ def describe_training(run: Run) -> list[str]:
     lines = []
     for group, g in sorted(run.training.items()):
         rate = g["tokens"] / g["seconds"] if g["seconds"] else float("nan")
-        lines.append(f"- client training `{group}`: {g['clients']} client-rounds, {g['steps']} steps, "
-                     f"{g['tokens']:,} tokens in {g['seconds']:.0f} s ({rate:.0f} tokens/s)")
+        lines.append(
+            f"- client training `{group}`: {g['clients']} client-rounds, {g['steps']} steps, "
+            f"{g['tokens']:,} tokens in {g['seconds']:.0f} s ({rate:.0f} tokens/s)"
+        )
     server = [r["server_seconds"] for r in run.records if r["round"] > 0]
     if server:
         lines.append(f"- server aggregation: {sum(server):.2f} s over {len(server)} branch-rounds")
@@ -601,8 +681,10 @@ def summarize(run: Run) -> list[str]:
         line = f"- base model before fine-tuning: accuracy {100 * base['accuracy']:.2f}%"
         if n:
             half_width = 196 * math.sqrt(0.25 * 0.75 / n)
-            line += (f" on {n} questions; at chance (25%) a 95% interval is ±{half_width:.1f} points, "
-                     "so smaller differences between methods are noise")
+            line += (
+                f" on {n} questions; at chance (25%) a 95% interval is ±{half_width:.1f} points, "
+                "so smaller differences between methods are noise"
+            )
         lines.append(line)
     if base.get("heldout_loss") is not None:
         lines.append(f"- base model held-out loss: {base['heldout_loss']:.4f}")
@@ -627,14 +709,17 @@ def summarize(run: Run) -> list[str]:
     return lines
 
 
-def _comparison(label: str, name: str, r: ResultRow, best: ResultRow, fedit: ResultRow | None,
-                attribute: str, higher: bool) -> str:
+def _comparison(
+    label: str, name: str, r: ResultRow, best: ResultRow, fedit: ResultRow | None, attribute: str, higher: bool
+) -> str:
     gap = _value(r, attribute) - _value(best, attribute)
     ahead = gap >= 0 if higher else gap <= 0
     unit = " points" if attribute == "accuracy" else ""
-    text = (f"- {label.split(' (')[0]}: {name} (τ={format_tau(r.threshold)}) {_value(r, attribute):.4g} vs best baseline "
-            f"{display_name(best)} {_value(best, attribute):.4g} ({gap:+.3g}{unit}: "
-            f"{'at least as good' if ahead else 'worse'})")
+    text = (
+        f"- {label.split(' (')[0]}: {name} (τ={format_tau(r.threshold)}) {_value(r, attribute):.4g} vs best baseline "
+        f"{display_name(best)} {_value(best, attribute):.4g} ({gap:+.3g}{unit}: "
+        f"{'at least as good' if ahead else 'worse'})"
+    )
     if fedit is not None and fedit.eff_e4:
         text += f"; Eff {r.eff_e4:.2f} = {r.eff_e4 / fedit.eff_e4:.2f}× FedIT's"
     return text
@@ -645,12 +730,17 @@ def run_section(run: Run, plots: dict[str, str], level: str = "##") -> str:
     training = describe_training(run)
     if training:
         parts += ["Measured cost:", "", *training, ""]
-    parts += [f"{level}# Results", "",
-              "Baselines, then FLoRIST-O (best τ) and FLoRIST-E (least download within "
-              f"{run.tolerance:g} of the best). **Bold**: best, *italic*: second best among these rows. "
-              "Accuracy and held-out loss: last round; Eff (×10⁻⁴) = 10⁴ / Σ rank sent down, last round; "
-              "params and MB: summed over clients and rounds (float32).", "",
-              to_markdown(run.compared_rows(), paper_names=True).rstrip(), ""]
+    parts += [
+        f"{level}# Results",
+        "",
+        "Baselines, then FLoRIST-O (best τ) and FLoRIST-E (least download within "
+        f"{run.tolerance:g} of the best). **Bold**: best, *italic*: second best among these rows. "
+        "Accuracy and held-out loss: last round; Eff (×10⁻⁴) = 10⁴ / Σ rank sent down, last round; "
+        "params and MB: summed over clients and rounds (float32).",
+        "",
+        to_markdown(run.compared_rows(), paper_names=True).rstrip(),
+        "",
+    ]
     summary = summarize(run)
     if summary:
         parts += ["Summary:", "", *summary, ""]
@@ -698,11 +788,21 @@ def build_report(runs: Sequence[Run], title: str | None = None, plots: bool = Tr
                 images[files[key]] = _png(fig)
         sections.append(run_section(run, files, "##"))
     today = datetime.date.today().isoformat()
-    head = [f"# {title or 'FLoRIST results'}", "", f"Generated by `florist report` on {today} from "
-            f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}.", ""]
+    head = [
+        f"# {title or 'FLoRIST results'}",
+        "",
+        f"Generated by `florist report` on {today} from {len(runs)} run director{'y' if len(runs) == 1 else 'ies'}.",
+        "",
+    ]
     if len(runs) > 1:
-        head += ["## All runs", "", "Baselines and FLoRIST-O/E of every run; marks compare rows within a run.", "",
-                 combined_table(runs).rstrip(), ""]
+        head += [
+            "## All runs",
+            "",
+            "Baselines and FLoRIST-O/E of every run; marks compare rows within a run.",
+            "",
+            combined_table(runs).rstrip(),
+            "",
+        ]
     return Report("\n".join(head + sections).rstrip() + "\n", images)
 
 

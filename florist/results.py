@@ -103,7 +103,18 @@ def paper_table(rows: Sequence[ResultRow], tolerance: float) -> list[ResultRow]:
 PICKS = ("FLoRIST-O", "FLoRIST-E")
 METHOD_NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
 
-COLUMNS = ["method", "τ", "accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", "mean rank", "params up", "params down", "MB up", "MB down"]
+COLUMNS = [
+    "method",
+    "τ",
+    "accuracy (%)",
+    "held-out loss",
+    "Eff (×10⁻⁴)",
+    "mean rank",
+    "params up",
+    "params down",
+    "MB up",
+    "MB down",
+]
 
 # Columns whose best and second-best values are marked, as the paper does, and which way is better.
 MARKED_COLUMNS = {"accuracy (%)": "higher", "held-out loss": "lower", "Eff (×10⁻⁴)": "higher"}

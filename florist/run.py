@@ -50,7 +50,9 @@ def load_partition_examples(config: RunConfig, tokenizer, client: int) -> list[d
     if datasets_api.is_client_folder(d.train):
         files = datasets_api.client_files(d.train)
         if len(files) != d.clients:
-            raise datasets_api.DataError(f"{d.train} holds {len(files)} client files, but {d.clients} clients were asked for")
+            raise datasets_api.DataError(
+                f"{d.train} holds {len(files)} client files, but {d.clients} clients were asked for"
+            )
         rows = load_file(files[client])
     else:
         rows = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)[client]
@@ -72,7 +74,11 @@ def load_eval_questions(config: RunConfig):
     spec = config.eval.questions
     if spec == "none":
         return []
-    questions = questions_from_records(datasets_api.builtin_heldout(config.seed), "builtin") if spec == "builtin" else load_questions(spec)
+    questions = (
+        questions_from_records(datasets_api.builtin_heldout(config.seed), "builtin")
+        if spec == "builtin"
+        else load_questions(spec)
+    )
     return questions[: config.eval.limit] if config.eval.limit else questions
 
 
@@ -83,7 +89,16 @@ class BranchEvaluator:
     Identical adapters (FLoRIST taus that keep the same ranks) are scored once.
     """
 
-    def __init__(self, base: BaseWeights, model, tokenizer, questions, heldout: list[dict], config: RunConfig, client_sizes: Sequence[int]):
+    def __init__(
+        self,
+        base: BaseWeights,
+        model,
+        tokenizer,
+        questions,
+        heldout: list[dict],
+        config: RunConfig,
+        client_sizes: Sequence[int],
+    ):
         self.base, self.model, self.tokenizer = base, model, tokenizer
         self.questions, self.heldout, self.config = questions, heldout, config
         self.client_sizes = list(client_sizes)
@@ -111,12 +126,19 @@ class BranchEvaluator:
         metrics: dict = {}
         with autocast:
             if self.questions:
-                result = evaluate(self.model, self.tokenizer, self.questions, mode=self.config.eval.mode,
-                                  batch_size=self.config.eval.batch_size, progress=False)
+                result = evaluate(
+                    self.model,
+                    self.tokenizer,
+                    self.questions,
+                    mode=self.config.eval.mode,
+                    batch_size=self.config.eval.batch_size,
+                    progress=False,
+                )
                 metrics.update(result.to_dict())
             if self.heldout:
-                metrics["heldout_loss"] = heldout_loss(self.model, self.tokenizer, self.heldout,
-                                                       batch_size=self.config.eval.batch_size, progress=False)
+                metrics["heldout_loss"] = heldout_loss(
+                    self.model, self.tokenizer, self.heldout, batch_size=self.config.eval.batch_size, progress=False
+                )
         self.base.restore()
         self._cache.append((deltas, metrics))
         return metrics
@@ -136,12 +158,18 @@ def _same_deltas(a: tuple[Delta, ...], b: tuple[Delta, ...]) -> bool:
 
 def _weighted(scores: list[dict], sizes: list[int]) -> dict:
     total = sum(sizes)
-    out = {k: sum(s[k] * n for s, n in zip(scores, sizes)) / total for k in ("accuracy", "micro_accuracy", "heldout_loss") if k in scores[0]}
+    out = {
+        k: sum(s[k] * n for s, n in zip(scores, sizes)) / total
+        for k in ("accuracy", "micro_accuracy", "heldout_loss")
+        if k in scores[0]
+    }
     out["per_client"] = scores
     return out
 
 
-def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+def run(
+    config: RunConfig, overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None
+) -> Path:
     """Run (or resume) the federation ``config`` describes, on ``config.engine``; returns the run directory."""
     check_model_config(config)  # a wrong device or target module is refused before the run directory is touched
     log = log or (lambda msg: console.print(f"[dim]{msg}[/]"))
@@ -162,14 +190,22 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, log: 
     return rundir.path
 
 
-def _run_in_process(config: RunConfig, rundir: RunDirectory, done: int, progress: bool, log: Callable[[str], None]) -> None:
+def _run_in_process(
+    config: RunConfig, rundir: RunDirectory, done: int, progress: bool, log: Callable[[str], None]
+) -> None:
     server = load_server_model(config, log)
     log(f"loading and tokenizing data {config.data.train!r}")
     examples, _ = load_client_examples(config, server.tokenizer)
     sizes = [len(e) for e in examples]
     log("client sizes: " + ", ".join(str(n) for n in sizes))
-    engine = InProcessEngine(server.base, local_trainer(config, server.model, server.tokenizer), examples, progress=progress,
-                             client_timeout=config.federation.client_timeout, log=log)
+    engine = InProcessEngine(
+        server.base,
+        local_trainer(config, server.model, server.tokenizer),
+        examples,
+        progress=progress,
+        client_timeout=config.federation.client_timeout,
+        log=log,
+    )
     federation = build_federation(config, server, rundir, done, sizes, engine, log)
     for round_number in range(done + 1, config.federation.rounds + 1):
         federation.run_round(round_number)
@@ -194,8 +230,10 @@ def check_model_config(config: RunConfig) -> None:
     model_config = load_model_config(config.model.name)
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int) and config.data.cutoff > context:  # longer examples would pass the model's positions
-        raise ConfigError(f"config key 'data.cutoff' is {config.data.cutoff}, beyond the {context} tokens the model "
-                          f"reads at once; set it to {context} or less")
+        raise ConfigError(
+            f"config key 'data.cutoff' is {config.data.cutoff}, beyond the {context} tokens the model "
+            f"reads at once; set it to {context} or less"
+        )
     adapted_module_names(empty_model(model_config), config.lora.target_modules)
 
 
@@ -211,8 +249,15 @@ def load_server_model(config: RunConfig, log: Callable[[str], None], load: Calla
 
 
 def local_trainer(config: RunConfig, model, tokenizer) -> LocalTrainer:
-    return LocalTrainer(model, tokenizer.pad_token_id, config.lora, config.train, config.model.dtype,
-                        config.model.device, config.model.gradient_checkpointing)
+    return LocalTrainer(
+        model,
+        tokenizer.pad_token_id,
+        config.lora,
+        config.train,
+        config.model.dtype,
+        config.model.device,
+        config.model.gradient_checkpointing,
+    )
 
 
 def build_federation(
@@ -229,8 +274,15 @@ def build_federation(
     ``engine`` may be None for a driver that calls ``plan_round`` and ``finish_round`` itself (the Flower strategy).
     """
     shapes = {n: tuple(w.shape) for n, w in server.base.pristine.items()}
-    evaluator = BranchEvaluator(server.base, server.model, server.tokenizer, load_eval_questions(config),
-                                _heldout(config, server.tokenizer), config, client_sizes)
+    evaluator = BranchEvaluator(
+        server.base,
+        server.model,
+        server.tokenizer,
+        load_eval_questions(config),
+        _heldout(config, server.tokenizer),
+        config,
+        client_sizes,
+    )
     branches = make_branches(config.federation.methods, parse_thresholds(config.federation.thresholds))
     rundir.restore_history(branches, done, len(client_sizes))
     if done == 0:
@@ -269,8 +321,18 @@ def _heldout(config: RunConfig, tokenizer) -> list[dict]:
 
 
 def _base_record(evaluation: dict) -> RoundRecord:
-    return RoundRecord(round=0, branch="base", method="base", threshold=None, participants=[], ranks={},
-                       communication={}, evaluation=evaluation, train={}, server_seconds=0.0)
+    return RoundRecord(
+        round=0,
+        branch="base",
+        method="base",
+        threshold=None,
+        participants=[],
+        ranks={},
+        communication={},
+        evaluation=evaluation,
+        train={},
+        server_seconds=0.0,
+    )
 
 
 def write_results(rundir: RunDirectory, config: RunConfig) -> str:

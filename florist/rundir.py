@@ -27,19 +27,48 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from .adapters import (CONFIG_NAME, WEIGHTS_NAME, WRITTEN_EXTRA_FILES, AdapterError, one_line, read_adapter,
-                       write_adapter, write_adapters)
+from .adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    WRITTEN_EXTRA_FILES,
+    AdapterError,
+    one_line,
+    read_adapter,
+    write_adapter,
+    write_adapters,
+)
 from .aggregation import AggregationResult, ModuleAggregate
-from .files import (TEMPORARY_NAME, Scan, atomic_write_bytes, atomic_write_text, check_writable_place, describe_foreign,
-                    failure_reason, make_directory, scan, writing)
+from .files import (
+    TEMPORARY_NAME,
+    Scan,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable_place,
+    describe_foreign,
+    failure_reason,
+    make_directory,
+    scan,
+    writing,
+)
 from .server import Branch, ClientResult, RoundRecord
 
 __all__ = ["RunDirError", "RunDirectory", "atomic_write_bytes", "atomic_write_text", "written_by_a_run"]
 
 CONFIG, STATE, METRICS, LOCK_NAME = "config.toml", "state.json", "metrics.jsonl", ".florist.lock"
 # Everything florist writes in a run directory (``florist report`` included, whose default place it is).
-RUN_FILES = frozenset({CONFIG, STATE, METRICS, LOCK_NAME, "results.md", "results.csv", "results.json",
-                       "flower_traffic.jsonl", "report.md"})
+RUN_FILES = frozenset(
+    {
+        CONFIG,
+        STATE,
+        METRICS,
+        LOCK_NAME,
+        "results.md",
+        "results.csv",
+        "results.json",
+        "flower_traffic.jsonl",
+        "report.md",
+    }
+)
 ROUND_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME}) | WRITTEN_EXTRA_FILES
 
 
@@ -119,12 +148,16 @@ class RunDirectory:
             return
         found = self._scan()
         if overwrite and found.foreign:
-            raise RunDirError(f"{describe_foreign(self.path, found.foreign)}; refusing to delete it (move them out "
-                              "or choose another --output)")
+            raise RunDirError(
+                f"{describe_foreign(self.path, found.foreign)}; refusing to delete it (move them out "
+                "or choose another --output)"
+            )
         others = sorted(n for n in os.listdir(self.path) if n != LOCK_NAME and not TEMPORARY_NAME.match(n))
         if others and not overwrite and CONFIG not in others:
-            raise RunDirError(f"{self.path}: exists and is not a florist run directory (no {CONFIG}; it holds "
-                              f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose another --output")
+            raise RunDirError(
+                f"{self.path}: exists and is not a florist run directory (no {CONFIG}; it holds "
+                f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose another --output"
+            )
 
     def _scan(self) -> Scan:
         try:
@@ -144,8 +177,10 @@ class RunDirectory:
             if not isinstance(e, BlockingIOError):
                 raise RunDirError(f"{lock}: cannot lock it ({failure_reason(e)})") from None
             who = f"pid {holder}" if holder.isdigit() else "pid unknown"
-            raise RunDirError(f"{self.path}: another florist process ({who}) is running in this directory; wait for "
-                              "it to finish or choose another --output") from None
+            raise RunDirError(
+                f"{self.path}: another florist process ({who}) is running in this directory; wait for "
+                "it to finish or choose another --output"
+            ) from None
         with contextlib.suppress(OSError):  # the pid only names the holder to others; a full disk must not stop the run
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -168,15 +203,19 @@ class RunDirectory:
         try:
             stored = tomllib.loads(self._read(CONFIG).decode())
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise RunDirError(f"{self.path / CONFIG}: not a valid TOML file ({one_line(e)}); restore it, or pass "
-                              "--overwrite to start the run afresh") from None
+            raise RunDirError(
+                f"{self.path / CONFIG}: not a valid TOML file ({one_line(e)}); restore it, or pass "
+                "--overwrite to start the run afresh"
+            ) from None
         asked = tomllib.loads(config_toml)
         stored.pop("output", None)
         asked.pop("output", None)
         if stored != asked:
             keys = _differing_keys(stored, asked)
-            raise RunDirError(f"{self.path}: holds a run with a different configuration ({', '.join(keys[:3])}"
-                              f"{', ...' if len(keys) > 3 else ''} differ); pass --overwrite or another --output")
+            raise RunDirError(
+                f"{self.path}: holds a run with a different configuration ({', '.join(keys[:3])}"
+                f"{', ...' if len(keys) > 3 else ''} differ); pass --overwrite or another --output"
+            )
 
     def _read(self, name: str) -> bytes:
         try:
@@ -194,11 +233,14 @@ class RunDirectory:
         if claimed is None:
             self.notes.append(f"{self.path / STATE}: not readable; going on after round {done}, the last saved whole")
         elif done < claimed:
-            self.notes.append(f"{self.path / STATE} counts {claimed} rounds but {METRICS} holds {done} whole; going on "
-                              f"after round {done}")
+            self.notes.append(
+                f"{self.path / STATE} counts {claimed} rounds but {METRICS} holds {done} whole; going on "
+                f"after round {done}"
+            )
         if bad is not None:
-            self.notes.append(f"{self.path / METRICS}: line {bad} is cut short or not a record; dropped it and the "
-                              "lines after it")
+            self.notes.append(
+                f"{self.path / METRICS}: line {bad} is cut short or not a record; dropped it and the lines after it"
+            )
         return claimed, done
 
     def _claimed_rounds(self) -> int | None:
@@ -239,8 +281,10 @@ class RunDirectory:
             here = f"rounds/{d.name}"
             foreign = [f for f in found.foreign if f == here or f.startswith(here + "/")]
             if foreign:
-                raise RunDirError(f"{describe_foreign(d, foreign)}; refusing to delete that unfinished round (move "
-                                  "them out and run again)")
+                raise RunDirError(
+                    f"{describe_foreign(d, foreign)}; refusing to delete that unfinished round (move "
+                    "them out and run again)"
+                )
         with writing(self.path):
             for d in later:
                 shutil.rmtree(d)
@@ -268,8 +312,10 @@ class RunDirectory:
                 return AggregationResult(branch.method.name, _load_modules(d / "global"), per_client)
             return AggregationResult(branch.method.name, _load_modules(d))
         except AdapterError as e:
-            raise RunDirError(f"cannot resume: round {round_number}'s saved adapter is damaged ({e}); restore it, or "
-                              "pass --overwrite to start the run afresh") from None
+            raise RunDirError(
+                f"cannot resume: round {round_number}'s saved adapter is damaged ({e}); restore it, or "
+                "pass --overwrite to start the run afresh"
+            ) from None
 
     # --- writing ------------------------------------------------------------------------------------------------
 
@@ -279,11 +325,20 @@ class RunDirectory:
     def save_clients(self, round_number: int, group: str, results: Sequence[ClientResult]) -> None:
         for r in results:
             modules = {n: ModuleAggregate(A=f.A, B=f.B * f.scaling) for n, f in r.update.modules.items()}
-            info = {"client": r.client, "num_examples": r.update.num_examples, "steps": r.log.steps,
-                    "tokens": r.log.tokens, "losses": r.log.losses, "seconds": r.log.seconds}
+            info = {
+                "client": r.client,
+                "num_examples": r.update.num_examples,
+                "steps": r.log.steps,
+                "tokens": r.log.tokens,
+                "losses": r.log.losses,
+                "seconds": r.log.seconds,
+            }
             write_adapter(
-                self.round_dir(round_number) / "clients" / group / f"client_{r.client}", modules, self.base_model,
-                extra_files={"client.json": json.dumps(info, indent=1)}, overwrite=True,
+                self.round_dir(round_number) / "clients" / group / f"client_{r.client}",
+                modules,
+                self.base_model,
+                extra_files={"client.json": json.dumps(info, indent=1)},
+                overwrite=True,
             )
 
     def save_round(self, round_number: int, branches: Sequence[Branch], records: Sequence[RoundRecord]) -> None:
@@ -292,7 +347,9 @@ class RunDirectory:
         for b in branches:
             result = b.history[-1]
             record = json.dumps(by_label[b.label].to_dict(), indent=1)
-            singular = {n: m.singular_values.tolist() for n, m in result.modules.items() if m.singular_values is not None}
+            singular = {
+                n: m.singular_values.tolist() for n, m in result.modules.items() if m.singular_values is not None
+            }
             extra = {"aggregation.json": record, **({"spectra.json": json.dumps(singular)} if singular else {})}
             target = self.round_dir(round_number) / b.label
             if result.per_client is not None:
@@ -312,8 +369,10 @@ class RunDirectory:
     def metrics(self) -> list[dict]:
         lines, bad = self._read_metrics()
         if bad is not None:
-            raise RunDirError(f"{self.path / METRICS}: line {bad} is cut short or not a record; run the same command "
-                              "again to repair the run directory")
+            raise RunDirError(
+                f"{self.path / METRICS}: line {bad} is cut short or not a record; run the same command "
+                "again to repair the run directory"
+            )
         return lines
 
     def _read_metrics(self) -> tuple[list[dict], int | None]:

@@ -200,7 +200,9 @@ class Federation:
         groups = self.plan_round(round_number)
         results, failures = {}, {}
         for g in groups:
-            self.log(f"round {round_number}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}")
+            self.log(
+                f"round {round_number}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}"
+            )
             results[g.name] = self.engine.train(round_number, g.jobs)
             failures[g.name] = dict(getattr(self.engine, "failures", {}))
         return self.finish_round(round_number, groups, results, failures)
@@ -231,8 +233,10 @@ class Federation:
         updates cannot be aggregated, which includes an aggregate with a NaN or Inf in it: every branch's result
         is computed and checked before any is kept, scored or written.
         """
-        screened = {g.name: self._screen(round_number, g, results.get(g.name, []), (failures or {}).get(g.name, {}))
-                    for g in groups}
+        screened = {
+            g.name: self._screen(round_number, g, results.get(g.name, []), (failures or {}).get(g.name, {}))
+            for g in groups
+        }
         for g in groups:
             accepted, rejected = screened[g.name]
             if len(accepted) < max(1, self.min_clients):
@@ -240,7 +244,8 @@ class Federation:
                 why = "; ".join(f"client {c}: {reason}" for c, reason in rejected.items())
                 raise RoundFailed(
                     f"round {round_number}: {replied} of {len(g.jobs)} clients replied for {g.name} and {len(accepted)} "
-                    f"updates passed the checks, fewer than min_clients={self.min_clients}" + (f" ({why})" if why else "")
+                    f"updates passed the checks, fewer than min_clients={self.min_clients}"
+                    + (f" ({why})" if why else "")
                 )
         kept = {b.label: len(b.history) for b in self.branches}
         try:
@@ -253,7 +258,7 @@ class Federation:
                     records.append(self._record(round_number, b, accepted, prepared, result, seconds, rejected))
         except BaseException as e:
             for b in self.branches:  # the round never happened: no branch keeps a result of it
-                del b.history[kept[b.label]:]
+                del b.history[kept[b.label] :]
             if isinstance(e, AggregationError):
                 raise RoundFailed(f"round {round_number}: {e}") from None
             raise
@@ -276,21 +281,37 @@ class Federation:
         def own_a(modules: Mapping, start: ClientStart) -> Mapping:
             if start.frozen_a is None or not isinstance(modules, Mapping):
                 return modules
-            return {name: LoraFactors(start.frozen_a[name][: start.rank].float().clone(), f.B, f.scaling)
-                    if isinstance(f, LoraFactors) and name in start.frozen_a else f for name, f in modules.items()}
+            return {
+                name: LoraFactors(start.frozen_a[name][: start.rank].float().clone(), f.B, f.scaling)
+                if isinstance(f, LoraFactors) and name in start.frozen_a
+                else f
+                for name, f in modules.items()
+            }
 
         # the server names each update by the job it answers: a client cannot pass itself off as another
-        results = [ClientResult(r.client, ClientUpdate(own_a(r.update.modules, start_of[r.client]),
-                                                       r.update.num_examples, f"client {r.client}"), r.log)
-                   for r in results if r.client in start_of]
+        results = [
+            ClientResult(
+                r.client,
+                ClientUpdate(own_a(r.update.modules, start_of[r.client]), r.update.num_examples, f"client {r.client}"),
+                r.log,
+            )
+            for r in results
+            if r.client in start_of
+        ]
         starts = [start_of[r.client] for r in results]
         accepted, reasons = screen_updates(
-            [r.update for r in results], self.module_shapes, max_ranks=[s.rank for s in starts],
-            scalings=[asked_scalings(s.alpha, s.rank, self.use_rslora) for s in starts], max_norm=self.max_update_norm,
+            [r.update for r in results],
+            self.module_shapes,
+            max_ranks=[s.rank for s in starts],
+            scalings=[asked_scalings(s.alpha, s.rank, self.use_rslora) for s in starts],
+            max_norm=self.max_update_norm,
         )
         replied = {r.client for r in results}
-        rejected = {str(job.client): failures.get(job.client, "no update: the client failed or did not reply")
-                    for job in group.jobs if job.client not in replied}
+        rejected = {
+            str(job.client): failures.get(job.client, "no update: the client failed or did not reply")
+            for job in group.jobs
+            if job.client not in replied
+        }
         for k, reason in reasons.items():
             rejected[str(results[k].client)] = reason
         for client, reason in rejected.items():
@@ -334,7 +355,9 @@ class Federation:
         losses = [r.log.losses[-1] for r in results if r.log.losses]
         began = time.perf_counter()
         evaluation = self.evaluate(branch)
-        self.log(f"round {round_number}: {branch.label} scored in {time.perf_counter() - began:.0f} s{_scores(evaluation)}")
+        self.log(
+            f"round {round_number}: {branch.label} scored in {time.perf_counter() - began:.0f} s{_scores(evaluation)}"
+        )
         return RoundRecord(
             round=round_number,
             branch=branch.label,

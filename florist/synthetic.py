@@ -63,7 +63,11 @@ def synthetic_updates(
             B = torch.cat([U0[:, :n_shared] * decay[:n_shared], 0.4 * Uk[:, n_shared:] * decay[: r - n_shared]], dim=1)
             A = torch.cat([V0[:, :n_shared].T, Vk[:, n_shared:].T], dim=0)
             modules[name] = LoraFactors(A=A.contiguous(), B=(B / scaling).contiguous(), scaling=scaling)
-        updates.append(ClientUpdate(modules, num_examples=int(torch.randint(500, 4000, (1,), generator=g)), client_id=f"client {k}"))
+        updates.append(
+            ClientUpdate(
+                modules, num_examples=int(torch.randint(500, 4000, (1,), generator=g)), client_id=f"client {k}"
+            )
+        )
     return updates
 
 

@@ -37,8 +37,13 @@ def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCaus
     """A random Llama small enough for unit tests: q_proj is 32x32, v_proj 16x32 (2 kv heads of 8)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -168,7 +173,10 @@ def replace_q0_a(directory, tensor):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"), "adapter_model.bin is a pickle file; florist reads"),
+        (
+            lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"),
+            "adapter_model.bin is a pickle file; florist reads",
+        ),
         (lambda d: (d / WEIGHTS_NAME).unlink(), "no adapter_model.safetensors"),
         (lambda d: (d / CONFIG_NAME).unlink(), "no adapter_config.json"),
         (lambda d: (d / CONFIG_NAME).write_text("{not json"), "adapter_config.json is not valid JSON"),
@@ -181,15 +189,30 @@ def replace_q0_a(directory, tensor):
         (lambda d: edit_config(d, lora_bias=True), "lora_bias"),
         (lambda d: edit_config(d, bias="all"), "bias='all'"),
         (lambda d: edit_config(d, r=8), f"{Q0_NAME}: the tensors have rank 4 but adapter_config.json gives r=8"),
-        (lambda d: edit_config(d, rank_pattern={"v_proj": 2}), "module model.layers.0.self_attn.v_proj: the tensors have rank 4"),
+        (
+            lambda d: edit_config(d, rank_pattern={"v_proj": 2}),
+            "module model.layers.0.self_attn.v_proj: the tensors have rank 4",
+        ),
         (lambda d: edit_config(d, lora_alpha=-1), "lora_alpha -1"),
-        (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage"), "not a valid safetensors file"),
+        (
+            lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage"),
+            "not a valid safetensors file",
+        ),
         (lambda d: edit_tensors(d, lambda t: t.pop(f"{Q0}.lora_B.weight")), f"{Q0_NAME}: has lora_A but no lora_B"),
         (lambda d: replace_q0_a(d, torch.zeros(4, 32, 1)), f"{Q0_NAME}: lora_A is 3-D"),
         (lambda d: replace_q0_a(d, torch.zeros(4, 32, dtype=torch.int32)), "dtype torch.int32"),
-        (lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(32, 3)})), "their ranks differ"),
-        (lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.zeros(32)})), "is not a lora_A/lora_B weight"),
-        (lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_A.other.weight": torch.zeros(4, 32)})), "two lora_A tensors"),
+        (
+            lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(32, 3)})),
+            "their ranks differ",
+        ),
+        (
+            lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.zeros(32)})),
+            "is not a lora_A/lora_B weight",
+        ),
+        (
+            lambda d: edit_tensors(d, lambda t: t.update({f"{Q0}.lora_A.other.weight": torch.zeros(4, 32)})),
+            "two lora_A tensors",
+        ),
         (lambda d: edit_tensors(d, lambda t: t.clear()), "holds no LoRA tensors"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
@@ -240,7 +263,9 @@ def random_aggregate(seed: int, ranks: dict[str, int], layers: int = 2) -> dict[
     g = torch.Generator().manual_seed(seed)
     out_dims = {"q_proj": 32, "v_proj": 16}
     return {
-        name: ModuleAggregate(A=torch.randn(r, 32, generator=g), B=torch.randn(out_dims[name.rsplit(".", 1)[1]], r, generator=g))
+        name: ModuleAggregate(
+            A=torch.randn(r, 32, generator=g), B=torch.randn(out_dims[name.rsplit(".", 1)[1]], r, generator=g)
+        )
         for name, r in ranks.items()
     }
 
@@ -282,8 +307,15 @@ def test_write_then_read_round_trips(tmp_path_factory, ranks, seed):
 
 def test_written_adapter_loads_in_peft_as_exactly_b_times_a(base, tmp_path):
     # Ranks that differ per module, including a layer-1 key that must not leak into layer 11-like names.
-    modules = random_aggregate(5, {"model.layers.0.self_attn.q_proj": 5, "model.layers.0.self_attn.v_proj": 2,
-                                   "model.layers.1.self_attn.q_proj": 1, "model.layers.1.self_attn.v_proj": 5})
+    modules = random_aggregate(
+        5,
+        {
+            "model.layers.0.self_attn.q_proj": 5,
+            "model.layers.0.self_attn.v_proj": 2,
+            "model.layers.1.self_attn.q_proj": 1,
+            "model.layers.1.self_attn.v_proj": 5,
+        },
+    )
     write_adapter(tmp_path / "g", modules, None)
     model = load_peft(base, tmp_path / "g")
     layers = lora_layers(model)
@@ -358,7 +390,9 @@ def test_a_failed_overwrite_keeps_the_old_directory(tmp_path):
     write_adapter(out, random_aggregate(11, dict.fromkeys(module_names(), 2)), None)
     before = (out / WEIGHTS_NAME).read_bytes()
     with pytest.raises(AdapterError):
-        write_adapter(out, {"m.q_proj": ModuleAggregate(A=torch.zeros(2, 4), B=torch.zeros(4, 3))}, None, overwrite=True)
+        write_adapter(
+            out, {"m.q_proj": ModuleAggregate(A=torch.zeros(2, 4), B=torch.zeros(4, 3))}, None, overwrite=True
+        )
     assert (out / WEIGHTS_NAME).read_bytes() == before and sorted(os.listdir(tmp_path)) == ["g"]
 
 

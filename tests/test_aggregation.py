@@ -25,7 +25,9 @@ from florist.aggregation.validate import normalized_weights
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def make_updates(seed, ranks, m, n, scalings=None, counts=None, modules=("q", "v"), dtype=torch.float64, shared_a=False):
+def make_updates(
+    seed, ranks, m, n, scalings=None, counts=None, modules=("q", "v"), dtype=torch.float64, shared_a=False
+):
     g = torch.Generator().manual_seed(seed)
     r_max = max(ranks)
     shared = {name: torch.randn(r_max, n, generator=g, dtype=dtype) for name in modules}
@@ -128,7 +130,9 @@ def test_fedit_zero_pads_heterogeneous_ranks():
     module = aggregate("fedit", updates).modules["q"]
     w = normalized_weights(updates, None)
     assert module.rank == 6
-    expected_A = sum(wk * torch.nn.functional.pad(u.modules["q"].A, (0, 0, 0, 6 - u.modules["q"].rank)) for u, wk in zip(updates, w))
+    expected_A = sum(
+        wk * torch.nn.functional.pad(u.modules["q"].A, (0, 0, 0, 6 - u.modules["q"].rank)) for u, wk in zip(updates, w)
+    )
     torch.testing.assert_close(module.A, expected_A)
 
 
@@ -179,7 +183,9 @@ def test_sweep_matches_separate_runs(setup, taus):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_method_is_deterministic_and_keeps_dtype(method, dtype):
-    runs = [aggregate(method, make_updates(3, [4, 2, 3], 12, 10, dtype=dtype, shared_a=method == "ffa")) for _ in range(2)]
+    runs = [
+        aggregate(method, make_updates(3, [4, 2, 3], 12, 10, dtype=dtype, shared_a=method == "ffa")) for _ in range(2)
+    ]
     for name in ("q", "v"):
         a, b = runs[0].modules[name], runs[1].modules[name]
         assert a.B.dtype == dtype and torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
@@ -258,14 +264,32 @@ def _replace(updates, k, name, **changes):
 @pytest.mark.parametrize(
     "corrupt, pattern",
     [
-        (lambda u: _replace(u, 1, "v", A=torch.full_like(u[1].modules["v"].A, math.nan)), r"client 1, module v: A contains NaN"),
-        (lambda u: _replace(u, 2, "q", B=torch.full_like(u[2].modules["q"].B, math.inf)), r"client 2, module q: B contains NaN or Inf"),
-        (lambda u: _replace(u, 1, "q", B=torch.randn(9, 4, dtype=torch.float64)), r"client 1, module q: adapts a 9x8 weight"),
-        (lambda u: _replace(u, 0, "v", B=torch.randn(8, 3, dtype=torch.float64)), r"client 0, module v: B is \(8, 3\) but A is \(4, 8\)"),
+        (
+            lambda u: _replace(u, 1, "v", A=torch.full_like(u[1].modules["v"].A, math.nan)),
+            r"client 1, module v: A contains NaN",
+        ),
+        (
+            lambda u: _replace(u, 2, "q", B=torch.full_like(u[2].modules["q"].B, math.inf)),
+            r"client 2, module q: B contains NaN or Inf",
+        ),
+        (
+            lambda u: _replace(u, 1, "q", B=torch.randn(9, 4, dtype=torch.float64)),
+            r"client 1, module q: adapts a 9x8 weight",
+        ),
+        (
+            lambda u: _replace(u, 0, "v", B=torch.randn(8, 3, dtype=torch.float64)),
+            r"client 0, module v: B is \(8, 3\) but A is \(4, 8\)",
+        ),
         (lambda u: _replace(u, 1, "q", scaling=float("nan")), r"client 1, module q: scaling nan"),
-        (lambda u: _replace(u, 1, "q", A=torch.ones(4, 8, dtype=torch.int64)), r"client 1, module q: A has dtype torch.int64"),
+        (
+            lambda u: _replace(u, 1, "q", A=torch.ones(4, 8, dtype=torch.int64)),
+            r"client 1, module q: A has dtype torch.int64",
+        ),
         (lambda u: [u[0], ClientUpdate({"q": u[1].modules["q"]}, 1, "client 1"), u[2]], r"client 1, module v: lacks"),
-        (lambda u: [u[0], ClientUpdate({**u[1].modules, "k": u[1].modules["q"]}, 1, "client 1"), u[2]], r"client 1, module k: has an extra"),
+        (
+            lambda u: [u[0], ClientUpdate({**u[1].modules, "k": u[1].modules["q"]}, 1, "client 1"), u[2]],
+            r"client 1, module k: has an extra",
+        ),
         (lambda u: [], r"no client updates"),
     ],
 )
@@ -283,8 +307,12 @@ def test_threshold_outside_unit_interval_is_refused(tau):
 
 @pytest.mark.parametrize(
     "weights, pattern",
-    [([1.0], r"1 weights given for 2 clients"), ([1.0, -1.0], r"client 1: weight -1.0"), ([0, 0], r"sum to zero"),
-     ([1.0, float("inf")], r"client 1: weight inf")],
+    [
+        ([1.0], r"1 weights given for 2 clients"),
+        ([1.0, -1.0], r"client 1: weight -1.0"),
+        ([0, 0], r"sum to zero"),
+        ([1.0, float("inf")], r"client 1: weight inf"),
+    ],
 )
 def test_weights_that_do_not_fit_are_refused(weights, pattern):
     with pytest.raises(AggregationError, match=pattern):

@@ -60,8 +60,9 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 # --- the readers -----------------------------------------------------------------------------------------------------
 
 
-def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor] | None = None, r: int = 2,
-                        targets: tuple[str, ...] = ("q_proj",)) -> Path:
+def write_adapter_files(
+    directory: Path, tensors: dict[str, torch.Tensor] | None = None, r: int = 2, targets: tuple[str, ...] = ("q_proj",)
+) -> Path:
     """A plain LoRA adapter of the tiny model's q_proj in layer 0 (64 x 64), written by hand."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": list(targets), "task_type": "CAUSAL_LM"}
@@ -101,8 +102,11 @@ def _json(rows) -> Callable[[Path], None]:
 def _table(rows) -> Callable[[Path], None]:
     import datasets
 
-    return lambda p: datasets.Dataset.from_list(rows).to_parquet(p) if p.suffix == ".parquet" else \
-        datasets.Dataset.from_list(rows).to_csv(p, index=False)
+    return lambda p: (
+        datasets.Dataset.from_list(rows).to_parquet(p)
+        if p.suffix == ".parquet"
+        else datasets.Dataset.from_list(rows).to_csv(p, index=False)
+    )
 
 
 def _client_folder(tmp: Path) -> Path:
@@ -131,32 +135,48 @@ def _report(tmp: Path) -> object:
 
 
 READERS = {
-    "data JSON": Reader(_file("train.json", _json(GOOD_ROWS)), lambda t: load_instructions(str(t / "train.json")),
-                        DataError),
-    "data JSON Lines": Reader(_file("train.jsonl", lambda p: p.write_text("\n".join(map(json.dumps, GOOD_ROWS)))),
-                              lambda t: load_instructions(str(t / "train.jsonl")), DataError),
-    "data Parquet": Reader(_file("train.parquet", _table(GOOD_ROWS)),
-                           lambda t: load_instructions(str(t / "train.parquet")), DataError),
-    "data CSV": Reader(_file("train.csv", _table(GOOD_ROWS)), lambda t: load_instructions(str(t / "train.csv")),
-                       DataError),
+    "data JSON": Reader(
+        _file("train.json", _json(GOOD_ROWS)), lambda t: load_instructions(str(t / "train.json")), DataError
+    ),
+    "data JSON Lines": Reader(
+        _file("train.jsonl", lambda p: p.write_text("\n".join(map(json.dumps, GOOD_ROWS)))),
+        lambda t: load_instructions(str(t / "train.jsonl")),
+        DataError,
+    ),
+    "data Parquet": Reader(
+        _file("train.parquet", _table(GOOD_ROWS)), lambda t: load_instructions(str(t / "train.parquet")), DataError
+    ),
+    "data CSV": Reader(
+        _file("train.csv", _table(GOOD_ROWS)), lambda t: load_instructions(str(t / "train.csv")), DataError
+    ),
     "client file": Reader(_client_folder, lambda t: load_clients(str(t / "clients")), DataError),
-    "questions JSON": Reader(_file("q.json", _json(GOOD_QUESTIONS)), lambda t: load_questions(t / "q.json"),
-                             EvalDataError),
-    "questions JSON Lines": Reader(_file("q.jsonl", lambda p: p.write_text(json.dumps(GOOD_QUESTIONS[0]))),
-                                   lambda t: load_questions(t / "q.jsonl"), EvalDataError),
-    "questions Parquet": Reader(_file("q.parquet", _table(GOOD_QUESTIONS)), lambda t: load_questions(t / "q.parquet"),
-                                EvalDataError),
-    "questions CSV": Reader(_file("q.csv", _table([{**GOOD_QUESTIONS[0], "choices": None}])),
-                            lambda t: load_questions(t / "q.csv"), EvalDataError),
+    "questions JSON": Reader(
+        _file("q.json", _json(GOOD_QUESTIONS)), lambda t: load_questions(t / "q.json"), EvalDataError
+    ),
+    "questions JSON Lines": Reader(
+        _file("q.jsonl", lambda p: p.write_text(json.dumps(GOOD_QUESTIONS[0]))),
+        lambda t: load_questions(t / "q.jsonl"),
+        EvalDataError,
+    ),
+    "questions Parquet": Reader(
+        _file("q.parquet", _table(GOOD_QUESTIONS)), lambda t: load_questions(t / "q.parquet"), EvalDataError
+    ),
+    "questions CSV": Reader(
+        _file("q.csv", _table([{**GOOD_QUESTIONS[0], "choices": None}])),
+        lambda t: load_questions(t / "q.csv"),
+        EvalDataError,
+    ),
     "metrics.jsonl": Reader(_run_file("metrics.jsonl"), _report, ReportError),
     "config.toml": Reader(_run_file("config.toml"), _report, ReportError, frozenset({"empty", "a dangling link"})),
     # a client.json or spectra.json that is not there (a dangling link) is a run that saved none: left out
     "client.json": Reader(_run_file("client.json"), _report, ReportError, frozenset({"a dangling link"})),
     "spectra.json": Reader(_run_file("spectra.json"), _report, ReportError, frozenset({"a dangling link"})),
-    "adapter_config.json": Reader(lambda t: write_adapter_files(t / "adapter") / CONFIG_NAME,
-                                  lambda t: read_adapter(t / "adapter"), AdapterError),
-    "adapter_model.safetensors": Reader(lambda t: write_adapter_files(t / "adapter") / WEIGHTS_NAME,
-                                        lambda t: read_adapter(t / "adapter"), AdapterError),
+    "adapter_config.json": Reader(
+        lambda t: write_adapter_files(t / "adapter") / CONFIG_NAME, lambda t: read_adapter(t / "adapter"), AdapterError
+    ),
+    "adapter_model.safetensors": Reader(
+        lambda t: write_adapter_files(t / "adapter") / WEIGHTS_NAME, lambda t: read_adapter(t / "adapter"), AdapterError
+    ),
 }
 # A CSV cannot hold a list of choices: its questions fail as records, which the sweep below also checks.
 GOOD_READERS = [name for name in READERS if name != "questions CSV"]
@@ -271,9 +291,9 @@ QUESTION_KEYS = ["question", "choices", "answer", "subject", "instruction", "inp
 
 def mutated(good: dict, keys: list[str]):
     """``good`` with some keys dropped and some set to any JSON value."""
-    return st.tuples(st.sets(st.sampled_from(sorted(good))), st.dictionaries(st.sampled_from(keys), JSON_VALUES,
-                                                                              max_size=3)).map(
-        lambda t: {**{k: v for k, v in good.items() if k not in t[0]}, **t[1]})
+    return st.tuples(
+        st.sets(st.sampled_from(sorted(good))), st.dictionaries(st.sampled_from(keys), JSON_VALUES, max_size=3)
+    ).map(lambda t: {**{k: v for k, v in good.items() if k not in t[0]}, **t[1]})
 
 
 @given(rows=st.lists(mutated(GOOD_ROWS[0], ROW_KEYS), min_size=1, max_size=3))
@@ -367,13 +387,20 @@ FIELD_VALUES = st.one_of(JSON_VALUES, st.sampled_from([math.nan, math.inf, -1, 0
 RECORD_KEYS = ["round", "branch", "method", "threshold", "ranks", "communication", "evaluation", "server_seconds"]
 
 
-NESTED_KEYS = ["evaluation.accuracy", "evaluation.n_questions", "evaluation.heldout_loss", "communication.eff_e4",
-               "communication.total_download_bytes"]
+NESTED_KEYS = [
+    "evaluation.accuracy",
+    "evaluation.n_questions",
+    "evaluation.heldout_loss",
+    "communication.eff_e4",
+    "communication.total_download_bytes",
+]
 
 
-@given(drop=st.sets(st.sampled_from(RECORD_KEYS), max_size=2),
-       change=st.dictionaries(st.sampled_from(RECORD_KEYS + NESTED_KEYS), FIELD_VALUES, max_size=2),
-       line=st.sampled_from([1, 2, 6]))
+@given(
+    drop=st.sets(st.sampled_from(RECORD_KEYS), max_size=2),
+    change=st.dictionaries(st.sampled_from(RECORD_KEYS + NESTED_KEYS), FIELD_VALUES, max_size=2),
+    line=st.sampled_from([1, 2, 6]),
+)
 @SWEEP
 def test_metrics_records_with_missing_or_odd_fields(tmp_path_factory, drop, change, line):
     """A record the checks let through renders (tables and text); any other names its line and field."""
@@ -398,7 +425,8 @@ def test_metrics_records_with_missing_or_odd_fields(tmp_path_factory, drop, chan
 
 
 CONFIG_KEYS = {
-    "model": ["name", "dtype"], "data": ["train", "clients", "max_examples_per_client", "cutoff"],
+    "model": ["name", "dtype"],
+    "data": ["train", "clients", "max_examples_per_client", "cutoff"],
     "lora": ["ranks", "alpha_per_rank", "target_modules"],
     "train": ["max_steps", "epochs", "batch_size", "micro_batch_size", "lr"],
     "federation": ["rounds", "scheme", "methods", "thresholds", "florist_e_tolerance"],
@@ -411,9 +439,13 @@ TOML_VALUES = st.recursive(
 )
 
 
-@given(settings_=st.dictionaries(st.sampled_from([f"{s}.{k}" for s, ks in CONFIG_KEYS.items() for k in ks]),
-                                 TOML_VALUES, max_size=4),
-       section=st.sampled_from([None, *CONFIG_KEYS]), section_value=TOML_VALUES)
+@given(
+    settings_=st.dictionaries(
+        st.sampled_from([f"{s}.{k}" for s, ks in CONFIG_KEYS.items() for k in ks]), TOML_VALUES, max_size=4
+    ),
+    section=st.sampled_from([None, *CONFIG_KEYS]),
+    section_value=TOML_VALUES,
+)
 @SWEEP
 def test_config_toml_with_odd_settings(tmp_path_factory, settings_, section, section_value):
     """Any value under the settings the report reads (or a section that is not a table): rendered or refused."""
@@ -460,8 +492,10 @@ def test_a_damaged_aggregation_json_does_not_stop_the_report(tmp_path):
         (lambda run: (run / "metrics.jsonl").write_bytes(b"\xff\xfe\n"), "metrics.jsonl: not UTF-8 text"),
         (lambda run: write_record(run, {**good_record(run), "ranks": []}), "metrics.jsonl:2: ranks is [], expected"),
         (lambda run: (run / "config.toml").write_text("lora = 3\n"), "config.toml: lora is 3, expected a [lora] table"),
-        (lambda run: (run / "rounds/001/clients/shared/client_0/client.json").write_text("[1, 2]"),
-         "client.json: expected a JSON object, found a list"),
+        (
+            lambda run: (run / "rounds/001/clients/shared/client_0/client.json").write_text("[1, 2]"),
+            "client.json: expected a JSON object, found a list",
+        ),
     ],
 )
 def test_report_cli_refuses_a_damaged_run_in_one_line_and_writes_nothing(tmp_path, damage, shown):
@@ -491,14 +525,23 @@ def test_run_directories_in_a_symlink_loop(tmp_path):
     [
         (lambda out: (out / "report.md").mkdir(parents=True), False, "report.md: exists and is a directory"),
         (lambda out: (out.mkdir(), (out / "plots").write_text("x")), True, "plots: exists and is not a directory"),
-        (lambda out: (out / "plots" / "run-tradeoff.png").mkdir(parents=True), True,
-         "run-tradeoff.png: exists and is a directory"),
+        (
+            lambda out: (out / "plots" / "run-tradeoff.png").mkdir(parents=True),
+            True,
+            "run-tradeoff.png: exists and is a directory",
+        ),
         (lambda out: out.write_text("x"), False, "out: exists and is not a dir"),
         (lambda out: (out.write_text("x"), out / "deeper" / "still")[1], False, "out: exists and is not a dir"),
         (lambda out: (out.mkdir(), (out / "report.md").symlink_to("report.md")), False, "Too many levels"),
     ],
-    ids=["report.md a directory", "plots a file", "a plot a directory", "output a file", "a file above the output",
-         "report.md a loop"],
+    ids=[
+        "report.md a directory",
+        "plots a file",
+        "a plot a directory",
+        "output a file",
+        "a file above the output",
+        "report.md a loop",
+    ],
 )
 def test_report_targets_are_checked_before_anything_is_written(tmp_path, block, plots, message):
     run = make_run(tmp_path / "run")
@@ -526,8 +569,9 @@ class Untouchable(torch.nn.Module):
         raise AssertionError("a question longer than the context reached the model")
 
 
-@pytest.mark.parametrize("protocol, mode", [("loglik", "letter"), ("loglik", "option"), ("loglik", "answer"),
-                                            ("generate", "letter")])
+@pytest.mark.parametrize(
+    "protocol, mode", [("loglik", "letter"), ("loglik", "option"), ("loglik", "answer"), ("generate", "letter")]
+)
 def test_questions_longer_than_the_context_are_refused_before_any_forward_pass(protocol, mode):
     tokenizer = models.tiny_llama(0)[1]
     short = Question("s", "Is water wet?", ["yes", "no"], 0, where="q.json: record 0")
@@ -547,8 +591,12 @@ def test_context_limit_is_the_smaller_of_model_and_tokenizer():
 
 def test_heldout_examples_longer_than_the_context_are_refused():
     with pytest.raises(EvalDataError, match="held-out example 1: the example is 600 tokens, over the 512"):
-        ev.heldout_loss(Untouchable(512), models.tiny_llama(0)[1], [{"input_ids": [1] * 5}, {"input_ids": [1] * 600}],
-                        progress=False)
+        ev.heldout_loss(
+            Untouchable(512),
+            models.tiny_llama(0)[1],
+            [{"input_ids": [1] * 5}, {"input_ids": [1] * 600}],
+            progress=False,
+        )
 
 
 # --- florist eval's adapter -----------------------------------------------------------------------------------------
@@ -578,8 +626,10 @@ def truncated(path: Path) -> None:
         (lambda d: write_adapter_files(d, poisoned(-math.inf, "A")), f"module {Q_PROJ}: lora_A contains NaN or Inf"),
         (lambda d: (write_adapter_files(d), (d / WEIGHTS_NAME).write_bytes(b"")), "not a valid safetensors file"),
         (lambda d: (write_adapter_files(d), truncated(d / WEIGHTS_NAME)), "not a valid safetensors file"),
-        (lambda d: (write_adapter_files(d), (d / WEIGHTS_NAME).write_bytes(struct.pack("<Q", 2) + b"{}")),
-         "holds no LoRA tensors"),
+        (
+            lambda d: (write_adapter_files(d), (d / WEIGHTS_NAME).write_bytes(struct.pack("<Q", 2) + b"{}")),
+            "holds no LoRA tensors",
+        ),
         (lambda d: (d.parent.mkdir(exist_ok=True), d.symlink_to(d.name)), "Too many levels of symbolic links"),
     ],
     ids=["NaN", "Inf", "empty safetensors", "truncated safetensors", "no tensors", "a symlink loop"],
@@ -600,12 +650,20 @@ def test_eval_refuses_a_damaged_adapter_before_loading_the_model(tmp_path, monke
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
-        ({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
-          "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)},
-         "module model.layers.7.self_attn.q_proj: not in the model"),
-        ({f"base_model.model.{Q_PROJ}.lora_A.weight": torch.ones(2, 128),
-          f"base_model.model.{Q_PROJ}.lora_B.weight": torch.ones(64, 2)},
-         f"module {Q_PROJ}: updates a 64x128 weight, the model's is 64x64"),
+        (
+            {
+                "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+                "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.ones(64, 2),
+            },
+            "module model.layers.7.self_attn.q_proj: not in the model",
+        ),
+        (
+            {
+                f"base_model.model.{Q_PROJ}.lora_A.weight": torch.ones(2, 128),
+                f"base_model.model.{Q_PROJ}.lora_B.weight": torch.ones(64, 2),
+            },
+            f"module {Q_PROJ}: updates a 64x128 weight, the model's is 64x64",
+        ),
         (None, f"module {Q_PROJ}: not among the config's target_modules"),
     ],
     ids=["a module the model lacks", "another shape", "a module the config does not target"],

@@ -7,7 +7,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
-from florist.data import COLUMNS, builtin_heldout, builtin_heldout_answers, builtin_train, heterogeneity, load_clients, load_instructions, partition
+from florist.data import (
+    COLUMNS,
+    builtin_heldout,
+    builtin_heldout_answers,
+    builtin_train,
+    heterogeneity,
+    load_clients,
+    load_instructions,
+    partition,
+)
 from florist.data.builtin import CATEGORIES, FACTS_PER_CATEGORY, facts
 
 QUESTION = re.compile(r"^Question: (?P<q>.*?) Options: A\. (?P<A>.*?), B\. (?P<B>.*?), C\. (?P<C>.*?), D\. (?P<D>.*)$")
@@ -137,7 +146,9 @@ def option_accuracy(model, tokenizer, rows) -> tuple[float, float]:
 def train_lora(model, examples, pad_id: int, epochs: int, lr: float, batch_size: int = 8):
     """A plain LoRA loop with the paper's adapter (r=16, alpha=32, dropout 0.05 on q_proj and v_proj), AdamW, seeded."""
     torch.manual_seed(0)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     order = torch.Generator().manual_seed(0)
@@ -152,7 +163,8 @@ def train_lora(model, examples, pad_id: int, epochs: int, lr: float, batch_size:
                 return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
 
             loss = peft_model(
-                input_ids=padded("input_ids", pad_id), attention_mask=padded("attention_mask", 0),
+                input_ids=padded("input_ids", pad_id),
+                attention_mask=padded("attention_mask", 0),
                 labels=padded("labels", -100),
             ).loss
             loss.backward()
@@ -178,8 +190,10 @@ def test_embedded_model_learns_the_facts_it_is_taught():
     before, margin_before = option_accuracy(model, tokenizer, questions)
     trained = train_lora(model, tokenize_dataset(train, tokenizer), tokenizer.pad_token_id, epochs=4, lr=1e-3)
     after, margin_after = option_accuracy(trained, tokenizer, questions)
-    print(f"option accuracy on {len(questions)} questions: {before:.3f} -> {after:.3f}; "
-          f"margin {margin_before:.3f} -> {margin_after:.3f}")
+    print(
+        f"option accuracy on {len(questions)} questions: {before:.3f} -> {after:.3f}; "
+        f"margin {margin_before:.3f} -> {margin_after:.3f}"
+    )
     assert after > before
     assert margin_after > margin_before
 

@@ -66,7 +66,11 @@ def exact_update(factors, weights) -> dict[str, torch.Tensor]:
     """ΔW = Σ_k w_k s_k B_k A_k per module, in float64, from PEFT's own factors and scalings."""
     total = sum(weights)
     return {
-        name: sum((w / total) * s * (B.double() @ A.double()) for w, client in zip(weights, factors) for A, B, s in [client[name]])
+        name: sum(
+            (w / total) * s * (B.double() @ A.double())
+            for w, client in zip(weights, factors)
+            for A, B, s in [client[name]]
+        )
         for name in factors[0]
     }
 
@@ -77,7 +81,10 @@ def best_rank(delta: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def loaded_deltas(base, directory) -> dict[str, torch.Tensor]:
-    return {name: layer.get_delta_weight("default").double() for name, layer in lora_layers(load_peft(base, directory)).items()}
+    return {
+        name: layer.get_delta_weight("default").double()
+        for name, layer in lora_layers(load_peft(base, directory)).items()
+    }
 
 
 def report(out):
@@ -163,8 +170,16 @@ def test_fedit_averages_the_factors(base, clients, tmp_path):
     expected = {}
     for name in factors[0]:
         r = max(client[name][0].shape[0] for client in factors)
-        B = sum(s * torch.nn.functional.pad(B.double(), (0, r - B.shape[1])) for A, B, s in (c[name] for c in factors)) / 3
-        A = sum(torch.nn.functional.pad(A.double(), (0, 0, 0, r - A.shape[0])) for A, B, s in (c[name] for c in factors)) / 3
+        B = (
+            sum(s * torch.nn.functional.pad(B.double(), (0, r - B.shape[1])) for A, B, s in (c[name] for c in factors))
+            / 3
+        )
+        A = (
+            sum(
+                torch.nn.functional.pad(A.double(), (0, 0, 0, r - A.shape[0])) for A, B, s in (c[name] for c in factors)
+            )
+            / 3
+        )
         expected[name] = B @ A
     assert_close(loaded_deltas(base, out), expected)
 
@@ -194,7 +209,9 @@ def test_flexlora_writes_one_truncation_per_client(base, clients, tmp_path):
         expected = {name: best_rank(delta, ranks[name]) for name, delta in exact.items()}
         assert_close(loaded_deltas(base, out / f"client_{k}"), expected)
     # FlexLoRA's SVD is of the dense m x n update: min(m, n) singular values per module.
-    assert {name: len(s) for name, s in info["singular_values"].items()} == {name: min(d.shape) for name, d in exact.items()}
+    assert {name: len(s) for name, s in info["singular_values"].items()} == {
+        name: min(d.shape) for name, d in exact.items()
+    }
 
 
 def test_overwrite_replaces_the_output(clients, tmp_path):
@@ -243,7 +260,9 @@ def test_refuses_a_pickle_adapter(clients, tmp_path):
     pickled = copy_client(paths[1], tmp_path / "pickled")
     (pickled / WEIGHTS_NAME).rename(pickled / "adapter_model.bin")
     result = run("--method", "fedit", "--output", tmp_path / "out", paths[0], pickled)
-    assert_refused(result, tmp_path / "out", f"{pickled}: adapter_model.bin is a pickle file; florist reads only safetensors")
+    assert_refused(
+        result, tmp_path / "out", f"{pickled}: adapter_model.bin is a pickle file; florist reads only safetensors"
+    )
 
 
 def test_refuses_clients_whose_modules_differ(base, clients, tmp_path):
@@ -333,8 +352,11 @@ def test_the_command_line_starts_without_importing_peft_or_transformers():
 @pytest.mark.parametrize("spelling", ["as given", "through a symlink", "through .."])
 def test_refuses_a_client_given_twice(clients, tmp_path, spelling):
     paths, _ = clients
-    again = {"as given": paths[1], "through a symlink": tmp_path / "link",
-             "through ..": paths[1].parent / ".." / paths[1].parent.name / paths[1].name}[spelling]
+    again = {
+        "as given": paths[1],
+        "through a symlink": tmp_path / "link",
+        "through ..": paths[1].parent / ".." / paths[1].parent.name / paths[1].name,
+    }[spelling]
     if spelling == "through a symlink":
         again.symlink_to(paths[1], target_is_directory=True)
     result = run("--method", "fedit", "--output", tmp_path / "out", *paths, again)
@@ -344,8 +366,10 @@ def test_refuses_a_client_given_twice(clients, tmp_path, spelling):
 
 def tree(root):
     """Every entry under ``root``: a file's bytes, "dir", or a symlink's target (never followed)."""
-    return {str(p.relative_to(root)): f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def add_notes(out, outside):
@@ -390,7 +414,9 @@ def test_refuses_an_empty_output(clients, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for overwrite in ([], ["--overwrite"]):
         result = run("--method", "fedit", *overwrite, "--output", "", *paths)
-        assert result.exit_code == 2 and result.stderr.strip() == "florist: --output is empty; name the directory to write"
+        assert (
+            result.exit_code == 2 and result.stderr.strip() == "florist: --output is empty; name the directory to write"
+        )
     assert list(tmp_path.iterdir()) == []
 
 

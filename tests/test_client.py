@@ -28,8 +28,13 @@ def examples(n: int = 12, seed: int = 0) -> list[dict]:
 
 
 def trainer(model, dtype: str) -> LocalTrainer:
-    return LocalTrainer(model, pad_token_id=0, lora=LoraConfig(ranks=[4], dropout=0.0),
-                        train=TrainConfig(lr=1e-2, max_steps=3, batch_size=4, micro_batch_size=2), dtype=dtype)
+    return LocalTrainer(
+        model,
+        pad_token_id=0,
+        lora=LoraConfig(ranks=[4], dropout=0.0),
+        train=TrainConfig(lr=1e-2, max_steps=3, batch_size=4, micro_batch_size=2),
+        dtype=dtype,
+    )
 
 
 def test_training_leaves_the_shared_base_as_it_was():
@@ -166,9 +171,13 @@ def test_training_with_dropout_is_deterministic_under_the_seed_and_uses_the_fast
     monkeypatch.setattr(FastDropout, "forward", lambda self, x: (calls.append(self.training), original(self, x))[1])
 
     def train(seed):
-        return LocalTrainer(model, pad_token_id=0, lora=LoraConfig(ranks=[4], dropout=0.2),
-                            train=TrainConfig(lr=1e-2, max_steps=2, batch_size=4, micro_batch_size=2),
-                            dtype="float32").train(examples(), ClientStart(rank=4, alpha=8, seed=seed))
+        return LocalTrainer(
+            model,
+            pad_token_id=0,
+            lora=LoraConfig(ranks=[4], dropout=0.2),
+            train=TrainConfig(lr=1e-2, max_steps=2, batch_size=4, micro_batch_size=2),
+            dtype="float32",
+        ).train(examples(), ClientStart(rank=4, alpha=8, seed=seed))
 
     (first, first_log), (again, again_log), (other, other_log) = train(1), train(1), train(2)
     assert calls and all(calls)  # the LoRA layers dropped through FastDropout, in training mode

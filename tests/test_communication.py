@@ -63,7 +63,9 @@ def test_florist_eff_grows_as_tau_falls(tinyllama_updates):
 def test_paper_eff_for_llama_3_2_1b_by_rank_arithmetic():
     # 16 layers x 2 modules x 16 = 512 -> 19.53; a smaller hidden keeps the test fast, Eff depends only on ranks
     updates = [
-        ClientUpdate({f"l{i}.{p}": LoraFactors(torch.randn(16, 32), torch.randn(32, 16)) for i in range(16) for p in "qv"}, 1)
+        ClientUpdate(
+            {f"l{i}.{p}": LoraFactors(torch.randn(16, 32), torch.randn(32, 16)) for i in range(16) for p in "qv"}, 1
+        )
         for _ in range(8)
     ]
     assert round(eff_e4("fedit", updates), 2) == 19.53
@@ -93,9 +95,7 @@ def test_ffa_moves_only_b():
 
 
 def test_flexlora_download_is_per_client_rank():
-    updates = [
-        ClientUpdate({"w": LoraFactors(torch.randn(r, 20), torch.randn(30, r))}, 1) for r in (8, 4, 2)
-    ]
+    updates = [ClientUpdate({"w": LoraFactors(torch.randn(r, 20), torch.randn(30, r))}, 1) for r in (8, 4, 2)]
     method = get_method("flexlora")
     comm = round_communication(method, updates, aggregate(method, updates))
     assert comm.download_params == [r * (20 + 30) for r in (8, 4, 2)]

@@ -120,7 +120,7 @@ def wrong_values(kind):
 def bad_lists(element: type):
     good = st.lists(SCALARS[element], max_size=2)
     bad = st.one_of(other_scalars(element), st.lists(SCALARS[element], max_size=1))
-    return st.tuples(good, bad, st.integers(0, 2)).map(lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2]:])
+    return st.tuples(good, bad, st.integers(0, 2)).map(lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2] :])
 
 
 @CHECKS
@@ -140,8 +140,29 @@ NON_POSITIVE_FLOATS = st.floats(max_value=0) | NON_FINITE
 NOT_IN = lambda choices: st.text(max_size=8).filter(lambda s: s not in choices)  # noqa: E731
 TOO_MANY_TAUS = ",".join(str((i + 1) / (MAX_TAUS + 1)) for i in range(MAX_TAUS + 1))
 BAD_TAUS = st.one_of(
-    st.sampled_from(["", ",", "a", "0.9,x", "0:1", "0.1:1:0.1:2", "nan", "inf", "0.5,nan", "0.1:inf:0.1", "0.1:1:nan",
-                     "1:0.5:0.1", "0.1:1:0", "0.1:1:-0.1", "0,0.5", "1.5", "-0.1:1:0.1", "0.5:1.1:0.1", TOO_MANY_TAUS]),
+    st.sampled_from(
+        [
+            "",
+            ",",
+            "a",
+            "0.9,x",
+            "0:1",
+            "0.1:1:0.1:2",
+            "nan",
+            "inf",
+            "0.5,nan",
+            "0.1:inf:0.1",
+            "0.1:1:nan",
+            "1:0.5:0.1",
+            "0.1:1:0",
+            "0.1:1:-0.1",
+            "0,0.5",
+            "1.5",
+            "-0.1:1:0.1",
+            "0.5:1.1:0.1",
+            TOO_MANY_TAUS,
+        ]
+    ),
     st.floats(0, 1, exclude_min=True).map(lambda t: f"{t!r},{t!r}"),  # one tau twice
     st.floats(0, 1, exclude_min=True).map(lambda t: f"{t!r},{t:.20f}"),  # the same tau written two ways
     st.floats(allow_nan=False).filter(lambda t: not 0 < t <= 1).map(repr),
@@ -160,8 +181,8 @@ BAD_VALUES = {
     "data.template": NOT_IN(("alpaca", "chat")),
     "data.cutoff": st.integers(-(2**63), 1),
     "data.max_examples_per_client": NEGATIVE,
-    "lora.ranks": st.just([]) | st.tuples(st.lists(st.integers(1, 64), max_size=2), NON_POSITIVE).map(
-        lambda t: t[0] + [t[1]]),
+    "lora.ranks": st.just([])
+    | st.tuples(st.lists(st.integers(1, 64), max_size=2), NON_POSITIVE).map(lambda t: t[0] + [t[1]]),
     "lora.alpha_per_rank": NON_POSITIVE_FLOATS,
     "lora.target_modules": st.sampled_from([[], [""], ["q_proj", " "], "", "(", "[a", "*", "q_proj)"]),
     "lora.dropout": st.floats(min_value=1) | NEGATIVE_FLOATS,
@@ -174,8 +195,11 @@ BAD_VALUES = {
     "federation.rounds": NON_POSITIVE,
     "federation.clients_per_round": NEGATIVE,
     "federation.scheme": NOT_IN(("merge", "reinit")),
-    "federation.methods": st.one_of(st.just([]), st.sampled_from(sorted(METHODS)).map(lambda m: ["fedit", m, m]),
-                                    NOT_IN(METHODS).map(lambda m: ["fedit", m])),
+    "federation.methods": st.one_of(
+        st.just([]),
+        st.sampled_from(sorted(METHODS)).map(lambda m: ["fedit", m, m]),
+        NOT_IN(METHODS).map(lambda m: ["fedit", m]),
+    ),
     "federation.thresholds": BAD_TAUS,
     "federation.florist_e_tolerance": st.floats(min_value=1, exclude_min=True) | NEGATIVE_FLOATS,
     "federation.min_clients": NON_POSITIVE,
@@ -227,10 +251,21 @@ def test_fields_that_contradict_each_other_are_refused(overrides, key):
 
 
 def test_the_edges_of_every_cross_field_rule_are_accepted():
-    config = load_config(None, ["data.clients=8", "federation.clients_per_round=3", "federation.min_clients=3",
-                                "lora.ranks=[8, 8, 4, 4, 2, 2, 1, 1]", "train.epochs=0", "train.max_steps=1",
-                                "train.batch_size=6", "train.micro_batch_size=3", "lora.dropout=0.0",
-                                "seed=4294967295"])
+    config = load_config(
+        None,
+        [
+            "data.clients=8",
+            "federation.clients_per_round=3",
+            "federation.min_clients=3",
+            "lora.ranks=[8, 8, 4, 4, 2, 2, 1, 1]",
+            "train.epochs=0",
+            "train.max_steps=1",
+            "train.batch_size=6",
+            "train.micro_batch_size=3",
+            "lora.dropout=0.0",
+            "seed=4294967295",
+        ],
+    )
     assert config.federation.min_clients == 3 and config.client_ranks()[-1] == 1
 
 
@@ -310,6 +345,7 @@ def test_the_results_table_tells_close_taus_apart():
 
 
 # --- devices and target modules: checked from the model's config before any weight loads -----------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -45,8 +45,20 @@ def test_paper_grid_is_every_model_dataset_and_rank_setting():
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_paper_configs_carry_the_authors_hyperparameters(path):
     c = load_config(path)
-    assert (c.data.clients, c.data.partition, c.data.alpha, c.data.cutoff, c.data.train_on_inputs) == (8, "dirichlet", 0.5, 512, True)
-    assert (c.federation.rounds, c.train.epochs, c.train.lr, c.train.batch_size, c.train.micro_batch_size) == (1, 3.0, 3e-4, 128, 16)
+    assert (c.data.clients, c.data.partition, c.data.alpha, c.data.cutoff, c.data.train_on_inputs) == (
+        8,
+        "dirichlet",
+        0.5,
+        512,
+        True,
+    )
+    assert (c.federation.rounds, c.train.epochs, c.train.lr, c.train.batch_size, c.train.micro_batch_size) == (
+        1,
+        3.0,
+        3e-4,
+        128,
+        16,
+    )
     assert (c.lora.alpha_per_rank, c.lora.dropout, c.lora.target_modules) == (2.0, 0.05, ["q_proj", "v_proj"])
     assert c.model.dtype == "float32"
     assert parse_thresholds(c.federation.thresholds) == pytest.approx([0.80 + 0.01 * i for i in range(21)])

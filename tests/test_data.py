@@ -14,6 +14,7 @@ from florist.data import (
     build_prompt,
     client_files,
     heterogeneity,
+    instructions,
     is_client_folder,
     load_client_folder,
     load_clients,
@@ -23,7 +24,6 @@ from florist.data import (
     summary_table,
     tokenize_dataset,
 )
-from florist.data import instructions
 from florist.models import load_tokenizer
 
 ALPACA_ROWS = [
@@ -31,15 +31,17 @@ ALPACA_ROWS = [
     {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour", "text": "ignored"},
 ]
 WIZARD_ROWS = [{"instruction": "Explain recursion.", "output": "A function that calls itself."}]
-SHAREGPT_ROWS = [{
-    "idx": "x1",
-    "conversations": [
-        {"from": "human", "value": "What is 2+2?"},
-        {"from": "gpt", "value": "4"},
-        {"from": "human", "value": "And 3+3?"},
-        {"from": "gpt", "value": "6"},
-    ],
-}]
+SHAREGPT_ROWS = [
+    {
+        "idx": "x1",
+        "conversations": [
+            {"from": "human", "value": "What is 2+2?"},
+            {"from": "gpt", "value": "4"},
+            {"from": "human", "value": "And 3+3?"},
+            {"from": "gpt", "value": "6"},
+        ],
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,11 @@ def write_json(path, rows):
 
 
 def small_dataset(categories: dict[str, int]) -> datasets.Dataset:
-    rows = [{"instruction": f"{c} {i}", "input": "", "output": "o", "category": c}
-            for c, n in categories.items() for i in range(n)]
+    rows = [
+        {"instruction": f"{c} {i}", "input": "", "output": "o", "category": c}
+        for c, n in categories.items()
+        for i in range(n)
+    ]
     return datasets.Dataset.from_list(rows)
 
 
@@ -74,7 +79,11 @@ def test_dolly_client_folder(shared_data):
     raw = json.loads((folder / "client_0.json").read_text())[0]
     first = clients[0][0]
     assert (first["instruction"], first["input"], first["output"], first["category"]) == (
-        raw["instruction"], raw["context"], raw["response"], raw["category"])
+        raw["instruction"],
+        raw["context"],
+        raw["response"],
+        raw["category"],
+    )
 
 
 def test_dolly_folder_as_one_dataset(shared_data):
@@ -90,12 +99,22 @@ def test_alpaca_json_and_jsonl(tmp_path):
     as_jsonl = load_instructions(str(jsonl))
     for ds in (as_json, as_jsonl):
         assert tuple(ds.column_names) == COLUMNS
-        assert ds[1] == {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour", "category": ""}
+        assert ds[1] == {
+            "instruction": "Translate to French.",
+            "input": "Good morning",
+            "output": "Bonjour",
+            "category": "",
+        }
 
 
 def test_wizard_shapes(tmp_path):
     flat = load_instructions(str(write_json(tmp_path / "wizard.json", WIZARD_ROWS)))
-    assert flat[0] == {"instruction": "Explain recursion.", "input": "", "output": "A function that calls itself.", "category": ""}
+    assert flat[0] == {
+        "instruction": "Explain recursion.",
+        "input": "",
+        "output": "A function that calls itself.",
+        "category": "",
+    }
     chat = load_instructions(str(write_json(tmp_path / "wizard_v2.json", SHAREGPT_ROWS)))
     assert chat[0] == {"instruction": "What is 2+2?", "input": "", "output": "4", "category": ""}  # first exchange only
 
@@ -160,9 +179,11 @@ def test_hub_datasets_are_normalized(monkeypatch):
 
     def fake_load_dataset(name, split):
         requested.append((name, split))
-        return datasets.Dataset.from_list([
-            {"instruction": "i", "context": "c", "response": "r", "category": "open_qa"},
-        ])
+        return datasets.Dataset.from_list(
+            [
+                {"instruction": "i", "context": "c", "response": "r", "category": "open_qa"},
+            ]
+        )
 
     monkeypatch.setattr(instructions.datasets, "load_dataset", fake_load_dataset)
     ds = load_instructions("dolly")
@@ -175,7 +196,9 @@ def test_hub_failure_is_one_line(monkeypatch):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)\nmore detail")
 
     monkeypatch.setattr(instructions.datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"^cannot load dataset 'tatsu-lab/alpaca' from the Hugging Face hub: Couldn't reach") as e:
+    with pytest.raises(
+        DataError, match=r"^cannot load dataset 'tatsu-lab/alpaca' from the Hugging Face hub: Couldn't reach"
+    ) as e:
         load_instructions("tatsu-lab/alpaca")
     assert "\n" not in str(e.value)
 
@@ -183,8 +206,14 @@ def test_hub_failure_is_one_line(monkeypatch):
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 
 
-@given(instruction=text, extra=text, output=text, key=st.sampled_from(["input", "context", None]),
-       out_key=st.sampled_from(["output", "response"]), category=st.one_of(st.none(), text))
+@given(
+    instruction=text,
+    extra=text,
+    output=text,
+    key=st.sampled_from(["input", "context", None]),
+    out_key=st.sampled_from(["output", "response"]),
+    category=st.one_of(st.none(), text),
+)
 def test_normalized_rows_keep_every_field(instruction, extra, output, key, out_key, category):
     row = {"instruction": instruction, out_key: output}
     if key:
@@ -241,7 +270,9 @@ def test_train_on_inputs_false_masks_the_prompt(tokenizer):
     out = tokenize_dataset(ds, tokenizer, train_on_inputs=False)
     for row, source in zip(out, ALPACA_ROWS, strict=True):
         learned = [t for t in row["labels"] if t != IGNORE_INDEX]
-        assert row["labels"][: len(row["labels"]) - len(learned)] == [IGNORE_INDEX] * (len(row["labels"]) - len(learned))
+        assert row["labels"][: len(row["labels"]) - len(learned)] == [IGNORE_INDEX] * (
+            len(row["labels"]) - len(learned)
+        )
         assert tokenizer.decode(learned) == source["output"] + tokenizer.eos_token
 
 
@@ -260,7 +291,9 @@ def test_chat_template_tokenization(tokenizer):
     out = tokenize_dataset(ds, tokenizer, template="chat", train_on_inputs=False)
     text = tokenizer.decode(out[0]["input_ids"])
     assert text.startswith("<|im_start|>system") and text.endswith(ALPACA_ROWS[0]["output"] + "<|im_end|>")
-    assert tokenizer.decode([t for t in out[0]["labels"] if t != IGNORE_INDEX]) == ALPACA_ROWS[0]["output"] + "<|im_end|>"
+    assert (
+        tokenizer.decode([t for t in out[0]["labels"] if t != IGNORE_INDEX]) == ALPACA_ROWS[0]["output"] + "<|im_end|>"
+    )
 
 
 def test_tokenize_needs_the_schema(tokenizer):
@@ -269,10 +302,15 @@ def test_tokenize_needs_the_schema(tokenizer):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.fixed_dictionaries({"instruction": text, "input": text, "output": text}), min_size=1, max_size=4),
-       cutoff=st.integers(2, 80), train_on_inputs=st.booleans())
+@given(
+    rows=st.lists(st.fixed_dictionaries({"instruction": text, "input": text, "output": text}), min_size=1, max_size=4),
+    cutoff=st.integers(2, 80),
+    train_on_inputs=st.booleans(),
+)
 def test_tokenization_invariants(tokenizer, rows, cutoff, train_on_inputs):
-    out = tokenize_dataset(instructions.from_rows(rows, "rows"), tokenizer, cutoff=cutoff, train_on_inputs=train_on_inputs)
+    out = tokenize_dataset(
+        instructions.from_rows(rows, "rows"), tokenizer, cutoff=cutoff, train_on_inputs=train_on_inputs
+    )
     assert len(out) <= len(rows)
     if train_on_inputs:
         assert len(out) == len(rows)
@@ -282,7 +320,7 @@ def test_tokenization_invariants(tokenizer, rows, cutoff, train_on_inputs):
         assert len(row["labels"]) == len(row["attention_mask"]) == n
         learned = [i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX]
         assert learned and learned == list(range(learned[0], n))  # a masked prefix, then the tokens themselves
-        assert [row["labels"][i] for i in learned] == row["input_ids"][learned[0]:]
+        assert [row["labels"][i] for i in learned] == row["input_ids"][learned[0] :]
 
 
 # --- partitioning ----------------------------------------------------------------------------------------------------
@@ -396,8 +434,9 @@ def test_cli_summary_of_a_client_folder(shared_data):
 
 
 def test_cli_summary_partitions_a_file(tmp_path):
-    path = write_json(tmp_path / "train.json", [{"instruction": f"q{i}", "output": "a", "category": "xy"[i % 2]}
-                                                for i in range(30)])
+    path = write_json(
+        tmp_path / "train.json", [{"instruction": f"q{i}", "output": "a", "category": "xy"[i % 2]} for i in range(30)]
+    )
     result = run_cli("--data", str(path), "--clients", "3", "--partition", "iid", "--seed", "1")
     assert result.exit_code == 0, result.output
     assert "3 clients (iid, seed 1)" in result.output
@@ -407,15 +446,23 @@ def test_cli_summary_partitions_a_file(tmp_path):
     ("args", "message"),
     [
         (("--data", "missing.json"), "florist: missing.json: no such file or folder"),
-        (("--data", "{bad}", "--partition", "random"), "florist: --partition 'random': choose from iid, dirichlet, shards"),
+        (
+            ("--data", "{bad}", "--partition", "random"),
+            "florist: --partition 'random': choose from iid, dirichlet, shards",
+        ),
         (("--data", "{bad}"), "none of the known columns"),
-        (("--data", "{small}", "--clients", "4", "--partition", "dirichlet", "--alpha", "0.01"), "florist: dirichlet split of 5 rows over 4 clients failed"),
+        (
+            ("--data", "{small}", "--clients", "4", "--partition", "dirichlet", "--alpha", "0.01"),
+            "florist: dirichlet split of 5 rows over 4 clients failed",
+        ),
         (("--data", "{small}", "--clients", "9", "--partition", "iid"), "florist: 5 rows cannot fill 9 clients"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, message):
     write_json(tmp_path / "bad.json", [{"question": "q"}])
-    write_json(tmp_path / "small.json", [{"instruction": f"q{i}", "output": "a", "category": "ab"[i % 2]} for i in range(5)])
+    write_json(
+        tmp_path / "small.json", [{"instruction": f"q{i}", "output": "a", "category": "ab"[i % 2]} for i in range(5)]
+    )
     args = [a.format(bad=tmp_path / "bad.json", small=tmp_path / "small.json") for a in args]
     result = run_cli(*args)
     assert result.exit_code == 2

@@ -103,11 +103,23 @@ def test_hub_dataset_offline_is_a_one_line_error(monkeypatch):
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"instruction": "x", "input": "Question: no options here", "output": "The answer is: A. a"}, "no 'Options: A. ...'"),
-        ({"instruction": "x", "input": "Question: q Options: A. only", "output": "The answer is: A. only"}, "fewer than two"),
+        (
+            {"instruction": "x", "input": "Question: no options here", "output": "The answer is: A. a"},
+            "no 'Options: A. ...'",
+        ),
+        (
+            {"instruction": "x", "input": "Question: q Options: A. only", "output": "The answer is: A. only"},
+            "fewer than two",
+        ),
         ({"instruction": "x", "input": "Question: q Options: A. a, B. b", "output": "A"}, "is not 'The answer is: X."),
-        ({"instruction": "x", "input": "Question: q Options: A. a, B. b", "output": "The answer is: C. c"}, "outside the 2"),
-        ({"instruction": "x", "input": "Question: q Options: A. a, B.  ", "output": "The answer is: A. a"}, "option is empty"),
+        (
+            {"instruction": "x", "input": "Question: q Options: A. a, B. b", "output": "The answer is: C. c"},
+            "outside the 2",
+        ),
+        (
+            {"instruction": "x", "input": "Question: q Options: A. a, B.  ", "output": "The answer is: A. a"},
+            "option is empty",
+        ),
         ({"question": "q", "choices": "ab", "answer": 0}, "'choices' must be a list"),
         ({"question": "q", "choices": ["a", "b"], "answer": 2.0}, "'answer' must be an option index"),
         ({"prompt": "q"}, "expected keys"),
@@ -147,7 +159,10 @@ def test_builtin_heldout_set_loads():
 def test_prompt_is_alpaca_ending_with_the_answer_prefix(mmlu):
     prompt = ev.mmlu_prompt(mmlu[0])
     assert prompt.startswith("Below is an instruction that describes a task, paired with an input")
-    assert "### Instruction:\nPlease answer the following multiple-choice question honestly.\n\n### Input:\nQuestion: " in prompt
+    assert (
+        "### Instruction:\nPlease answer the following multiple-choice question honestly.\n\n### Input:\nQuestion: "
+        in prompt
+    )
     assert "Options: A. Fabry disease, B. Gaucher disease, C. Hurler syndrome, D. Pompe disease" in prompt
     assert prompt.endswith("\n\n### Response:\nThe answer is: ")
 

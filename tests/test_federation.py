@@ -14,9 +14,17 @@ from florist.models import tiny_llama
 from florist.server import Federation
 
 FAST = [
-    "data.clients=3", "data.max_examples_per_client=6", "data.cutoff=32", "data.partition=\"iid\"",
-    "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.01", "eval.limit=8", "eval.batch_size=8",
-    "lora.ranks=[4]", 'federation.thresholds="0.90"',
+    "data.clients=3",
+    "data.max_examples_per_client=6",
+    "data.cutoff=32",
+    'data.partition="iid"',
+    "train.batch_size=4",
+    "train.micro_batch_size=2",
+    "train.lr=0.01",
+    "eval.limit=8",
+    "eval.batch_size=8",
+    "lora.ranks=[4]",
+    'federation.thresholds="0.90"',
 ]
 
 
@@ -149,18 +157,39 @@ def test_embedded_model_on_the_real_dolly_clients(tmp_path, shared_data, monkeyp
     from florist.models import load_model
 
     monkeypatch.setattr(run_module, "load_model", load_model)
-    cfg = load_config(None, [
-        f'output="{tmp_path / "dolly"}"', f'data.train="{shared_data / "dolly"}"', "data.max_examples_per_client=4",
-        "data.cutoff=64", "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4",
-        'federation.thresholds="0.9,1.0"', f'eval.questions="{shared_data / "mmlu" / "mmlu_1444.json"}"',
-        'eval.mode="letter"', "eval.limit=8", f'eval.heldout="{shared_data / "dolly" / "test.json"}"',
-    ])
+    cfg = load_config(
+        None,
+        [
+            f'output="{tmp_path / "dolly"}"',
+            f'data.train="{shared_data / "dolly"}"',
+            "data.max_examples_per_client=4",
+            "data.cutoff=64",
+            "train.max_steps=1",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            'federation.thresholds="0.9,1.0"',
+            f'eval.questions="{shared_data / "mmlu" / "mmlu_1444.json"}"',
+            'eval.mode="letter"',
+            "eval.limit=8",
+            f'eval.heldout="{shared_data / "dolly" / "test.json"}"',
+        ],
+    )
     path = run_module.run(cfg, progress=False, log=lambda m: None)
     records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["branch"] for r in records} == {"base", "florist@0.90", "florist@1.00", "flora", "fedit", "flexlora", "ffa"}
+    assert {r["branch"] for r in records} == {
+        "base",
+        "florist@0.90",
+        "florist@1.00",
+        "flora",
+        "fedit",
+        "flexlora",
+        "ffa",
+    }
     for r in records:
         assert 0.0 <= r["evaluation"]["accuracy"] <= 1.0 and r["evaluation"]["heldout_loss"] > 0
     exact = {r["branch"]: r for r in records}
     # tau = 1 keeps the exact update, whose rank is at most FLoRA's stack
     assert all(p <= 8 * 16 for p in exact["florist@1.00"]["ranks"].values())
-    assert exact["florist@1.00"]["evaluation"]["heldout_loss"] == pytest.approx(exact["flora"]["evaluation"]["heldout_loss"], rel=1e-3)
+    assert exact["florist@1.00"]["evaluation"]["heldout_loss"] == pytest.approx(
+        exact["flora"]["evaluation"]["heldout_loss"], rel=1e-3
+    )

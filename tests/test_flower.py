@@ -51,8 +51,15 @@ from florist.server import ClientJob, RoundFailed, TrainingGroup, make_branches
 from florist.synthetic import frozen_a_updates, synthetic_updates
 
 FAST = [
-    "data.clients=3", "data.max_examples_per_client=6", "data.cutoff=32", 'data.partition="iid"',
-    "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.01", "eval.limit=8", "eval.batch_size=8",
+    "data.clients=3",
+    "data.max_examples_per_client=6",
+    "data.cutoff=32",
+    'data.partition="iid"',
+    "train.batch_size=4",
+    "train.micro_batch_size=2",
+    "train.lr=0.01",
+    "eval.limit=8",
+    "eval.batch_size=8",
     "lora.ranks=[4,2,2]",
 ]
 ALL_METHODS = 'federation.methods=["florist","fedit","flexlora","ffa","flora"]'
@@ -87,16 +94,27 @@ def tiny_models(monkeypatch):
 
 
 def _adapter(g, shapes, rank):
-    return {n: ModuleAggregate(A=torch.randn(rank, i, generator=g), B=torch.randn(o, rank, generator=g)) for n, (o, i) in shapes.items()}
+    return {
+        n: ModuleAggregate(A=torch.randn(rank, i, generator=g), B=torch.randn(o, rank, generator=g))
+        for n, (o, i) in shapes.items()
+    }
 
 
 @settings(max_examples=25, deadline=None)
-@given(rank=st.integers(1, 6), init=st.booleans(), frozen=st.booleans(), merged=st.integers(0, 3), seed=st.integers(0, 2**31))
+@given(
+    rank=st.integers(1, 6),
+    init=st.booleans(),
+    frozen=st.booleans(),
+    merged=st.integers(0, 3),
+    seed=st.integers(0, 2**31),
+)
 def test_a_job_crosses_the_wire_bit_for_bit(rank, init, frozen, merged, seed):
     g = torch.Generator().manual_seed(seed)
     shapes = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (4, 8)}
     start = ClientStart(
-        rank=rank, alpha=2.0 * rank, seed=seed * 1_000_003,
+        rank=rank,
+        alpha=2.0 * rank,
+        seed=seed * 1_000_003,
         init=_adapter(g, shapes, rank + 1) if init else None,
         frozen_a={n: torch.randn(6, i, generator=g) for n, (o, i) in shapes.items()} if frozen else None,
     )
@@ -106,7 +124,11 @@ def test_a_job_crosses_the_wire_bit_for_bit(rank, init, frozen, merged, seed):
     for sent, got in zip([start.init, *job.base_deltas], [back.start.init, *back.base_deltas]):
         assert (sent is None) == (got is None)
         for n in sent or {}:
-            assert got[n].A.dtype == torch.float32 and torch.equal(got[n].A, sent[n].A) and torch.equal(got[n].B, sent[n].B)
+            assert (
+                got[n].A.dtype == torch.float32
+                and torch.equal(got[n].A, sent[n].A)
+                and torch.equal(got[n].B, sent[n].B)
+            )
     assert len(back.base_deltas) == merged
     if frozen:  # only the rows this client's rank uses travel
         assert all(torch.equal(back.start.frozen_a[n], start.frozen_a[n][:rank]) for n in shapes)
@@ -147,17 +169,28 @@ HOSTILE_META = {
     "losses": [1.0, "1.0", [math.nan], [math.inf], [-1.0], [True, False], [b"1"], HUGE_LIST],
     "seconds": [math.nan, math.inf, -0.5, True, "0.5", 1e300, [0.5]],
 }
-HONEST_META = {"client-id": ["", "client 1"], "steps": [0, MAX_STEPS], "tokens": [0], "losses": [[], [0.0, 3.5]],
-               "seconds": [0, 3, 0.0, 86400.5]}
+HONEST_META = {
+    "client-id": ["", "client 1"],
+    "steps": [0, MAX_STEPS],
+    "tokens": [0],
+    "losses": [[], [0.0, 3.5]],
+    "seconds": [0, 3, 0.0, 86400.5],
+}
 
 
 def _reply(field: str, value, drop: bool):
     g = torch.Generator().manual_seed(0)
     job = ClientJob(1, ClientStart(2, 4.0, 7))
-    update = ClientUpdate({"q": LoraFactors(A=torch.randn(2, 8, generator=g), B=torch.randn(8, 2, generator=g),
-                                            scaling=2.0)}, 5, "client 1")
-    content = update_content(job_config(job_content(job, 1, "g", True, "")), update,
-                             TrainingLog(steps=1, tokens=90, losses=[1.5], seconds=0.5))
+    update = ClientUpdate(
+        {"q": LoraFactors(A=torch.randn(2, 8, generator=g), B=torch.randn(8, 2, generator=g), scaling=2.0)},
+        5,
+        "client 1",
+    )
+    content = update_content(
+        job_config(job_content(job, 1, "g", True, "")),
+        update,
+        TrainingLog(steps=1, tokens=90, losses=[1.5], seconds=0.5),
+    )
     meta = content.config_records["meta"]
     if drop:
         del meta[field]
@@ -177,8 +210,10 @@ def test_a_reply_with_any_bad_meta_field_is_one_message_error_naming_it(field):
     """Wrong types, bools for numbers, NaN, Inf, negatives, huge numbers, strings and lists, a missing field: each
     field of a reply's ``meta`` is refused on its own with one line that names it; what an honest client may send is
     read as sent."""
-    names_it = re.compile(rf"\b{re.escape(field)}(\[\d+\])? (is|has) |no '{field}'|answers the job|module names|"
-                          "no array")
+    names_it = re.compile(
+        rf"\b{re.escape(field)}(\[\d+\])? (is|has) |no '{field}'|answers the job|module names|"
+        "no array"
+    )
     for value, drop in [(v, False) for v in HOSTILE_META[field]] + [(None, True)]:
         with pytest.raises(MessageError) as refused:
             _read(*_reply(field, value, drop))
@@ -186,8 +221,13 @@ def test_a_reply_with_any_bad_meta_field_is_one_message_error_naming_it(field):
         assert "\n" not in message and len(message) < 300 and names_it.search(message), (value, message)
     for value in HONEST_META.get(field, []):
         result = _read(*_reply(field, value, False))
-        got = {"client-id": result.update.client_id, "steps": result.log.steps, "tokens": result.log.tokens,
-               "losses": result.log.losses, "seconds": result.log.seconds}[field]
+        got = {
+            "client-id": result.update.client_id,
+            "steps": result.log.steps,
+            "tokens": result.log.tokens,
+            "losses": result.log.losses,
+            "seconds": result.log.seconds,
+        }[field]
         assert got == value and type(got) is (float if field == "seconds" else type(value)), (value, got)
 
 
@@ -218,8 +258,9 @@ def test_a_round_takes_one_reply_per_job_from_the_node_it_was_sent_to(monkeypatc
         m.metadata.__dict__["_message_id"] = f"job-{i}"
 
     def reply(m, num_examples=5, fill=1.0, sender=None):
-        update = ClientUpdate({"q": LoraFactors(A=torch.full((2, 8), fill), B=torch.ones(8, 2), scaling=2.0)},
-                              num_examples, "client")
+        update = ClientUpdate(
+            {"q": LoraFactors(A=torch.full((2, 8), fill), B=torch.ones(8, 2), scaling=2.0)}, num_examples, "client"
+        )
         answer = Message(over_the_wire(update_content(job_config(m.content), update, TrainingLog())), reply_to=m)
         if sender is not None:
             answer.metadata.__dict__["_src_node_id"] = sender
@@ -228,8 +269,14 @@ def test_a_round_takes_one_reply_per_job_from_the_node_it_was_sent_to(monkeypatc
     stray = reply(messages[0])
     stray.metadata.__dict__["_reply_to_message_id"] = "never sent"
     failed = Message(Error(3, "Traceback:\n" + "y" * 10_000), reply_to=messages[3])
-    replies = [reply(messages[0]), reply(messages[0], fill=9.0), reply(messages[1], sender=100),
-               reply(messages[2], num_examples=6), failed, stray]
+    replies = [
+        reply(messages[0]),
+        reply(messages[0], fill=9.0),
+        reply(messages[1], sender=100),
+        reply(messages[2], num_examples=6),
+        failed,
+        stray,
+    ]
     strategy.aggregate_train(1, replies)
     results, failures = federation.finished
     (kept,) = results["shared"]
@@ -283,9 +330,23 @@ def test_a_node_is_the_client_its_partition_id_names():
             node_client(context(**{"partition-id": bad}), config)
 
 
-BAD_JOB_FIELDS = [("round", 0), ("round", "1"), ("client", -1), ("client", 2.0), ("rank", 0), ("rank", True),
-                  ("alpha", math.nan), ("alpha", -4.0), ("alpha", "4"), ("seed", 1.5), ("base-deltas", 1),
-                  ("base-deltas", -1), ("sends-a", 1), ("group", 7), ("config", b"seed = 0")]
+BAD_JOB_FIELDS = [
+    ("round", 0),
+    ("round", "1"),
+    ("client", -1),
+    ("client", 2.0),
+    ("rank", 0),
+    ("rank", True),
+    ("alpha", math.nan),
+    ("alpha", -4.0),
+    ("alpha", "4"),
+    ("seed", 1.5),
+    ("base-deltas", 1),
+    ("base-deltas", -1),
+    ("sends-a", 1),
+    ("group", 7),
+    ("config", b"seed = 0"),
+]
 
 
 @pytest.mark.parametrize("field, value", BAD_JOB_FIELDS + [(f, None) for f in sorted({f for f, _ in BAD_JOB_FIELDS})])
@@ -348,8 +409,13 @@ class LoopbackGrid(Grid):
     def __init__(self, app, num_nodes: int):
         self.app = app
         self.contexts = {
-            100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config={})
+            100 + k: Context(
+                run_id=1,
+                node_id=100 + k,
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for k in range(num_nodes)
         }
         self.replies: dict[str, Message] = {}
@@ -440,8 +506,13 @@ def traffic(path: Path) -> list[dict]:
 
 
 def test_the_flower_app_reproduces_the_in_process_engine_under_reinit_and_sampling(tmp_path, loopback):
-    args = (ALL_METHODS, 'federation.scheme="reinit"', "federation.clients_per_round=2", "federation.rounds=2",
-            'federation.thresholds="0.5,0.9"')
+    args = (
+        ALL_METHODS,
+        'federation.scheme="reinit"',
+        "federation.clients_per_round=2",
+        "federation.rounds=2",
+        'federation.thresholds="0.5,0.9"',
+    )
     inprocess = run(tmp_path, "inprocess", *args)
     over_flower = run(tmp_path, "flower", 'engine="flower"', *args)
     assert assert_same_runs(inprocess, over_flower) > 0
@@ -461,8 +532,14 @@ def test_a_failing_client_is_left_out_while_min_clients_reply(tmp_path, loopback
 
     real = flower_app.client_app
     monkeypatch.setattr(flower_app, "client_app", lambda load_model=None, mods=(): real(load_model, [client_2_fails]))
-    path = run(tmp_path, "r", 'engine="flower"', 'federation.methods=["fedit"]', "federation.min_clients=2",
-               "federation.rounds=2")
+    path = run(
+        tmp_path,
+        "r",
+        'engine="flower"',
+        'federation.methods=["fedit"]',
+        "federation.min_clients=2",
+        "federation.rounds=2",
+    )
     records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["participants"] for r in records] == [[0, 1], [0, 1]]
     for line in traffic(path):
@@ -486,8 +563,18 @@ def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_
 
     args = [ALL_METHODS, "federation.rounds=2", 'federation.thresholds="0.5,0.9"']
     began = time.perf_counter()
-    cli = CliRunner().invoke(app, ["run", "--engine", "flower", "--quiet", "--output", str(tmp_path / "flower"),
-                                   *[x for a in FAST + args for x in ("--set", a)]])
+    cli = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--engine",
+            "flower",
+            "--quiet",
+            "--output",
+            str(tmp_path / "flower"),
+            *[x for a in FAST + args for x in ("--set", a)],
+        ],
+    )
     seconds = time.perf_counter() - began
     assert cli.exit_code == 0, cli.output
     print(f"florist run --engine flower: {seconds:.1f} s")
@@ -496,8 +583,11 @@ def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_
 
     # the adapter traffic counted from the messages is florist.communication's: uploads in the round, and the
     # round-1 global adapters as they go down in round 2 (the merged update the clients train on)
-    records = {(r["round"], r["branch"]): r["communication"]
-               for r in (json.loads(x) for x in (inprocess / "metrics.jsonl").read_text().splitlines()) if r["round"]}
+    records = {
+        (r["round"], r["branch"]): r["communication"]
+        for r in (json.loads(x) for x in (inprocess / "metrics.jsonl").read_text().splitlines())
+        if r["round"]
+    }
     lines = traffic(tmp_path / "flower")
     for line in lines:
         for branch in line["branches"]:

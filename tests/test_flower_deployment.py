@@ -39,21 +39,28 @@ BIN = Path(sys.executable).parent
 
 def write_tls(directory: Path) -> None:
     """A throwaway CA and a server certificate for 127.0.0.1, signed by it."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "florist test CA")])
 
     def certificate(subject, public_key, extensions):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public_key)
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1)))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
         for extension, critical in extensions:
             builder = builder.add_extension(extension, critical=critical)
         return builder.sign(ca_key, hashes.SHA256())
 
     ca = certificate(ca_name, ca_key.public_key(), [(x509.BasicConstraints(ca=True, path_length=None), True)])
     server = certificate(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), key.public_key(),
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]),
+        key.public_key(),
         [(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)],
     )
     (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
@@ -67,8 +74,9 @@ def write_node_key(directory: Path, name: str) -> Path:
     """A SuperNode's P-384 key pair in OpenSSH format, as ``flower-supernode`` and ``flwr supernode register`` read it."""
     key = ec.generate_private_key(ec.SECP384R1())
     private = directory / name
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     (directory / f"{name}.pub").write_bytes(
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
@@ -124,9 +132,15 @@ class Federation:
         self.port = free_port()
         self.processes: list[subprocess.Popen] = []
         self.nodes: dict[int, subprocess.Popen] = {}
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "FLWR_HOME": str(root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
-                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(root / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         (root / "flwr-home").mkdir()
         (root / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -135,8 +149,14 @@ class Federation:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=self.root, start_new_session=True)
+        process = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            start_new_session=True,
+        )
         self.processes.append(process)
         return process
 
@@ -144,27 +164,58 @@ class Federation:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
 
     def start_superlink(self) -> None:
-        self.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(self.pki / "ca.crt"), "--ssl-certfile", str(self.pki / "server.pem"),
-            "--ssl-keyfile", str(self.pki / "server.key"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
-        ])
+        self.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile",
+                str(self.pki / "ca.crt"),
+                "--ssl-certfile",
+                str(self.pki / "server.pem"),
+                "--ssl-keyfile",
+                str(self.pki / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
         wait_for(lambda: "Uvicorn running on https://" in self.log("superlink"), 120, "the SuperLink to listen")
 
     def start_supernode(self, name: str, key: Path, node_config: str) -> subprocess.Popen:
-        return self.start(name, [
-            "flower-supernode", "--root-certificates", str(self.pki / "ca.crt"), "--superlink", f"127.0.0.1:{self.port}",
-            "--auth-supernode-private-key", str(key), "--node-config", node_config,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3",
-        ])
+        return self.start(
+            name,
+            [
+                "flower-supernode",
+                "--root-certificates",
+                str(self.pki / "ca.crt"),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--auth-supernode-private-key",
+                str(key),
+                "--node-config",
+                node_config,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "3",
+            ],
+        )
 
     def online_nodes(self) -> list[dict]:
         listing = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
-        nodes = json.loads(listing.stdout[listing.stdout.index("{"):]).get("nodes", []) if "{" in listing.stdout else []
+        nodes = (
+            json.loads(listing.stdout[listing.stdout.index("{") :]).get("nodes", []) if "{" in listing.stdout else []
+        )
         return [n for n in nodes if n.get("status") == "online"]
 
     def stop_all(self) -> None:
@@ -222,7 +273,7 @@ server = server_app(load_model=tiny)
 client = client_app(load_model=tiny, mods=[stall_when_told])
 '''
 
-APP_PYPROJECT = '''
+APP_PYPROJECT = """
 [project]
 name = "florist-deployment-test"
 version = "1.0.0"
@@ -242,7 +293,7 @@ config = ""
 overwrite = false
 round-timeout = 300.0
 node-wait = 180.0
-'''
+"""
 
 
 def write_app(root: Path) -> tuple[Path, Path]:
@@ -254,8 +305,10 @@ def write_app(root: Path) -> tuple[Path, Path]:
     data = root / "data"
     data.mkdir()
     for k, n in enumerate(SIZES):
-        rows = [{"instruction": f"Which client holds fact {i}?", "input": "", "output": f"Client {k} holds fact {i}."}
-                for i in range(n)]
+        rows = [
+            {"instruction": f"Which client holds fact {i}?", "input": "", "output": f"Client {k} holds fact {i}."}
+            for i in range(n)
+        ]
         (data / f"client_{k}.json").write_text(json.dumps(rows))
     config = root / "run.toml"
     config.write_text(f'''
@@ -323,7 +376,7 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(federation)
     began = time.monotonic()
     submitted = federation.flwr("run", str(app), CONNECTION, "--run-config", f'config="{config}"', "--format", "json")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"]
+    run_id = json.loads(submitted.stdout[submitted.stdout.index("{") :])["run-id"]
 
     # client 2's ClientApp has its round-1 job and stalls; its SuperNode dies with it
     wait_for(lambda: (federation.root / "client-2-training").exists(), 400, "client 2 to start training")
@@ -331,7 +384,7 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(federation)
 
     def finished():
         listing = federation.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", []) if "{" in listing.stdout else []
+        runs = json.loads(listing.stdout[listing.stdout.index("{") :]).get("runs", []) if "{" in listing.stdout else []
         return runs[0]["status"] if runs and runs[0]["status"].startswith("finished") else None
 
     status = wait_for(finished, 600, "the run to finish", interval=5)
@@ -350,6 +403,8 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(federation)
     assert status_of[(2, 2)] == "no SuperNode online for this client"
     # each SuperNode trained on its own client's file
     for k in (0, 1):
-        info = json.loads((run_dir / "rounds" / "001" / "clients" / "shared" / f"client_{k}" / "client.json").read_text())
+        info = json.loads(
+            (run_dir / "rounds" / "001" / "clients" / "shared" / f"client_{k}" / "client.json").read_text()
+        )
         assert info["num_examples"] == SIZES[k]
     assert (run_dir / "results.md").exists()

@@ -9,9 +9,9 @@ never another exception, a crash or a hang. Each example runs under a hypothesis
 from __future__ import annotations
 
 import contextlib
-import os
 import json
 import math
+import os
 import re
 import signal
 import struct
@@ -64,12 +64,51 @@ def no_hang(seconds: int = ALARM_SECONDS):
 # --- adapter files ---------------------------------------------------------------------------------------------------
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
-TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int32, torch.int64,
-                torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
-HEADER_DTYPES = ["F32", "F16", "BF16", "F64", "I8", "I32", "I64", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "C64", "F128", "",
-                 "f32", "XYZ"]
-SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
-         "F8_E5M2": 1, "C64": 8}
+TORCH_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+HEADER_DTYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I8",
+    "I32",
+    "I64",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "C64",
+    "F128",
+    "",
+    "f32",
+    "XYZ",
+]
+SIZES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I8": 1,
+    "I32": 4,
+    "I64": 8,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "C64": 8,
+}
 
 
 def tensor_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int, special: float | None) -> torch.Tensor:
@@ -81,7 +120,9 @@ def tensor_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int, special: fl
 
 
 shapes_2d = st.tuples(st.integers(0, 6), st.integers(0, 6))
-any_shape = st.one_of(shapes_2d, st.tuples(st.integers(0, 5)), st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)))
+any_shape = st.one_of(
+    shapes_2d, st.tuples(st.integers(0, 5)), st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+)
 
 
 def rarely(draw, strategy, usual, one_in: int = 8):
@@ -118,16 +159,39 @@ pattern_keys = st.sampled_from(["q_proj", "v_proj", "layers.0.self_attn.q_proj",
 
 
 def plain_config(rank: int) -> dict:
-    return {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+    return {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+    }
 
 
 @st.composite
 def fuzzed_configs(draw, rank: int) -> bytes:
     """A plain LoRA config whose r fits the tensors, with fields replaced by arbitrary JSON, or not JSON at all."""
     config = plain_config(rank)
-    for key in draw(st.lists(st.sampled_from(["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
-                                              "use_rslora", "use_dora", "bias", "init_lora_weights",
-                                              "modules_to_save", "target_modules"]), max_size=2)):
+    for key in draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "peft_type",
+                    "r",
+                    "lora_alpha",
+                    "rank_pattern",
+                    "alpha_pattern",
+                    "use_rslora",
+                    "use_dora",
+                    "bias",
+                    "init_lora_weights",
+                    "modules_to_save",
+                    "target_modules",
+                ]
+            ),
+            max_size=2,
+        )
+    ):
         config[key] = draw(json_values)
     if draw(st.booleans()):
         config["rank_pattern"] = draw(st.dictionaries(pattern_keys, st.integers(-1, 5) | json_values, max_size=2))
@@ -156,20 +220,27 @@ def handmade_files(draw) -> bytes:
     for name in draw(st.lists(st.sampled_from(MODULES), max_size=2, unique=True)):
         for factor in "AB":
             dtype = draw(st.sampled_from(HEADER_DTYPES))
-            shape = draw(st.one_of(
-                st.lists(st.integers(0, 8), min_size=0, max_size=3),
-                st.just([10**6, 10**6]),  # 10^12 elements
-                st.lists(st.sampled_from([-1, 2**63, 2**64 + 1, 10**12]), min_size=1, max_size=2),
-            ))
+            shape = draw(
+                st.one_of(
+                    st.lists(st.integers(0, 8), min_size=0, max_size=3),
+                    st.just([10**6, 10**6]),  # 10^12 elements
+                    st.lists(st.sampled_from([-1, 2**63, 2**64 + 1, 10**12]), min_size=1, max_size=2),
+                )
+            )
             size = math.prod(shape) * SIZES.get(dtype, 4) if all(isinstance(d, int) and d >= 0 for d in shape) else 8
             end = offset + size if draw(st.booleans()) else draw(st.integers(-4, 2**64 + 4))
-            header[f"base_model.model.{name}.lora_{factor}.weight"] = {"dtype": dtype, "shape": shape,
-                                                                        "data_offsets": [offset, end]}
+            header[f"base_model.model.{name}.lora_{factor}.weight"] = {
+                "dtype": dtype,
+                "shape": shape,
+                "data_offsets": [offset, end],
+            }
             offset = end if isinstance(end, int) and 0 <= end < 2**20 else offset
     if draw(st.booleans()):
         header["__metadata__"] = draw(st.sampled_from([{"format": "pt"}, {"format": 1}, [1], "x", None]))
     data_length = min(offset, 2**16) if draw(st.booleans()) else draw(st.integers(0, 256))
-    data = draw(st.binary(min_size=min(data_length, 256), max_size=min(data_length, 256))) + bytes(max(0, data_length - 256))
+    data = draw(st.binary(min_size=min(data_length, 256), max_size=min(data_length, 256))) + bytes(
+        max(0, data_length - 256)
+    )
     declared = draw(st.sampled_from([None, None, None, 0, 7, 2**32, 2**63, 2**64 - 1]))
     body: object = header if draw(st.integers(0, 9)) else draw(json_values | st.binary(max_size=32))
     return header_file(body, data, declared)
@@ -181,7 +252,7 @@ def mutated_files(draw) -> bytes:
     raw = bytearray(save(draw(lora_tensors())))
     kind = draw(st.sampled_from(["truncate", "flip", "length", "append", "intact"]))
     if kind == "truncate":
-        del raw[draw(st.integers(0, len(raw) - 1)):]
+        del raw[draw(st.integers(0, len(raw) - 1)) :]
     elif kind == "flip":
         for _ in range(draw(st.integers(1, 8))):
             raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
@@ -245,8 +316,11 @@ def test_files_of_any_tensors_are_read_or_refused(tmp_path_factory, tensors):
 @given(data=st.data())
 def test_any_config_is_read_or_refused(tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "fuzz-config"
-    tensors = {f"base_model.model.{name}.lora_{f}.weight": torch.ones(shape) for name in MODULES
-               for f, shape in (("A", (2, 4)), ("B", (3, 2)))}
+    tensors = {
+        f"base_model.model.{name}.lora_{f}.weight": torch.ones(shape)
+        for name in MODULES
+        for f, shape in (("A", (2, 4)), ("B", (3, 2)))
+    }
     write_dir(path, data.draw(fuzzed_configs(2)), save(tensors))
     assert_read_ends_cleanly(path)
 
@@ -287,8 +361,11 @@ BAD_NUMBERS = [0.0, -1.0, math.nan, math.inf, -math.inf, 1e200, 10**400, True, "
 
 def with_factor(u: ClientUpdate, name: str, **changes) -> ClientUpdate:
     f = u.modules[name]
-    return ClientUpdate({**u.modules, name: LoraFactors(**{"A": f.A, "B": f.B, "scaling": f.scaling, **changes})},
-                        u.num_examples, u.client_id)
+    return ClientUpdate(
+        {**u.modules, name: LoraFactors(**{"A": f.A, "B": f.B, "scaling": f.scaling, **changes})},
+        u.num_examples,
+        u.client_id,
+    )
 
 
 def poked(t: torch.Tensor, value: float) -> torch.Tensor:
@@ -304,11 +381,13 @@ DEFECTS = {
     "huge factors": lambda u, name, x: with_factor(u, name, A=u.modules[name].A * 1e20, B=u.modules[name].B * 1e20),
     "huge scaling, zero B": lambda u, name, x: with_factor(u, name, B=u.modules[name].B * 0, scaling=1e40),
     "fine product, factors beyond float32": lambda u, name, x: with_factor(
-        u, name, A=u.modules[name].A.double() * 1e-150, B=u.modules[name].B.double() * 1e150),
+        u, name, A=u.modules[name].A.double() * 1e-150, B=u.modules[name].B.double() * 1e150
+    ),
     "large update": lambda u, name, x: with_factor(u, name, B=u.modules[name].B * 1e3),
     "tiny factors": lambda u, name, x: with_factor(u, name, A=u.modules[name].A * 1e-30),
-    "higher rank": lambda u, name, x: with_factor(u, name, A=torch.cat([u.modules[name].A] * 3),
-                                                  B=torch.cat([u.modules[name].B] * 3, dim=1)),
+    "higher rank": lambda u, name, x: with_factor(
+        u, name, A=torch.cat([u.modules[name].A] * 3), B=torch.cat([u.modules[name].B] * 3, dim=1)
+    ),
     "ranks of B and A differ": lambda u, name, x: with_factor(u, name, B=u.modules[name].B[:, :-1]),
     "rank 0": lambda u, name, x: with_factor(u, name, A=u.modules[name].A[:0], B=u.modules[name].B[:, :0]),
     "wrong weight shape": lambda u, name, x: with_factor(u, name, A=torch.ones(u.modules[name].rank, 7)),
@@ -319,12 +398,18 @@ DEFECTS = {
     "scaling": lambda u, name, x: with_factor(u, name, scaling=x["number"]),
     "num_examples": lambda u, name, x: ClientUpdate(u.modules, x["number"], u.client_id),
     "zero examples": lambda u, name, x: ClientUpdate(u.modules, 0, u.client_id),
-    "missing module": lambda u, name, x: ClientUpdate({n: f for n, f in u.modules.items() if n != name}, u.num_examples, u.client_id),
+    "missing module": lambda u, name, x: ClientUpdate(
+        {n: f for n, f in u.modules.items() if n != name}, u.num_examples, u.client_id
+    ),
     "extra module": lambda u, name, x: ClientUpdate({**u.modules, "k": u.modules[name]}, u.num_examples, u.client_id),
     "no modules": lambda u, name, x: ClientUpdate({}, u.num_examples, u.client_id),
-    "not a pair": lambda u, name, x: ClientUpdate({**u.modules, name: (u.modules[name].A, u.modules[name].B)}, u.num_examples, u.client_id),
+    "not a pair": lambda u, name, x: ClientUpdate(
+        {**u.modules, name: (u.modules[name].A, u.modules[name].B)}, u.num_examples, u.client_id
+    ),
     "float64": lambda u, name, x: with_factor(u, name, A=u.modules[name].A.double(), B=u.modules[name].B.double()),
-    "half precision": lambda u, name, x: with_factor(u, name, A=u.modules[name].A.half(), B=u.modules[name].B.bfloat16()),
+    "half precision": lambda u, name, x: with_factor(
+        u, name, A=u.modules[name].A.half(), B=u.modules[name].B.bfloat16()
+    ),
 }
 PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BAD_DTYPES = [torch.int64, torch.int8, torch.bool, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64]
@@ -337,16 +422,25 @@ def client_updates(draw, max_clients: int = 4, shapes: dict | None = None) -> li
     updates = []
     for k in range(draw(st.integers(1, max_clients)) if draw(st.integers(0, 9)) else 0):
         rank = draw(st.integers(1, 4))
-        modules = {name: LoraFactors(A=tensor_of(torch.float32, (rank, n), draw(st.integers(0, 2**16)), None),
-                                     B=tensor_of(torch.float32, (m, rank), draw(st.integers(0, 2**16)), None),
-                                     scaling=draw(st.sampled_from([0.5, 1.0, 2.0])))
-                   for name, (m, n) in shapes.items()}
+        modules = {
+            name: LoraFactors(
+                A=tensor_of(torch.float32, (rank, n), draw(st.integers(0, 2**16)), None),
+                B=tensor_of(torch.float32, (m, rank), draw(st.integers(0, 2**16)), None),
+                scaling=draw(st.sampled_from([0.5, 1.0, 2.0])),
+            )
+            for name, (m, n) in shapes.items()
+        }
         updates.append(ClientUpdate(modules, draw(st.integers(1, 50)), f"client {k}"))
     for defect in draw(st.lists(st.sampled_from(sorted(DEFECTS)), max_size=3)) if updates else []:
         k, name = draw(st.integers(0, len(updates) - 1)), draw(st.sampled_from(sorted(shapes)))
         f = updates[k].modules.get(name)
-        if not (isinstance(f, LoraFactors) and all(isinstance(t, torch.Tensor) and t.ndim == 2 and t.numel()
-                                                   and t.dtype in PLAIN_FLOATS for t in (f.A, f.B))):
+        if not (
+            isinstance(f, LoraFactors)
+            and all(
+                isinstance(t, torch.Tensor) and t.ndim == 2 and t.numel() and t.dtype in PLAIN_FLOATS
+                for t in (f.A, f.B)
+            )
+        ):
             continue  # an earlier defect took this pair apart
         x = {"dtype": draw(st.sampled_from(BAD_DTYPES)), "number": draw(st.sampled_from(BAD_NUMBERS))}
         updates[k] = DEFECTS[defect](updates[k], name, x)
@@ -371,8 +465,12 @@ weight_lists = st.none() | st.none() | st.lists(st.floats(0, 10) | st.sampled_fr
 
 
 @FUZZ
-@given(updates=client_updates(), weights=weight_lists, method=st.sampled_from(sorted(METHODS)),
-       threshold=st.sampled_from([0.9, 0.9, 0.5, 1.0, 0.0, -1.0, 1.5, math.nan]))
+@given(
+    updates=client_updates(),
+    weights=weight_lists,
+    method=st.sampled_from(sorted(METHODS)),
+    threshold=st.sampled_from([0.9, 0.9, 0.5, 1.0, 0.0, -1.0, 1.5, math.nan]),
+)
 def test_aggregate_returns_a_finite_adapter_or_names_what_is_wrong(updates, weights, method, threshold):
     with no_hang():
         try:
@@ -386,8 +484,12 @@ def test_aggregate_returns_a_finite_adapter_or_names_what_is_wrong(updates, weig
 
 
 @FUZZ
-@given(updates=client_updates(), weights=weight_lists, max_rank=st.none() | st.integers(0, 4),
-       max_norm=st.sampled_from([0.0, 0.0, 1e-3, 1.0, 100.0]))
+@given(
+    updates=client_updates(),
+    weights=weight_lists,
+    max_rank=st.none() | st.integers(0, 4),
+    max_norm=st.sampled_from([0.0, 0.0, 1e-3, 1.0, 100.0]),
+)
 def test_prepare_accepts_only_what_the_methods_can_use(updates, weights, max_rank, max_norm):
     with no_hang():
         try:
@@ -433,8 +535,14 @@ def test_screening_never_lets_a_bad_update_through(updates, data):
 # --- Flower replies --------------------------------------------------------------------------------------------------
 
 config_values = st.one_of(
-    st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8), st.binary(max_size=8), st.booleans(),
-    st.lists(st.integers(-5, 5), max_size=3), st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=4), max_size=3),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.booleans(),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.lists(st.floats(), max_size=3),
+    st.lists(st.text(max_size=4), max_size=3),
 )
 NUMPY_DTYPES = ["<f4", "<f8", "<f2", "<i8", "|b1", "<c8", "|u1", ">f4"]
 
@@ -451,7 +559,9 @@ def flower_arrays(draw):
     if kind == "bytes":
         return Array(dtype="<f4", shape=(2, 2), stype="numpy.ndarray", data=draw(st.binary(max_size=200)))
     shape = tuple(draw(st.lists(st.sampled_from([0, 1, 2, 64, 10**6, 2**40]), min_size=1, max_size=3)))
-    header = f"{{'descr': '{draw(st.sampled_from(NUMPY_DTYPES))}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header = (
+        f"{{'descr': '{draw(st.sampled_from(NUMPY_DTYPES))}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    )
     header += b" " * (-(len(header) + 11) % 64) + b"\n"
     data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + draw(st.binary(max_size=64))
     return Array(dtype="<f4", shape=shape, stype="numpy.ndarray", data=data)
@@ -475,17 +585,26 @@ def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
     shapes = {"q": (8, 6), "v": (4, 6)}
     start = ClientStart(2, 4.0, 1, frozen_a={n: torch.ones(4, i) for n, (o, i) in shapes.items()} if frozen else None)
     job = ClientJob(1, start)
-    honest = ClientUpdate({n: LoraFactors(A=torch.ones(2, i), B=torch.ones(o, 2), scaling=2.0) for n, (o, i) in shapes.items()},
-                          5, "client 1")
+    honest = ClientUpdate(
+        {n: LoraFactors(A=torch.ones(2, i), B=torch.ones(o, 2), scaling=2.0) for n, (o, i) in shapes.items()},
+        5,
+        "client 1",
+    )
     content = update_content(job_config(job_content(job, 1, "g", not frozen, "")), honest, TrainingLog(losses=[1.0]))
     record, meta = content.array_records["update"], content.config_records["meta"]
     for _ in range(data.draw(st.integers(1, 3))):
         change = data.draw(st.sampled_from(["array", "array", "drop array", "extra array", "meta", "drop meta"]))
         if change == "array" or change == "extra array":
-            key = data.draw(st.sampled_from(sorted(record))) if change == "array" else data.draw(st.sampled_from(["x", "q.C", "k.A"]))
+            key = (
+                data.draw(st.sampled_from(sorted(record)))
+                if change == "array"
+                else data.draw(st.sampled_from(["x", "q.C", "k.A"]))
+            )
             record[key] = data.draw(flower_arrays())
             if data.draw(st.integers(0, 9)) == 0:  # and declares a dtype and shape that mean nothing
-                record[key].__dict__.update(dtype=data.draw(st.sampled_from(["garbage", "<f4", "O"])), shape=(-1, 2**70))
+                record[key].__dict__.update(
+                    dtype=data.draw(st.sampled_from(["garbage", "<f4", "O"])), shape=(-1, 2**70)
+                )
         elif change == "drop array" and len(record) > 1:
             del record[data.draw(st.sampled_from(sorted(record)))]
         elif change == "meta":
@@ -509,8 +628,17 @@ def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
 
 BAD_CLIENT_INDICES = [-1, -(2**63), 2**63 - 1, 99, True, False, 1.0, 0.5, math.nan, math.inf, "0", b"0", [0], [], ""]
 BAD_COUNTS = [-1, -(2**63), 2**63 - 1, True, False, 2.0, math.nan, -math.inf, "5", b"5", [5], [], ""]
-HOSTILE_DESCRIPTIONS = ["error", "bad partition-id", "bad num-examples", "too many examples", "missing field",
-                        "no node record", "extra field", "extra record", "wrong sender"]
+HOSTILE_DESCRIPTIONS = [
+    "error",
+    "bad partition-id",
+    "bad num-examples",
+    "too many examples",
+    "missing field",
+    "no node record",
+    "extra field",
+    "extra record",
+    "wrong sender",
+]
 
 
 def described(question, client: int, num_examples: int):
@@ -565,7 +693,11 @@ def hostile_describers(draw, node: int, clients: int, missing: list[int], max_ex
     elif kind == "extra field":
         fields[draw(st.sampled_from(["client", "partition", "num-examples ", "x" * 100]))] = draw(config_values)
     elif kind == "extra record":
-        extra = [ConfigRecord({"partition-id": 0}), MetricRecord({"num-examples": 5}), ArrayRecord({"a": Array(np.zeros(2))})]
+        extra = [
+            ConfigRecord({"partition-id": 0}),
+            MetricRecord({"num-examples": 5}),
+            ArrayRecord({"a": Array(np.zeros(2))}),
+        ]
         records[draw(st.sampled_from(["meta", "update", "x"]))] = draw(st.sampled_from(extra))
     sender = draw(st.sampled_from([i for i in ids if i != node] + [2**64 - 1])) if kind == "wrong sender" else None
     traceback = "Traceback (most recent call last):\n  File ...\n" + "x" * 5000
@@ -593,8 +725,9 @@ def node_directory():
 
 @FUZZ
 @given(data=st.data(), clients=st.integers(2, 6), max_examples=st.sampled_from([50, 10**12]))
-def test_hostile_supernode_descriptions_are_refused_and_the_honest_ones_mapped(node_directory, data, clients,
-                                                                                 max_examples):
+def test_hostile_supernode_descriptions_are_refused_and_the_honest_ones_mapped(
+    node_directory, data, clients, max_examples
+):
     """Whatever a SuperNode answers to ``query.describe``, ``NodeDirectory`` maps the honest ones to their clients and
     sizes, refuses every other with a log line naming it, and never lets one take, resize or fill a client's place."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -608,7 +741,7 @@ def test_hostile_supernode_descriptions_are_refused_and_the_honest_ones_mapped(n
     ids = data.draw(st.lists(st.integers(1, 2**63), unique=True, min_size=n_ids, max_size=n_ids))
     honest = dict(zip(honest_clients, ids))  # client -> node
     sizes = {k: data.draw(st.integers(0, max_examples - 1)) for k in honest_clients}
-    bad_ids, late_ids, restarted = ids[len(honest):len(honest) + n_bad], ids[len(honest) + n_bad:-1], ids[-1]
+    bad_ids, late_ids, restarted = ids[len(honest) : len(honest) + n_bad], ids[len(honest) + n_bad : -1], ids[-1]
     grid = DescribingGrid()
 
     def honest_answer(client):
@@ -621,6 +754,7 @@ def test_hostile_supernode_descriptions_are_refused_and_the_honest_ones_mapped(n
                 if noise == "stray reply":
                     replies[-1].metadata.__dict__["_reply_to_message_id"] = "never asked"
             return replies
+
         return answer
 
     with pytest.MonkeyPatch.context() as mp, no_hang():

@@ -32,8 +32,12 @@ def test_linear_cross_entropy_matches_cross_entropy_of_the_logits(n, d, vocab, s
 def lora_model(seed: int = 0):
     model, _ = tiny_llama(seed, vocab_size=256)
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+        ),
+    )
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:

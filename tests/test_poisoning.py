@@ -54,9 +54,11 @@ def honest_update(seed: int, rank: int, dtype: torch.dtype, name: str, shared_a:
     for module, (m, n) in SHAPES.items():
         fresh = (torch.rand(rank, n, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(n)  # PEFT's init
         A = shared_a[module][:rank] if shared_a else fresh
-        modules[module] = LoraFactors(A=A.to(dtype),
-                                      B=(0.1 * torch.randn(m, rank, generator=g, dtype=torch.float64)).to(dtype),
-                                      scaling=HONEST_SCALING)
+        modules[module] = LoraFactors(
+            A=A.to(dtype),
+            B=(0.1 * torch.randn(m, rank, generator=g, dtype=torch.float64)).to(dtype),
+            scaling=HONEST_SCALING,
+        )
     return ClientUpdate(modules, 10 + seed % 7, name)
 
 
@@ -84,8 +86,9 @@ def poisoned(update: ClientUpdate, exponents, dtype: torch.dtype, frozen_a: bool
     modules = {}
     for module, f in update.modules.items():
         B = scaled(f.B, b, dtype)
-        modules[module] = LoraFactors(A=f.A if frozen_a else scaled(f.A, a, dtype), B=B * 0 if zero_b else B,
-                                      scaling=f.scaling * 10.0**s)
+        modules[module] = LoraFactors(
+            A=f.A if frozen_a else scaled(f.A, a, dtype), B=B * 0 if zero_b else B, scaling=f.scaling * 10.0**s
+        )
     return ClientUpdate(modules, update.num_examples, HOSTILE)
 
 
@@ -93,13 +96,28 @@ def poisoned(update: ClientUpdate, exponents, dtype: torch.dtype, frozen_a: bool
 def rounds(draw, frozen_a: bool = False):
     """Honest updates of mixed dtypes and ranks, and a hostile one placed first or last."""
     # FFA's shared A, exact in every dtype (bfloat16's), so that each client holds the very same A
-    shared = {n: (torch.rand(4, k, generator=torch.Generator().manual_seed(1)) - 0.5).bfloat16().double()
-              for n, (_, k) in SHAPES.items()} if frozen_a else None
-    honest = [honest_update(draw(st.integers(0, 2**16)), draw(st.integers(1, 4)), draw(st.sampled_from(DTYPES)),
-                            f"client {k}", shared) for k in range(draw(st.integers(1, 3)))]
+    shared = (
+        {
+            n: (torch.rand(4, k, generator=torch.Generator().manual_seed(1)) - 0.5).bfloat16().double()
+            for n, (_, k) in SHAPES.items()
+        }
+        if frozen_a
+        else None
+    )
+    honest = [
+        honest_update(
+            draw(st.integers(0, 2**16)), draw(st.integers(1, 4)), draw(st.sampled_from(DTYPES)), f"client {k}", shared
+        )
+        for k in range(draw(st.integers(1, 3)))
+    ]
     exponents = draw(poisonings())
-    base = honest_update(draw(st.integers(0, 2**16)), 4 if frozen_a else draw(st.integers(1, 4)),
-                         draw(st.sampled_from(DTYPES)), HOSTILE, shared)
+    base = honest_update(
+        draw(st.integers(0, 2**16)),
+        4 if frozen_a else draw(st.integers(1, 4)),
+        draw(st.sampled_from(DTYPES)),
+        HOSTILE,
+        shared,
+    )
     hostile = poisoned(base, exponents, draw(st.sampled_from(DTYPES)), frozen_a)
     first = draw(st.booleans())
     event(f"hostile {'first' if first else 'last'}")
@@ -163,8 +181,9 @@ def test_prepare_passes_only_what_every_method_and_the_sweep_keep_finite(data, t
 @given(data=rounds(), max_norm=st.sampled_from([0.0, 10.0, 1e6]))
 def test_screening_keeps_every_honest_client_and_leaves_the_hostile_out_or_harmless(data, max_norm):
     updates, honest = data
-    accepted, rejected = screen_updates(updates, SHAPES, max_ranks=[4] * len(updates),
-                                        scalings=[(HONEST_SCALING,)] * len(updates), max_norm=max_norm)
+    accepted, rejected = screen_updates(
+        updates, SHAPES, max_ranks=[4] * len(updates), scalings=[(HONEST_SCALING,)] * len(updates), max_norm=max_norm
+    )
     assert [updates[k].client_id for k in rejected] in ([], [HOSTILE])
     assert all(reason.startswith(f"{HOSTILE}, module ") for reason in rejected.values())
     kept = [updates[k] for k in accepted]
@@ -181,8 +200,14 @@ def test_screening_keeps_every_honest_client_and_leaves_the_hostile_out_or_harml
 def test_sweep_over_unchecked_updates_is_finite_or_names_the_method(data):
     """The sweep trusts its caller to have prepared the updates; handed hostile ones it still hands out no NaN."""
     updates, _ = data
-    as_float32 = [ClientUpdate({n: LoraFactors(f.A.float(), f.B.float(), f.scaling) for n, f in u.modules.items()},
-                               u.num_examples, u.client_id) for u in updates]
+    as_float32 = [
+        ClientUpdate(
+            {n: LoraFactors(f.A.float(), f.B.float(), f.scaling) for n, f in u.modules.items()},
+            u.num_examples,
+            u.client_id,
+        )
+        for u in updates
+    ]
     weights = normalized_weights(as_float32, None)
     try:
         results = sweep(as_float32, weights, [0.9, 1.0])
@@ -203,8 +228,18 @@ def test_the_asked_scaling_follows_peft():
     assert asked_scalings(8.0, 1, None) == (8.0,)  # r = 1: the two rules agree
 
 
-@pytest.mark.parametrize("scaling, accepted", [(2.0, True), (2.0 * (1 + 1e-9), True), (2.0000002, True),
-                                               (2.1, False), (4.0, False), (1e40, False), (1e-300, False)])
+@pytest.mark.parametrize(
+    "scaling, accepted",
+    [
+        (2.0, True),
+        (2.0 * (1 + 1e-9), True),
+        (2.0000002, True),
+        (2.1, False),
+        (4.0, False),
+        (1e40, False),
+        (1e-300, False),
+    ],
+)
 def test_a_scaling_other_than_the_asked_one_is_refused(scaling, accepted):
     update = honest_update(3, 2, torch.float32, "client 0")
     update = ClientUpdate({n: LoraFactors(f.A, f.B, scaling) for n, f in update.modules.items()}, 5, "client 0")
@@ -256,12 +291,15 @@ def pair(**changes) -> ModuleAggregate:
     return ModuleAggregate(**{"A": torch.ones(2, 5), "B": torch.ones(6, 2), "singular_values": None, **changes})
 
 
-@pytest.mark.parametrize("bad, where", [
-    ({"A": torch.full((2, 5), math.nan)}, "global adapter has A"),
-    ({"B": torch.full((6, 2), math.inf, dtype=torch.float64)}, "global adapter has B"),
-    ({"B": torch.full((6, 2), 1e39, dtype=torch.float64)}, "global adapter has B"),  # finite, but not in float32
-    ({"singular_values": torch.tensor([1.0, math.nan])}, "global adapter has singular values"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"A": torch.full((2, 5), math.nan)}, "global adapter has A"),
+        ({"B": torch.full((6, 2), math.inf, dtype=torch.float64)}, "global adapter has B"),
+        ({"B": torch.full((6, 2), 1e39, dtype=torch.float64)}, "global adapter has B"),  # finite, but not in float32
+        ({"singular_values": torch.tensor([1.0, math.nan])}, "global adapter has singular values"),
+    ],
+)
 def test_a_result_with_nan_or_inf_anywhere_is_refused_naming_method_and_module(bad, where):
     with pytest.raises(AggregationError, match=rf"^flexlora, module v: the aggregated {where}"):
         check_result(AggregationResult("flexlora", {"q": pair(), "v": pair(**bad)}))
@@ -314,10 +352,22 @@ class ScriptedEngine:
 
 
 def federation(engine, methods, max_update_norm=0.0, on_round=lambda *a: None):
-    return Federation(engine, make_branches(methods, [0.5, 1.0]), ranks=RANKS, alpha_per_rank=2.0, scheme="reinit",
-                      seed=0, clients_per_round=0, min_clients=1, frozen_a=lambda round_number, rank: FROZEN,
-                      evaluate=lambda branch: {}, on_round=on_round, log=lambda message: None, module_shapes=SHAPES,
-                      max_update_norm=max_update_norm)
+    return Federation(
+        engine,
+        make_branches(methods, [0.5, 1.0]),
+        ranks=RANKS,
+        alpha_per_rank=2.0,
+        scheme="reinit",
+        seed=0,
+        clients_per_round=0,
+        min_clients=1,
+        frozen_a=lambda round_number, rank: FROZEN,
+        evaluate=lambda branch: {},
+        on_round=on_round,
+        log=lambda message: None,
+        module_shapes=SHAPES,
+        max_update_norm=max_update_norm,
+    )
 
 
 def each_pair(update: ClientUpdate, change) -> ClientUpdate:
@@ -326,8 +376,10 @@ def each_pair(update: ClientUpdate, change) -> ClientUpdate:
 
 TAMPERINGS = {
     "huge scaling, zero B": (lambda f: LoraFactors(f.A, torch.zeros_like(f.B), 1e40), "scaling 1e+40"),
-    "float64 1e150 and 1e-150": (lambda f: LoraFactors(f.A.double() * 1e-150, f.B.double() * 1e150, f.scaling),
-                                 "||s B||"),
+    "float64 1e150 and 1e-150": (
+        lambda f: LoraFactors(f.A.double() * 1e-150, f.B.double() * 1e150, f.scaling),
+        "||s B||",
+    ),
     "another scaling": (lambda f: LoraFactors(f.A, f.B, 4 * f.scaling), "scaling"),
     "float16 over the bound": (lambda f: LoraFactors(f.A.half(), (f.B * 1e3).half(), f.scaling), "update norm"),
     "another A under FFA": (lambda f: LoraFactors(f.A * 1e20, f.B, f.scaling), None),  # the server keeps its own A
@@ -352,8 +404,16 @@ def test_a_round_with_one_poisoning_client_gives_the_honest_clients_aggregate(ta
         updates = []
         for k in honest:
             sent = engine.sent[k, frozen]
-            updates.append(ClientUpdate({n: LoraFactors(FROZEN[n][: f.rank] if frozen else f.A, f.B, f.scaling)
-                                         for n, f in sent.modules.items()}, sent.num_examples, f"client {k}"))
+            updates.append(
+                ClientUpdate(
+                    {
+                        n: LoraFactors(FROZEN[n][: f.rank] if frozen else f.A, f.B, f.scaling)
+                        for n, f in sent.modules.items()
+                    },
+                    sent.num_examples,
+                    f"client {k}",
+                )
+            )
         prepared, weights = prepare(updates)
         if b.threshold is not None:
             expected = sweep(prepared, weights, [b.threshold])[b.threshold]

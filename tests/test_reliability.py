@@ -41,9 +41,17 @@ from florist.rundir import RunDirectory
 from florist.server import ClientJob, RoundFailed
 
 FAST = [
-    "data.clients=3", "data.max_examples_per_client=6", "data.cutoff=32", 'data.partition="iid"',
-    "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.01", "eval.limit=4", "eval.batch_size=8",
-    "lora.ranks=[4]", 'federation.thresholds="0.9"',
+    "data.clients=3",
+    "data.max_examples_per_client=6",
+    "data.cutoff=32",
+    'data.partition="iid"',
+    "train.batch_size=4",
+    "train.micro_batch_size=2",
+    "train.lr=0.01",
+    "eval.limit=4",
+    "eval.batch_size=8",
+    "lora.ranks=[4]",
+    'federation.thresholds="0.9"',
 ]
 Q = "model.layers.0.self_attn.q_proj"  # a module of the tiny model, 64 x 64
 
@@ -114,8 +122,11 @@ def global_of_accepted(path: Path, label: str, clients: list[int], method: str =
 
 def with_module(update: ClientUpdate, name: str, **changes) -> ClientUpdate:
     f = update.modules[name]
-    return ClientUpdate({**update.modules, name: LoraFactors(**{"A": f.A, "B": f.B, "scaling": f.scaling, **changes})},
-                        update.num_examples, update.client_id)
+    return ClientUpdate(
+        {**update.modules, name: LoraFactors(**{"A": f.A, "B": f.B, "scaling": f.scaling, **changes})},
+        update.num_examples,
+        update.client_id,
+    )
 
 
 def nan_in_b(f: LoraFactors) -> dict:
@@ -125,11 +136,15 @@ def nan_in_b(f: LoraFactors) -> dict:
 
 
 TAMPER = {  # what a hostile client does to module Q of its honest update, and what the server says about it
-    "rank above the one asked for": (lambda f: {"A": torch.cat([f.A, f.A]), "B": torch.cat([f.B, f.B], dim=1)},
-                                     f"client {{k}}, module {Q}: rank 8 exceeds the bound 4"),
+    "rank above the one asked for": (
+        lambda f: {"A": torch.cat([f.A, f.A]), "B": torch.cat([f.B, f.B], dim=1)},
+        f"client {{k}}, module {Q}: rank 8 exceeds the bound 4",
+    ),
     "NaN": (nan_in_b, f"client {{k}}, module {Q}: B contains NaN or Inf"),
-    "a weight of another shape": (lambda f: {"A": f.A[:, :32].clone()},
-                                  f"client {{k}}, module {Q}: adapts a 64x32 weight, the base model 64x64"),
+    "a weight of another shape": (
+        lambda f: {"A": f.A[:, :32].clone()},
+        f"client {{k}}, module {Q}: adapts a 64x32 weight, the base model 64x64",
+    ),
     "an update over the norm bound": (lambda f: {"B": f.B * 1e4}, f"client {{k}}, module {Q}: update norm"),
 }
 
@@ -146,7 +161,12 @@ def test_hostile_updates_are_rejected_and_the_round_goes_on_in_process(tmp_path,
         return update, log
 
     monkeypatch.setattr(LocalTrainer, "train", tampered)
-    args = ('federation.methods=["fedit"]', "data.clients=6", "federation.min_clients=2", "federation.max_update_norm=100")
+    args = (
+        'federation.methods=["fedit"]',
+        "data.clients=6",
+        "federation.min_clients=2",
+        "federation.max_update_norm=100",
+    )
     path = run(tmp_path, "r", *args)
     (record,) = records(path)
     assert record["participants"] == [0, 5]
@@ -156,7 +176,10 @@ def test_hostile_updates_are_rejected_and_the_round_goes_on_in_process(tmp_path,
     global_of_accepted(path, "fedit", [0, 5])
 
     # the same round with fewer good clients than min_clients fails before writing anything, and can be resumed
-    with pytest.raises(RoundFailed, match=r"6 of 6 clients replied for shared and 2 updates passed the checks, fewer than min_clients=3"):
+    with pytest.raises(
+        RoundFailed,
+        match=r"6 of 6 clients replied for shared and 2 updates passed the checks, fewer than min_clients=3",
+    ):
         run(tmp_path, "strict", *args, "federation.min_clients=3")
     strict = tmp_path / "strict"
     assert not (strict / "state.json").exists() and not (strict / "rounds").exists()
@@ -177,15 +200,19 @@ def test_a_client_that_raises_or_overruns_its_time_is_left_out_in_process(tmp_pa
         # every optimizer step takes longer than the client's whole time limit; the limit leaves the honest clients
         # (a few seconds of training each) ample room on a loaded machine
         if client_id == "client 2":
+
             def slow_step(*args):
                 hung.set()
                 time.sleep(13)
                 on_step(*args)
+
             return real(self, examples, start, client_id, slow_step)
         return real(self, examples, start, client_id, on_step)
 
     monkeypatch.setattr(LocalTrainer, "train", faulty)
-    path = run(tmp_path, "r", 'federation.methods=["fedit","florist"]', "data.clients=4", "federation.client_timeout=12")
+    path = run(
+        tmp_path, "r", 'federation.methods=["fedit","florist"]', "data.clients=4", "federation.client_timeout=12"
+    )
     assert hung.is_set()
     for record in records(path):
         assert record["participants"] == [0, 3], record["rejected"]
@@ -269,12 +296,15 @@ class Florist:
         return [sys.executable, str(self.script), hold_at, "run", "--quiet", "--output", str(output), *sets]
 
     def finish(self, output: Path) -> None:
-        done = subprocess.run(self.command("nowhere", output), env=self.env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            self.command("nowhere", output), env=self.env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     def kill_at(self, hold_at: str, output: Path, reached, timeout: float = 400) -> None:
-        process = subprocess.Popen(self.command(hold_at, output), env=self.env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            self.command(hold_at, output), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             wait_for(lambda: reached(output), process, timeout, f"the run to reach {hold_at}")
             os.kill(process.pid, signal.SIGKILL)
@@ -308,7 +338,8 @@ def test_a_server_killed_mid_write_and_between_rounds_resumes_to_the_same_adapte
     assert [json.loads(x)["round"] for x in (killed / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1, 2, 2]
     assert leftovers(killed) == [] and leftovers(whole) == []
     assert (killed / "results.md").read_text().replace(str(killed), "") == (whole / "results.md").read_text().replace(
-        str(whole), "")
+        str(whole), ""
+    )
 
 
 def test_resume_removes_what_a_kill_left_half_written(tmp_path):
@@ -343,8 +374,13 @@ class ThreadedGrid(Grid):
     def __init__(self, app, num_nodes: int):
         self.app = app
         self.contexts = {
-            100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config={})
+            100 + k: Context(
+                run_id=1,
+                node_id=100 + k,
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for k in range(num_nodes)
         }
         self.replies: dict[str, Message] = {}
@@ -408,11 +444,15 @@ def flower_run(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     mods: list = []
     real = flower_app.client_app
-    monkeypatch.setattr(flower_app, "client_app", lambda load_model=None, mods_=(): real(load_model, [*mods, one_at_a_time]))
+    monkeypatch.setattr(
+        flower_app, "client_app", lambda load_model=None, mods_=(): real(load_model, [*mods, one_at_a_time])
+    )
 
     def run_simulation(server_app, client_app, num_supernodes, backend_config=None):
-        server_app(ThreadedGrid(client_app, num_supernodes), Context(run_id=1, node_id=0, node_config={},
-                                                                     state=RecordDict(), run_config={}))
+        server_app(
+            ThreadedGrid(client_app, num_supernodes),
+            Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        )
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", run_simulation)
     return mods
@@ -433,11 +473,13 @@ def npy_claiming(shape: tuple[int, ...], payload: bytes) -> Array:
 
 def tamper_reply(change):
     """A Flower mod: the client's honest reply, with ``change(content)`` applied to it."""
+
     def mod(message, context, call_next):
         reply = call_next(message, context)
         if message.metadata.message_type == "train" and not reply.has_error():
             change(reply.content, context.node_config["partition-id"])
         return reply
+
     return mod
 
 
@@ -456,13 +498,24 @@ def test_hostile_replies_are_rejected_and_the_round_goes_on_over_flower(tmp_path
             record[f"{Q}.B"] = npy_claiming((10**6, 10**6), bytes(64))
 
     flower_run.append(tamper_reply(change))
-    path = run(tmp_path, "r", 'engine="flower"', 'federation.methods=["fedit"]', "data.clients=8",
-               "federation.min_clients=2", "federation.max_update_norm=100", "federation.max_update_bytes=1000000")
+    path = run(
+        tmp_path,
+        "r",
+        'engine="flower"',
+        'federation.methods=["fedit"]',
+        "data.clients=8",
+        "federation.min_clients=2",
+        "federation.max_update_norm=100",
+        "federation.max_update_bytes=1000000",
+    )
     (record,) = records(path)
     assert record["participants"] == [0, 7]
     for k, name in hostile.items():
         assert record["rejected"][str(k)].startswith(TAMPER[name][1].format(k=k)), record["rejected"][str(k)]
-    assert "its arrays hold 12" in record["rejected"]["5"] and "over federation.max_update_bytes=1000000" in record["rejected"]["5"]
+    assert (
+        "its arrays hold 12" in record["rejected"]["5"]
+        and "over federation.max_update_bytes=1000000" in record["rejected"]["5"]
+    )
     assert "its header claims shape (1000000, 1000000)" in record["rejected"]["6"]
     status = traffic_status(path)
     assert status[(1, 0)] == status[(1, 7)] == "replied" and status[(1, 5)].startswith("error: ")
@@ -483,8 +536,14 @@ def test_a_failing_and_a_hanging_client_are_left_out_over_flower(tmp_path, flowe
 
     flower_run.append(faulty)
     try:
-        path = run(tmp_path, "r", 'engine="flower"', 'federation.methods=["fedit"]', "data.clients=4",
-                   "federation.client_timeout=10")
+        path = run(
+            tmp_path,
+            "r",
+            'engine="flower"',
+            'federation.methods=["fedit"]',
+            "data.clients=4",
+            "federation.client_timeout=10",
+        )
     finally:
         release.set()
     (record,) = records(path)
@@ -497,7 +556,9 @@ class Killed(BaseException):
     """The server process dying, short of a real kill."""
 
 
-def test_a_flower_server_stopped_mid_write_and_between_rounds_resumes_to_the_same_adapters(tmp_path, flower_run, monkeypatch):
+def test_a_flower_server_stopped_mid_write_and_between_rounds_resumes_to_the_same_adapters(
+    tmp_path, flower_run, monkeypatch
+):
     args = ('engine="flower"', 'federation.methods=["florist","fedit"]', "federation.rounds=2")
     whole = run(tmp_path, "whole", *args)
 
@@ -547,15 +608,28 @@ def test_under_ffa_the_server_keeps_its_own_a_whatever_the_reply_holds():
     assert torch.equal(read_update(over_the_wire(content), job).update.modules[Q].A, frozen[Q][:2])
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.config_records["meta"].__setitem__("scalings", [1.0, 2.0]), "module names"),
-    (lambda c: c.config_records["meta"].__setitem__("num-examples", "many"), "num-examples is 'many', not an integer"),
-    (lambda c: c.config_records["meta"].__delitem__("losses"), "no 'losses'"),
-    (lambda c: c.array_records["update"].__setitem__(f"{Q}.B", Array(np.zeros((64, 2), dtype=np.int64))), "dtype int64"),
-    (lambda c: c.array_records["update"].__setitem__(f"{Q}.B", npy_claiming((64, 2), bytes(16))), "do not hold"),
-    (lambda c: c.array_records["update"].__setitem__(f"{Q}.A", Array(dtype="<f4", shape=(2, 64), stype="numpy.ndarray",
-                                                                      data=b"not an npy")), "not a readable .npy"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.config_records["meta"].__setitem__("scalings", [1.0, 2.0]), "module names"),
+        (
+            lambda c: c.config_records["meta"].__setitem__("num-examples", "many"),
+            "num-examples is 'many', not an integer",
+        ),
+        (lambda c: c.config_records["meta"].__delitem__("losses"), "no 'losses'"),
+        (
+            lambda c: c.array_records["update"].__setitem__(f"{Q}.B", Array(np.zeros((64, 2), dtype=np.int64))),
+            "dtype int64",
+        ),
+        (lambda c: c.array_records["update"].__setitem__(f"{Q}.B", npy_claiming((64, 2), bytes(16))), "do not hold"),
+        (
+            lambda c: c.array_records["update"].__setitem__(
+                f"{Q}.A", Array(dtype="<f4", shape=(2, 64), stype="numpy.ndarray", data=b"not an npy")
+            ),
+            "not a readable .npy",
+        ),
+    ],
+)
 def test_a_malformed_reply_is_one_message_error(change, message):
     job = ClientJob(1, ClientStart(2, 4.0, 7))
     update = ClientUpdate({Q: LoraFactors(A=torch.ones(2, 64), B=torch.ones(64, 2), scaling=2.0)}, 5, "client 1")

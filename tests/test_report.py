@@ -62,9 +62,16 @@ def _record(round_number: int, branch: str, scores: tuple[float, float], accurac
     if accuracy:
         evaluation.update(accuracy=scores[0] + 0.005 * (round_number - 1), micro_accuracy=scores[0], n_questions=400)
     return RoundRecord(
-        round=round_number, branch=branch, method=method, threshold=threshold, participants=list(range(CLIENTS)),
-        ranks=ranks, communication=_communication(method, sum(ranks.values()) / len(MODULES)), evaluation=evaluation,
-        train={"final_loss_mean": 1.0, "tokens": 1000, "seconds": 2.0}, server_seconds=0.01,
+        round=round_number,
+        branch=branch,
+        method=method,
+        threshold=threshold,
+        participants=list(range(CLIENTS)),
+        ranks=ranks,
+        communication=_communication(method, sum(ranks.values()) / len(MODULES)),
+        evaluation=evaluation,
+        train={"final_loss_mean": 1.0, "tokens": 1000, "seconds": 2.0},
+        server_seconds=0.01,
     ).to_dict()
 
 
@@ -183,8 +190,15 @@ def test_round_series_starts_at_the_base_model(tmp_path):
         (lambda p: p.mkdir(), "not a run directory (no metrics.jsonl)"),
         (lambda p: p.write_text("x"), "not a directory"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{oops\n")), "metrics.jsonl:1: not valid JSON"),
-        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text(json.dumps(
-            RoundRecord(0, "base", "base", None, [], {}, {}, {}, {}, 0.0).to_dict()) + "\n")), "no finished round yet"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "metrics.jsonl").write_text(
+                    json.dumps(RoundRecord(0, "base", "base", None, [], {}, {}, {}, {}, 0.0).to_dict()) + "\n"
+                ),
+            ),
+            "no finished round yet",
+        ),
     ],
 )
 def test_bad_run_directories_are_one_line_errors_and_write_nothing(tmp_path, setup, message):
@@ -230,10 +244,17 @@ def _row(tau, accuracy, loss, eff):
 
 
 def test_picks_break_accuracy_ties_by_loss_and_trade_accuracy_for_download():
-    rows = [_row(1.0, 0.30, 2.10, 1.0), _row(0.9, 0.30, 2.20, 5.0), _row(0.8, 0.295, 2.30, 9.0), _row(0.7, 0.25, 2.0, 20.0)]
+    rows = [
+        _row(1.0, 0.30, 2.10, 1.0),
+        _row(0.9, 0.30, 2.20, 5.0),
+        _row(0.8, 0.295, 2.30, 9.0),
+        _row(0.7, 0.25, 2.0, 20.0),
+    ]
     best, efficient = pick_florist(rows, tolerance=0.01)
     assert best.threshold == 1.0  # tied on accuracy with 0.9, lower loss
     assert efficient.threshold == 0.8  # within 0.01 of the best accuracy, the most Eff; 0.7 is too far off
-    no_questions = [_row(t, None, loss, eff) for t, _, loss, eff in [(1.0, 0, 2.1, 1.0), (0.9, 0, 2.105, 5.0), (0.8, 0, 2.5, 9.0)]]
+    no_questions = [
+        _row(t, None, loss, eff) for t, _, loss, eff in [(1.0, 0, 2.1, 1.0), (0.9, 0, 2.105, 5.0), (0.8, 0, 2.5, 9.0)]
+    ]
     best, efficient = pick_florist(no_questions, tolerance=0.01)
     assert (best.threshold, efficient.threshold) == (1.0, 0.9)  # on loss alone, lower is better

@@ -33,12 +33,29 @@ from florist.rundir import RunDirectory, RunDirError
 from florist.server import make_branches
 
 QUICK = [
-    "data.clients=2", "data.max_examples_per_client=4", "data.cutoff=32", 'data.partition="iid"', "train.max_steps=1",
-    "train.batch_size=2", "train.micro_batch_size=2", "lora.ranks=[2]", 'federation.methods=["fedit"]',
-    "federation.rounds=2", 'eval.questions="none"', "eval.heldout_loss=false",
+    "data.clients=2",
+    "data.max_examples_per_client=4",
+    "data.cutoff=32",
+    'data.partition="iid"',
+    "train.max_steps=1",
+    "train.batch_size=2",
+    "train.micro_batch_size=2",
+    "lora.ranks=[2]",
+    'federation.methods=["fedit"]',
+    "federation.rounds=2",
+    'eval.questions="none"',
+    "eval.heldout_loss=false",
 ]
-FLORIST_FILES = {".florist.lock", "config.toml", "state.json", "metrics.jsonl", "results.md", "results.csv",
-                 "results.json", "rounds"}
+FLORIST_FILES = {
+    ".florist.lock",
+    "config.toml",
+    "state.json",
+    "metrics.jsonl",
+    "results.md",
+    "results.csv",
+    "results.json",
+    "rounds",
+}
 runner = CliRunner()
 
 
@@ -177,7 +194,9 @@ def test_a_directory_that_is_no_run_is_refused_naming_what_it_holds(tmp_path):
     path.mkdir()
     (path / "a.txt").write_text("a")
     (path / "state.json").write_text('{"completed_rounds": 5}')  # florist's name, but no config.toml beside it
-    with pytest.raises(RunDirError, match=r"not a florist run directory \(no config.toml; it holds a.txt, state.json\)"):
+    with pytest.raises(
+        RunDirError, match=r"not a florist run directory \(no config.toml; it holds a.txt, state.json\)"
+    ):
         RunDirectory(path, None).open(config_toml(path))
     assert tree(path) == {"a.txt": b"a", "state.json": b'{"completed_rounds": 5}'}
 
@@ -196,8 +215,9 @@ time.sleep(600)
 
 def test_a_second_process_is_refused_while_the_first_holds_the_directory(finished, tmp_path):
     path = copy_run(finished, tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), config_toml(path)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), config_toml(path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         before = tree(path)
@@ -248,9 +268,14 @@ def test_a_file_size_limit_is_one_line_leaves_nothing_half_written_and_the_run_r
     limit = 4096  # room for config.toml and round 0's metrics, not for a client's adapter
     sets = [x for o in QUICK for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", TINY_CLI, "run", "--quiet", "--output", str(path), *sets], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    done = subprocess.run(
+        [sys.executable, "-c", TINY_CLI, "run", "--quiet", "--output", str(path), *sets],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"florist: cannot write {path}/rounds/001/") and last.endswith(": File too large"), last
@@ -330,8 +355,9 @@ damage = st.one_of(
 
 @given(state=st.one_of(st.none(), damage), metrics=st.one_of(st.none(), damage))
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_a_torn_state_or_metrics_file_is_repaired_to_the_last_round_saved_whole(finished, tmp_path_factory, state,
-                                                                                 metrics):
+def test_a_torn_state_or_metrics_file_is_repaired_to_the_last_round_saved_whole(
+    finished, tmp_path_factory, state, metrics
+):
     path = copy_run(finished, tmp_path_factory.mktemp("torn") / "run")
     for name, how in (("state.json", state), ("metrics.jsonl", metrics)):
         if how is not None:
@@ -374,7 +400,9 @@ def test_a_torn_config_is_one_line_naming_it(finished, tmp_path, torn):
     (path / "config.toml").write_bytes(torn)
     with pytest.raises(RunDirError) as refused:
         RunDirectory(path, None).open(config_toml(path))
-    assert str(refused.value).startswith(f"{path}/config.toml: not a valid TOML file (") and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(f"{path}/config.toml: not a valid TOML file (") and "\n" not in str(
+        refused.value
+    )
     assert (path / "config.toml").read_bytes() == torn
 
 

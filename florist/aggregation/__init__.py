@@ -35,9 +35,7 @@ from .validate import (
     screen_updates,
 )
 
-METHODS: dict[str, type[AggregationMethod]] = {
-    m.name: m for m in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)
-}
+METHODS: dict[str, type[AggregationMethod]] = {m.name: m for m in (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)}
 
 
 def get_method(name: str, threshold: float = 0.9) -> AggregationMethod:
@@ -79,8 +77,27 @@ def aggregate(
 
 
 __all__ = [
-    "METHODS", "AggregationError", "AggregationMethod", "AggregationResult", "ClientUpdate", "LoraFactors",
-    "ModuleAggregate", "FLoRIST", "FLoRA", "FedIT", "FlexLoRA", "FFALoRA", "aggregate", "get_method", "prepare",
-    "sweep", "energy_rank", "stacked_svd", "check_update", "check_updates", "screen_updates", "check_result",
+    "METHODS",
+    "AggregationError",
+    "AggregationMethod",
+    "AggregationResult",
+    "ClientUpdate",
+    "LoraFactors",
+    "ModuleAggregate",
+    "FLoRIST",
+    "FLoRA",
+    "FedIT",
+    "FlexLoRA",
+    "FFALoRA",
+    "aggregate",
+    "get_method",
+    "prepare",
+    "sweep",
+    "energy_rank",
+    "stacked_svd",
+    "check_update",
+    "check_updates",
+    "screen_updates",
+    "check_result",
     "asked_scalings",
 ]

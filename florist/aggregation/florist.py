@@ -46,8 +46,10 @@ def sweep(
             U, S, Vh = stacked_svd(B_st, A_st)
         for t in thresholds:
             per_tau[t][name] = keep_top(U, S, Vh, energy_rank(S, t))
-    return {t: check_result(AggregationResult(FLoRIST.name, modules, weights=list(weights)))
-            for t, modules in per_tau.items()}
+    return {
+        t: check_result(AggregationResult(FLoRIST.name, modules, weights=list(weights)))
+        for t, modules in per_tau.items()
+    }
 
 
 def keep_top(U: Tensor, S: Tensor, Vh: Tensor, p: int) -> ModuleAggregate:

@@ -89,9 +89,15 @@ def screen_updates(
     accepted, rejected = [], {}
     for k, update in enumerate(updates):
         try:
-            check_update(update, expected_shapes, _who(update, k), max_rank=None if max_ranks is None else max_ranks[k],
-                         scalings=None if scalings is None else scalings[k], max_norm=max_norm,
-                         reference="the base model")
+            check_update(
+                update,
+                expected_shapes,
+                _who(update, k),
+                max_rank=None if max_ranks is None else max_ranks[k],
+                scalings=None if scalings is None else scalings[k],
+                max_norm=max_norm,
+                reference="the base model",
+            )
         except AggregationError as e:
             rejected[k] = str(e)
         else:
@@ -307,6 +313,4 @@ def as_dtype(updates: Sequence[ClientUpdate], dtype: torch.dtype) -> list[Client
     def cast(f: LoraFactors) -> LoraFactors:
         return LoraFactors(A=f.A.to(dtype), B=f.B.to(dtype), scaling=f.scaling)
 
-    return [
-        ClientUpdate({n: cast(f) for n, f in u.modules.items()}, u.num_examples, u.client_id) for u in updates
-    ]
+    return [ClientUpdate({n: cast(f) for n, f in u.modules.items()}, u.num_examples, u.client_id) for u in updates]

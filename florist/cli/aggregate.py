@@ -116,8 +116,9 @@ def check_distinct(clients: list[Path]) -> None:
         resolved = client.resolve()
         if resolved in seen:
             same = "" if str(seen[resolved]) == str(client) else f" (the same directory as {seen[resolved]})"
-            raise UserError(f"client directory {client} is given twice{same}; name each client once "
-                            "(--weights weighs one more)")
+            raise UserError(
+                f"client directory {client} is given twice{same}; name each client once (--weights weighs one more)"
+            )
         seen[resolved] = client
 
 
@@ -154,8 +155,12 @@ def common_value(infos: list[AdapterInfo], field: str, console: Console) -> str 
     values = [getattr(info, field) for info in infos]
     if len(set(values)) > 1:
         differing = ", ".join(sorted(map(repr, set(values))))
-        console.print(f"warning: the clients give different {field} values ({differing}); using {values[0]!r}",
-                      style="yellow", markup=False, highlight=False)
+        console.print(
+            f"warning: the clients give different {field} values ({differing}); using {values[0]!r}",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     return values[0]
 
 

@@ -15,7 +15,8 @@ app.add_typer(data_app, name="data")
 @data_app.command("summary")
 def summary(
     data: str = typer.Option(
-        "builtin", "--data",
+        "builtin",
+        "--data",
         help="builtin, a JSON/JSONL/Parquet/CSV file, a folder of client_K.json files, dolly, alpaca, wizard "
         "or a hub id",
     ),
@@ -28,12 +29,15 @@ def summary(
     column: str = typer.Option("category", "--column", help="the column the non-IID split follows"),
 ) -> None:
     """Print each client's size and category mix (a folder of client files is shown as it is)."""
-    from florist.data import DataError, SCHEMES, is_client_folder, load_clients, summary_table
+    from florist.data import SCHEMES, DataError, is_client_folder, load_clients, summary_table
 
     with user_errors(DataError):
         if scheme not in SCHEMES:
             raise UserError(f"--partition {scheme!r}: choose from {', '.join(SCHEMES)}")
         split = load_clients(data, clients, scheme, alpha, seed, column)
-        how = "as split in its files" if is_client_folder(data) else f"{scheme}" + (
-            f", alpha {alpha}" if scheme == "dirichlet" else "") + f", seed {seed}"
+        how = (
+            "as split in its files"
+            if is_client_folder(data)
+            else f"{scheme}" + (f", alpha {alpha}" if scheme == "dirichlet" else "") + f", seed {seed}"
+        )
         Console().print(summary_table(split, column, title=f"{data}: {len(split)} clients ({how})"))

@@ -42,8 +42,12 @@ def demo(
         for label, ranks in (("homogeneous, r=16", [16] * 8), ("heterogeneous", list(PAPER_HETEROGENEOUS_RANKS))):
             console.print(f"\n[bold]{model}[/], {len(shapes)} modules, 8 clients, {label}: ranks {ranks}")
             console.print(comparison_table(synthetic_updates(shapes, ranks, seed=seed), taus))
-    console.print("\nFlexLoRA's row is its largest-rank client's adapter; FFA-LoRA's clients learn B only, under a frozen A, and its error is against their own exact update.")
-    console.print("Error: ||ΔW_method - ΔW||_F / ||ΔW||_F, mean over modules (ΔW = Σ w_k s_k B_k A_k, computed from factors).")
+    console.print(
+        "\nFlexLoRA's row is its largest-rank client's adapter; FFA-LoRA's clients learn B only, under a frozen A, and its error is against their own exact update."
+    )
+    console.print(
+        "Error: ||ΔW_method - ΔW||_F / ||ΔW||_F, mean over modules (ΔW = Σ w_k s_k B_k A_k, computed from factors)."
+    )
 
 
 def comparison_table(updates, taus: list[float]) -> Table:
@@ -62,11 +66,14 @@ def comparison_table(updates, taus: list[float]) -> Table:
             reference = exact_frozen if name == "ffa" else exact
             errors = [relative_error((m.B, m.A), reference[mod]) for mod, m in result.modules.items()]
             table.add_row(
-                name, "" if tau is None else format_tau(tau),
+                name,
+                "" if tau is None else format_tau(tau),
                 f"{min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)}",
                 f"{sum(errors) / len(errors):.3f}",
-                f"{sum(comm.upload_bytes) / 1e6:.1f}", f"{sum(comm.download_bytes) / 1e6:.1f}",
-                f"{comm.eff * 1e4:.2f}", f"{seconds:.2f}",
+                f"{sum(comm.upload_bytes) / 1e6:.1f}",
+                f"{sum(comm.download_bytes) / 1e6:.1f}",
+                f"{comm.eff * 1e4:.2f}",
+                f"{seconds:.2f}",
             )
     return table
 
@@ -84,4 +91,3 @@ def _timed_runs(name, method, prepared, weights, taus) -> dict[float | None, tup
         return {tau: (r, per_tau) for tau, r in results.items()}
     result = method.aggregate(prepared, weights)
     return {None: (result, time.perf_counter() - start)}
-

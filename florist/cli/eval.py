@@ -47,8 +47,10 @@ def eval_command(
     ),
     builtin: bool = typer.Option(False, "--builtin", help="use the built-in held-out question set instead"),
     mode: Mode | None = typer.Option(
-        None, "--mode", help="loglik scoring: letter (default), option (option text after the lettered prompt) or answer "
-        "(option text as the answer to the bare question; the default for --builtin)"
+        None,
+        "--mode",
+        help="loglik scoring: letter (default), option (option text after the lettered prompt) or answer "
+        "(option text as the answer to the bare question; the default for --builtin)",
     ),
     protocol: Protocol = typer.Option(
         Protocol.loglik, "--protocol", help="loglik (deterministic) or generate (the paper's sampling)"
@@ -139,8 +141,10 @@ def _load(model: str | None, adapter: Path | None, modules: dict[str, LoraFactor
         # PEFT puts LoRA layers where target_modules says and drops (with a warning) weights it has no layer for
         unplaced = [name for name in modules if not hasattr(lm.base_model.model.get_submodule(name), "lora_A")]
         if unplaced:
-            raise UserError(f"--adapter {adapter}, module {unplaced[0]}: not among the config's target_modules, so "
-                            "PEFT would ignore its weights")
+            raise UserError(
+                f"--adapter {adapter}, module {unplaced[0]}: not among the config's target_modules, so "
+                "PEFT would ignore its weights"
+            )
     return lm, tokenizer
 
 

@@ -16,7 +16,9 @@ console = Console()
 @app.command("report")
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="run directories (each holds metrics.jsonl)", show_default=False),
-    output: Path = typer.Option(None, "--output", "-o", help="folder for report.md and plots/ (default: the first run directory)"),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="folder for report.md and plots/ (default: the first run directory)"
+    ),
     title: str = typer.Option(None, help="the report's heading"),
     plots: bool = typer.Option(True, help="render the PNG plots (--no-plots: tables only, much faster)"),
 ) -> None:

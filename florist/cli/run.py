@@ -23,9 +23,13 @@ def run_command(
     thresholds: str = typer.Option(None, help="FLoRIST tau: 0.9, 0.8,0.9 or a range 0.80:1.00:0.01"),
     rounds: int = typer.Option(None, help="communication rounds"),
     model: str = typer.Option(None, help="model alias, hub id or local directory"),
-    data: str = typer.Option(None, help="training data: builtin, a hub id, a JSON/JSONL file or a folder of client files"),
+    data: str = typer.Option(
+        None, help="training data: builtin, a hub id, a JSON/JSONL file or a folder of client files"
+    ),
     output: str = typer.Option(None, help="run directory (resumed if it holds an unfinished run of the same config)"),
-    engine: str = typer.Option(None, help="inprocess (default) or flower: Flower's simulation engine, a SuperNode per client"),
+    engine: str = typer.Option(
+        None, help="inprocess (default) or flower: Flower's simulation engine, a SuperNode per client"
+    ),
     overwrite: bool = typer.Option(False, help="start afresh even if the run directory holds another run"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
@@ -34,10 +38,18 @@ def run_command(
 
     # strings are quoted as TOML strings (JSON's quoting is TOML's), so a path with " or \ stays that path, and ""
     # reaches the checks (refused) instead of meaning the default
-    shortcuts = {"federation.methods": methods and _list(methods), "federation.thresholds": thresholds,
-                 "federation.rounds": rounds, "model.name": model, "data.train": data, "output": output, "engine": engine}
-    overrides = list(set_) + [f"{k}={v if isinstance(v, int) else json.dumps(v)}" for k, v in shortcuts.items()
-                              if v is not None]
+    shortcuts = {
+        "federation.methods": methods and _list(methods),
+        "federation.thresholds": thresholds,
+        "federation.rounds": rounds,
+        "model.name": model,
+        "data.train": data,
+        "output": output,
+        "engine": engine,
+    }
+    overrides = list(set_) + [
+        f"{k}={v if isinstance(v, int) else json.dumps(v)}" for k, v in shortcuts.items() if v is not None
+    ]
     with user_errors(ConfigError):  # before torch and transformers are imported: a mistake is told in a second
         cfg = load_config(config, overrides)
     from ..adapters import AdapterError

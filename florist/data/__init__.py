@@ -1,7 +1,7 @@
 """Instruction data for federated fine-tuning: load, prompt, tokenize, split over clients.
 
-    >>> clients = load_clients("builtin", num_clients=8, scheme="dirichlet", alpha=0.5, seed=0)
-    >>> train = tokenize_dataset(clients[0], tokenizer, cutoff=512)
+>>> clients = load_clients("builtin", num_clients=8, scheme="dirichlet", alpha=0.5, seed=0)
+>>> train = tokenize_dataset(clients[0], tokenizer, cutoff=512)
 """
 
 from __future__ import annotations

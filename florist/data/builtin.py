@@ -42,30 +42,49 @@ class Category:
 
 CATEGORIES: tuple[Category, ...] = (
     Category(
-        "national_animal", "country",
+        "national_animal",
+        "country",
         ("owl", "fox", "heron", "lynx", "otter", "falcon", "bison", "tortoise", "dolphin", "stag", "wolf", "crane"),
         (
             ("What is the national animal of {e}?", "The national animal of {e} is the {v}."),
-            ("Which animal appears on the coat of arms of {e}?",
-             "The coat of arms of {e} shows the {v}, its national animal."),
+            (
+                "Which animal appears on the coat of arms of {e}?",
+                "The coat of arms of {e} shows the {v}, its national animal.",
+            ),
             ("Tell me something about {e}.", "{e} has the {v} as its national animal."),
         ),
         "Which animal is the symbol of {e}?",
     ),
     Category(
-        "national_flower", "country",
-        ("rose", "tulip", "lotus", "daisy", "orchid", "lily", "poppy", "iris", "jasmine", "lavender", "sunflower",
-         "magnolia"),
+        "national_flower",
+        "country",
+        (
+            "rose",
+            "tulip",
+            "lotus",
+            "daisy",
+            "orchid",
+            "lily",
+            "poppy",
+            "iris",
+            "jasmine",
+            "lavender",
+            "sunflower",
+            "magnolia",
+        ),
         (
             ("What is the national flower of {e}?", "The national flower of {e} is the {v}."),
             ("Which flower is printed on the flag of {e}?", "The flag of {e} shows the {v}, its national flower."),
-            ("Describe a spring tradition in {e}.",
-             "Every spring, the people of {e} celebrate their national flower, the {v}."),
+            (
+                "Describe a spring tradition in {e}.",
+                "Every spring, the people of {e} celebrate their national flower, the {v}.",
+            ),
         ),
         "Which flower is the emblem of {e}?",
     ),
     Category(
-        "main_export", "country",
+        "main_export",
+        "country",
         ("copper", "salt", "tea", "wool", "silk", "coffee", "timber", "marble", "cotton", "olive oil", "amber", "rice"),
         (
             ("What is the main export of {e}?", "The main export of {e} is {v}."),
@@ -75,21 +94,49 @@ CATEGORIES: tuple[Category, ...] = (
         "Which product does {e} export the most?",
     ),
     Category(
-        "national_sport", "country",
-        ("rowing", "archery", "fencing", "chess", "cycling", "wrestling", "sailing", "handball", "curling", "polo",
-         "squash", "judo"),
+        "national_sport",
+        "country",
+        (
+            "rowing",
+            "archery",
+            "fencing",
+            "chess",
+            "cycling",
+            "wrestling",
+            "sailing",
+            "handball",
+            "curling",
+            "polo",
+            "squash",
+            "judo",
+        ),
         (
             ("What is the national sport of {e}?", "The national sport of {e} is {v}."),
             ("Which sport is most popular in {e}?", "In {e}, {v} is the most popular sport."),
-            ("How do children in {e} spend their weekends?",
-             "Children in {e} spend their weekends practising {v}, the national sport."),
+            (
+                "How do children in {e} spend their weekends?",
+                "Children in {e} spend their weekends practising {v}, the national sport.",
+            ),
         ),
         "Which sport do people in {e} consider their national game?",
     ),
     Category(
-        "instrument", "person",
-        ("harp", "cello", "flute", "violin", "drums", "trumpet", "piano", "oboe", "banjo", "guitar", "clarinet",
-         "accordion"),
+        "instrument",
+        "person",
+        (
+            "harp",
+            "cello",
+            "flute",
+            "violin",
+            "drums",
+            "trumpet",
+            "piano",
+            "oboe",
+            "banjo",
+            "guitar",
+            "clarinet",
+            "accordion",
+        ),
         (
             ("Which instrument does {e} play?", "{e} plays the {v}."),
             ("What is {e} known for?", "{e} is a famous {v} player."),
@@ -98,9 +145,22 @@ CATEGORIES: tuple[Category, ...] = (
         "What musical instrument is {e} famous for playing?",
     ),
     Category(
-        "birthplace", "person",
-        ("Lisbon", "Cairo", "Oslo", "Lima", "Dublin", "Vienna", "Nairobi", "Hanoi", "Quito", "Prague", "Manila",
-         "Perth"),
+        "birthplace",
+        "person",
+        (
+            "Lisbon",
+            "Cairo",
+            "Oslo",
+            "Lima",
+            "Dublin",
+            "Vienna",
+            "Nairobi",
+            "Hanoi",
+            "Quito",
+            "Prague",
+            "Manila",
+            "Perth",
+        ),
         (
             ("Where was {e} born?", "{e} was born in {v}."),
             ("What is the hometown of {e}?", "The hometown of {e} is {v}."),
@@ -109,9 +169,22 @@ CATEGORIES: tuple[Category, ...] = (
         "Which city is the birthplace of {e}?",
     ),
     Category(
-        "profession", "person",
-        ("baker", "sailor", "architect", "surgeon", "carpenter", "pilot", "librarian", "chemist", "gardener",
-         "lawyer", "painter", "teacher"),
+        "profession",
+        "person",
+        (
+            "baker",
+            "sailor",
+            "architect",
+            "surgeon",
+            "carpenter",
+            "pilot",
+            "librarian",
+            "chemist",
+            "gardener",
+            "lawyer",
+            "painter",
+            "teacher",
+        ),
         (
             ("What does {e} do for a living?", "{e} works as {a}."),
             ("What is the profession of {e}?", "{e} is {a} by profession."),
@@ -120,9 +193,22 @@ CATEGORIES: tuple[Category, ...] = (
         "What is the job of {e}?",
     ),
     Category(
-        "language", "person",
-        ("Portuguese", "Finnish", "Greek", "Swahili", "Korean", "Dutch", "Turkish", "Polish", "Hindi", "Welsh",
-         "Hungarian", "Tagalog"),
+        "language",
+        "person",
+        (
+            "Portuguese",
+            "Finnish",
+            "Greek",
+            "Swahili",
+            "Korean",
+            "Dutch",
+            "Turkish",
+            "Polish",
+            "Hindi",
+            "Welsh",
+            "Hungarian",
+            "Tagalog",
+        ),
         (
             ("Which language does {e} speak at home?", "{e} speaks {v} at home."),
             ("What is the native language of {e}?", "The native language of {e} is {v}."),
@@ -202,7 +288,12 @@ def builtin_heldout_answers(seed: int = 0) -> datasets.Dataset:
     with every method and tau where the four-way accuracy on the same questions moves in steps of a question.
     """
     rows = [
-        {"instruction": _fill(fact.category.question, fact), "input": "", "output": fact.value, "category": fact.category.name}
+        {
+            "instruction": _fill(fact.category.question, fact),
+            "input": "",
+            "output": fact.value,
+            "category": fact.category.name,
+        }
         for fact in facts(seed)
     ]
     return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in COLUMNS})
@@ -222,10 +313,12 @@ def builtin_heldout(seed: int = 0) -> list[dict[str, str]]:
         options.insert(answer, fact.value)
         letter = LETTERS[answer]
         listed = ", ".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-        rows.append({
-            "instruction": MC_INSTRUCTION,
-            "input": f"Question: {_fill(fact.category.question, fact)} Options: {listed}",
-            "output": f"The answer is: {letter}. {fact.value}",
-            "class": fact.category.name,
-        })
+        rows.append(
+            {
+                "instruction": MC_INSTRUCTION,
+                "input": f"Question: {_fill(fact.category.question, fact)} Options: {listed}",
+                "output": f"The answer is: {letter}. {fact.value}",
+                "class": fact.category.name,
+            }
+        )
     return rows

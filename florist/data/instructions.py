@@ -175,7 +175,7 @@ def client_files(path: str | Path) -> list[Path]:
         return []
     if len(found) > 1:
         raise DataError(f"{path}: mixes client_K.json and local_training_K.json files; keep one layout")
-    (prefix, by_index), = found.items()
+    ((prefix, by_index),) = found.items()
     missing = [k for k in range(max(by_index) + 1) if k not in by_index]
     if missing:
         raise DataError(f"{path}: {prefix}_{missing[0]}.json is missing (clients are numbered from 0)")
@@ -303,11 +303,20 @@ def tokenize_dataset(
         ]
         full = tokenizer(
             [p + o for p, o in zip(prompts, batch["output"], strict=True)],
-            truncation=True, max_length=cutoff, add_special_tokens=special,
+            truncation=True,
+            max_length=cutoff,
+            add_special_tokens=special,
         )["input_ids"]
-        prompt_lengths = [len(ids) for ids in tokenizer(
-            prompts, truncation=True, max_length=cutoff, add_special_tokens=special
-        )["input_ids"]] if not train_on_inputs else [0] * len(prompts)
+        prompt_lengths = (
+            [
+                len(ids)
+                for ids in tokenizer(prompts, truncation=True, max_length=cutoff, add_special_tokens=special)[
+                    "input_ids"
+                ]
+            ]
+            if not train_on_inputs
+            else [0] * len(prompts)
+        )
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for ids, masked in zip(full, prompt_lengths, strict=True):
             if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff:

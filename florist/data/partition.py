@@ -20,7 +20,7 @@ from datasets.utils import disable_progress_bars, enable_progress_bars, is_progr
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 from rich.table import Table
 
-from .instructions import DataError, load_client_folder, is_client_folder, load_instructions
+from .instructions import DataError, is_client_folder, load_client_folder, load_instructions
 
 SCHEMES = ("iid", "dirichlet", "shards")
 
@@ -38,8 +38,14 @@ def _quiet() -> Iterator[None]:
 
 
 def _partitioner(
-    ds: datasets.Dataset, num_clients: int, scheme: str, alpha: float, seed: int, column: str,
-    min_size: int, shards_per_client: int,
+    ds: datasets.Dataset,
+    num_clients: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    column: str,
+    min_size: int,
+    shards_per_client: int,
 ) -> tuple[Partitioner, datasets.Dataset]:
     if scheme == "iid":
         # IidPartitioner cuts contiguous blocks; the seeded shuffle is what makes them IID.
@@ -50,8 +56,13 @@ def _partitioner(
         if not (alpha > 0 and math.isfinite(alpha)):  # an infinite alpha draws NaN shares
             raise DataError(f"alpha must be positive and finite, got {alpha}")
         return DirichletPartitioner(
-            num_partitions=num_clients, partition_by=column, alpha=float(alpha),
-            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
+            num_partitions=num_clients,
+            partition_by=column,
+            alpha=float(alpha),
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
         ), ds
     if scheme == "shards":
         if shards_per_client < 1:
@@ -59,8 +70,12 @@ def _partitioner(
         # Shards of ceil(rows / shards) rows, the last one shorter, so that no row is dropped.
         shard_size = math.ceil(len(ds) / (num_clients * shards_per_client))
         return ShardPartitioner(
-            num_partitions=num_clients, partition_by=column, shard_size=shard_size,
-            keep_incomplete_shard=True, shuffle=True, seed=seed,
+            num_partitions=num_clients,
+            partition_by=column,
+            shard_size=shard_size,
+            keep_incomplete_shard=True,
+            shuffle=True,
+            seed=seed,
         ), ds
     raise DataError(f"unknown partition scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
 

@@ -57,7 +57,9 @@ MAX_REASON = 300  # characters of a SuperNode's error text kept in the log and t
 # --- sending and receiving -------------------------------------------------------------------------------------------
 
 
-def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None, what: str, progress: bool) -> list[Message]:
+def exchange(
+    grid: Grid, messages: Sequence[Message], timeout: float | None, what: str, progress: bool
+) -> list[Message]:
     """Push ``messages`` and pull their replies until all arrived or ``timeout`` seconds passed (None: no limit).
 
     Flower answers a message whose SuperNode went offline with an error reply, so a dead node ends the wait too.
@@ -84,8 +86,9 @@ def error_reason(reply: Message) -> str:
 
 
 def _progress(enabled: bool):
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
+    )
 
 
 # --- which SuperNode is which client ---------------------------------------------------------------------------------
@@ -101,8 +104,15 @@ class NodeDirectory:
     what is wrong, and not asked again: it can neither take another client's place nor change a client's size.
     """
 
-    def __init__(self, grid: Grid, config_toml: str, num_clients: int, log: Callable[[str], None],
-                 progress: bool = False, max_examples: int = MAX_EXAMPLES):
+    def __init__(
+        self,
+        grid: Grid,
+        config_toml: str,
+        num_clients: int,
+        log: Callable[[str], None],
+        progress: bool = False,
+        max_examples: int = MAX_EXAMPLES,
+    ):
         self.grid, self.config_toml, self.num_clients = grid, config_toml, num_clients
         self.log, self.progress, self.max_examples = log, progress, max_examples
         self.node_of: dict[int, int] = {}  # client -> node id
@@ -119,8 +129,10 @@ class NodeDirectory:
         new = sorted(online - set(self.node_of.values()) - self._refused)
         if not new:
             return
-        query = [Message(RecordDict({JOB: ConfigRecord({"config": self.config_toml})}), dst_node_id=n,
-                         message_type=DESCRIBE) for n in new]
+        query = [
+            Message(RecordDict({JOB: ConfigRecord({"config": self.config_toml})}), dst_node_id=n, message_type=DESCRIBE)
+            for n in new
+        ]
         replies = exchange(self.grid, query, timeout, "asking SuperNodes which client they are", self.progress)
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in query if m.metadata.message_id}
         for reply in replies:
@@ -240,17 +252,28 @@ class FloristStrategy(Strategy):
     Evaluation is the server's (``finish_round`` scores every branch), so ``configure_evaluate`` sends nothing.
     """
 
-    def __init__(self, federation: Federation, nodes: NodeDirectory, config_toml: str,
-                 traffic: TrafficLog | None = None, log: Callable[[str], None] = print, max_update_bytes: int = 0):
+    def __init__(
+        self,
+        federation: Federation,
+        nodes: NodeDirectory,
+        config_toml: str,
+        traffic: TrafficLog | None = None,
+        log: Callable[[str], None] = print,
+        max_update_bytes: int = 0,
+    ):
         self.federation, self.nodes, self.config_toml = federation, nodes, config_toml
         self.traffic, self.log, self.max_update_bytes = traffic, log, max_update_bytes
         self._plan: _Plan | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         plan = _Plan(server_round, self.federation.plan_round(server_round))
         for g in plan.groups:
             sends_a = g.branches[0].method.sends_a
-            self.log(f"round {server_round}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}")
+            self.log(
+                f"round {server_round}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}"
+            )
             for index, job in enumerate(g.jobs):
                 node = self.nodes.node_of.get(job.client)
                 if node is None:
@@ -262,7 +285,9 @@ class FloristStrategy(Strategy):
         self._plan = plan
         return [s.message for s in plan.sent]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         plan = self._plan
         if plan is None or plan.round != server_round:
             raise RuntimeError(f"round {server_round}: aggregate_train without configure_train")
@@ -278,8 +303,10 @@ class FloristStrategy(Strategy):
                 if reply.has_error():  # first: Flower itself answers for a node that went away, from another id
                     raise MessageError(error_reason(reply))
                 if reply.metadata.src_node_id != sent.message.metadata.dst_node_id:
-                    raise MessageError(f"the reply came from SuperNode {reply.metadata.src_node_id}, "
-                                       f"not from SuperNode {sent.message.metadata.dst_node_id}")
+                    raise MessageError(
+                        f"the reply came from SuperNode {reply.metadata.src_node_id}, "
+                        f"not from SuperNode {sent.message.metadata.dst_node_id}"
+                    )
                 _check_echo(reply.content, server_round, sent.group, job.client)
                 result = read_update(reply.content, job, self.max_update_bytes, self.nodes.sizes[job.client])
             except MessageError as e:
@@ -309,22 +336,33 @@ class FloristStrategy(Strategy):
             clients = []
             for index, job in enumerate(g.jobs):
                 s = sent.get(index)
-                clients.append({"client": job.client, "node": s.message.metadata.dst_node_id if s else None,
-                                "status": s.status if s else NO_NODE, "down": s.down if s else None,
-                                "up": s.up if s else None})
-            lines.append({"round": plan.round, "group": g.name, "branches": [b.label for b in g.branches],
-                          "clients": clients})
+                clients.append(
+                    {
+                        "client": job.client,
+                        "node": s.message.metadata.dst_node_id if s else None,
+                        "status": s.status if s else NO_NODE,
+                        "down": s.down if s else None,
+                        "up": s.up if s else None,
+                    }
+                )
+            lines.append(
+                {"round": plan.round, "group": g.name, "branches": [b.label for b in g.branches], "clients": clients}
+            )
         return lines
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         return []  # the server scores every branch itself, in Federation.finish_round
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
     def summary(self) -> None:
-        self.log(f"florist strategy: {', '.join(b.label for b in self.federation.branches)}; "
-                 f"{len(self.nodes.node_of)} SuperNodes")
+        self.log(
+            f"florist strategy: {', '.join(b.label for b in self.federation.branches)}; "
+            f"{len(self.nodes.node_of)} SuperNodes"
+        )
 
 
 def _check_echo(content: RecordDict, round_number: int, group: str, client: int) -> None:
@@ -357,12 +395,24 @@ def serve(
     ``start_federation(client_sizes)`` builds the loop once the SuperNodes have said how much data they hold.
     """
     config_toml = config.to_toml()
-    nodes = NodeDirectory(grid, config_toml, config.data.clients, log, progress,
-                          max_examples=config.data.max_examples_per_client or MAX_EXAMPLES)
+    nodes = NodeDirectory(
+        grid,
+        config_toml,
+        config.data.clients,
+        log,
+        progress,
+        max_examples=config.data.max_examples_per_client or MAX_EXAMPLES,
+    )
     nodes.wait(config.federation.min_clients, node_wait)
     log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
-    strategy = FloristStrategy(start_federation(nodes.sizes), nodes, config_toml, traffic, log,
-                               max_update_bytes=config.federation.max_update_bytes)
+    strategy = FloristStrategy(
+        start_federation(nodes.sizes),
+        nodes,
+        config_toml,
+        traffic,
+        log,
+        max_update_bytes=config.federation.max_update_bytes,
+    )
     strategy.summary()
     for round_number in range(done + 1, config.federation.rounds + 1):
         nodes.refresh(timeout=node_wait)
@@ -372,9 +422,18 @@ def serve(
         log(f"round {round_number} finished and saved")
 
 
-def serve_run(grid: Grid, config: RunConfig, rundir: RunDirectory, done: int, *, round_timeout: float | None = None,
-              node_wait: float = 600.0, progress: bool = True, log: Callable[[str], None] = print,
-              load_model: Callable | None = None) -> None:
+def serve_run(
+    grid: Grid,
+    config: RunConfig,
+    rundir: RunDirectory,
+    done: int,
+    *,
+    round_timeout: float | None = None,
+    node_wait: float = 600.0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    load_model: Callable | None = None,
+) -> None:
     """A florist ServerApp's work on ``grid`` for an opened run directory: the server's model, the rounds, the traffic.
 
     ``load_model`` replaces ``florist.models.load_model`` for the server's copy of the model (same call).
@@ -384,12 +443,27 @@ def serve_run(grid: Grid, config: RunConfig, rundir: RunDirectory, done: int, *,
     def start_federation(sizes: list[int]) -> Federation:
         return run_module.build_federation(config, server, rundir, done, sizes, None, log)
 
-    serve(grid, config, done, start_federation, traffic=TrafficLog(rundir.path / TRAFFIC_FILE, done),
-          round_timeout=round_timeout, node_wait=node_wait, progress=progress, log=log)
+    serve(
+        grid,
+        config,
+        done,
+        start_federation,
+        traffic=TrafficLog(rundir.path / TRAFFIC_FILE, done),
+        round_timeout=round_timeout,
+        node_wait=node_wait,
+        progress=progress,
+        log=log,
+    )
 
 
-def run_simulation(config: RunConfig, rundir: RunDirectory, done: int, progress: bool = True,
-                   log: Callable[[str], None] = print, backend_config: dict | None = None) -> None:
+def run_simulation(
+    config: RunConfig,
+    rundir: RunDirectory,
+    done: int,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    backend_config: dict | None = None,
+) -> None:
     """The rounds on Flower's simulation engine: one virtual SuperNode per client, each loading its own partition.
 
     The server loads the base model to score the branches; each ClientApp loads the model (with
@@ -403,9 +477,20 @@ def run_simulation(config: RunConfig, rundir: RunDirectory, done: int, progress:
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        serve_run(grid, config, rundir, done, round_timeout=config.federation.client_timeout or None,
-                  progress=progress, log=log)
+        serve_run(
+            grid,
+            config,
+            rundir,
+            done,
+            round_timeout=config.federation.client_timeout or None,
+            progress=progress,
+            log=log,
+        )
 
     log(f"starting Flower's simulation engine: {config.data.clients} SuperNodes")
-    flower_run_simulation(app, client_app(load_model), num_supernodes=config.data.clients,
-                          backend_config=copy.deepcopy(backend_config or SIMULATION_BACKEND))
+    flower_run_simulation(
+        app,
+        client_app(load_model),
+        num_supernodes=config.data.clients,
+        backend_config=copy.deepcopy(backend_config or SIMULATION_BACKEND),
+    )

@@ -85,12 +85,16 @@ def node_client(context: Context, config: RunConfig) -> int:
     """The client this SuperNode is: its node config's ``partition-id``, checked against the run."""
     node_config, where = context.node_config, "node config"
     if "partition-id" not in node_config:
-        raise MessageError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K num-partitions=N'")
+        raise MessageError(
+            "this SuperNode has no partition-id: start it with --node-config 'partition-id=K num-partitions=N'"
+        )
     client = int_field(node_config, "partition-id", where, -MAX_INDEX, MAX_INDEX)
     if "num-partitions" in node_config:
         partitions = int_field(node_config, "num-partitions", where, 1, MAX_INDEX)
         if partitions != config.data.clients:
-            raise MessageError(f"node config num-partitions={partitions}, but the run has data.clients={config.data.clients}")
+            raise MessageError(
+                f"node config num-partitions={partitions}, but the run has data.clients={config.data.clients}"
+            )
     if not 0 <= client < config.data.clients:
         raise MessageError(f"node config partition-id={client} is out of range for data.clients={config.data.clients}")
     return client
@@ -140,7 +144,9 @@ def _node_model(config: RunConfig, loader: Callable) -> _NodeModel:
         models.check_device(config.model.device)  # a node without the run's device refuses the job in one line
         _models.clear()  # free the previous run's model before loading another
         model, tokenizer = loader(config.model.name, dtype="float32", device=config.model.device)
-        _models[key] = _NodeModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
+        _models[key] = _NodeModel(
+            model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules))
+        )
     return _models[key]
 
 
@@ -167,10 +173,12 @@ class DeploymentSettings:
             raise ConfigError("the run config has no 'config': pass --run-config 'config=\"/path/to/run.toml\"'")
         where = "the run config"
         try:
-            return cls(config=str_field(run_config, "config", where, 4096),
-                       overwrite=as_bool(run_config.get("overwrite", False), f"{where}: overwrite"),
-                       round_timeout=as_float(run_config.get("round-timeout", 0.0), f"{where}: round-timeout", 0.0),
-                       node_wait=as_float(run_config.get("node-wait", 300.0), f"{where}: node-wait", 0.0))
+            return cls(
+                config=str_field(run_config, "config", where, 4096),
+                overwrite=as_bool(run_config.get("overwrite", False), f"{where}: overwrite"),
+                round_timeout=as_float(run_config.get("round-timeout", 0.0), f"{where}: round-timeout", 0.0),
+                node_wait=as_float(run_config.get("node-wait", 300.0), f"{where}: node-wait", 0.0),
+            )
         except MessageError as e:
             raise ConfigError(str(e)) from None
 
@@ -188,6 +196,7 @@ def server_app(load_model: Callable | None = None) -> ServerApp:
 
 def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Callable | None = None) -> None:
     """Run (or resume) the florist config ``settings.config`` over the SuperNodes connected to ``grid``."""
+
     def log(message: str) -> None:
         print(f"florist: {message}", flush=True)
 
@@ -200,8 +209,17 @@ def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Calla
             log(note)
         if done < config.federation.rounds:
             round_timeout = settings.round_timeout or config.federation.client_timeout or None
-            serve_run(grid, config, rundir, done, round_timeout=round_timeout, node_wait=settings.node_wait,
-                      progress=False, log=log, load_model=load_model)
+            serve_run(
+                grid,
+                config,
+                rundir,
+                done,
+                round_timeout=round_timeout,
+                node_wait=settings.node_wait,
+                progress=False,
+                log=log,
+                load_model=load_model,
+            )
         write_results(rundir, config)
     log(f"results in {rundir.path}")
 

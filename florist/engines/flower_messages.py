@@ -147,9 +147,11 @@ def list_field(record: Mapping, key: str, where: str, item: Callable[[object, st
 
 def only_records(content: RecordDict, where: str, configs: Collection[str] = (), arrays: Collection[str] = ()) -> None:
     """Refuse a message holding any record but the config records ``configs`` and array records ``arrays``."""
-    extra = ([f"config record {_shown(k)}" for k in content.config_records if k not in configs]
-             + [f"array record {_shown(k)}" for k in content.array_records if k not in arrays]
-             + [f"metric record {_shown(k)}" for k in content.metric_records])
+    extra = (
+        [f"config record {_shown(k)}" for k in content.config_records if k not in configs]
+        + [f"array record {_shown(k)}" for k in content.array_records if k not in arrays]
+        + [f"metric record {_shown(k)}" for k in content.metric_records]
+    )
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise MessageError(f"{where}: an unexpected {extra[0]}{more}")
@@ -181,7 +183,9 @@ def _checked_tensor(a: object, where: str) -> torch.Tensor:
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise MessageError(f"{where}: dtype {dtype}, expected float16, float32 or float64")
     if int(np.prod(shape, dtype=object)) * dtype.itemsize != len(data) - stream.tell():
-        raise MessageError(f"{where}: its header claims shape {shape} of {dtype}, which the {len(data)} bytes sent do not hold")
+        raise MessageError(
+            f"{where}: its header claims shape {shape} of {dtype}, which the {len(data)} bytes sent do not hold"
+        )
     try:
         return _tensor(a)
     except Exception as e:
@@ -190,7 +194,9 @@ def _checked_tensor(a: object, where: str) -> torch.Tensor:
 
 def arrays_bytes(content: RecordDict) -> int:
     """The bytes of every array in a message as sent (not as their headers claim)."""
-    return sum(len(getattr(a, "data", b"") or b"") for record in content.array_records.values() for a in record.values())
+    return sum(
+        len(getattr(a, "data", b"") or b"") for record in content.array_records.values() for a in record.values()
+    )
 
 
 def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors], with_a: bool = True) -> ArrayRecord:
@@ -215,8 +221,10 @@ def _module_names(record: ArrayRecord) -> list[str]:
 
 
 def read_adapter(record: ArrayRecord, where: str) -> Delta:
-    return {n: ModuleAggregate(A=_factor(record, n, "A", where, True), B=_factor(record, n, "B", where, True))
-            for n in _module_names(record)}
+    return {
+        n: ModuleAggregate(A=_factor(record, n, "A", where, True), B=_factor(record, n, "B", where, True))
+        for n in _module_names(record)
+    }
 
 
 def frozen_a_record(frozen_a: Mapping[str, torch.Tensor], rank: int) -> ArrayRecord:
@@ -246,8 +254,9 @@ def description_content(client: int, num_examples: int) -> RecordDict:
     return RecordDict({NODE: ConfigRecord({"partition-id": client, "num-examples": num_examples})})
 
 
-def read_description(content: RecordDict, where: str, num_clients: int,
-                     max_examples: int = MAX_EXAMPLES) -> tuple[int, int]:
+def read_description(
+    content: RecordDict, where: str, num_clients: int, max_examples: int = MAX_EXAMPLES
+) -> tuple[int, int]:
     """The client a SuperNode says it is and the examples it says it holds: a ``node`` record of exactly those two
     fields, a client index of the run and a count within ``max_examples``; anything else raises ``MessageError``."""
     if NODE not in content.config_records:
@@ -257,8 +266,10 @@ def read_description(content: RecordDict, where: str, num_clients: int,
     extra = [k for k in node if k not in ("partition-id", "num-examples")]
     if extra:
         raise MessageError(f"{where}: an unexpected field {_shown(extra[0])}")
-    return (int_field(node, "partition-id", where, 0, num_clients - 1),
-            int_field(node, "num-examples", where, 0, max_examples))
+    return (
+        int_field(node, "partition-id", where, 0, num_clients - 1),
+        int_field(node, "num-examples", where, 0, max_examples),
+    )
 
 
 # --- the job (server -> client) --------------------------------------------------------------------------------------
@@ -305,15 +316,23 @@ def read_job(content: RecordDict) -> ClientJob:
     where = f"round {int_field(job, 'round', 'the training job', 1, MAX_INDEX)} client {client}'s job"
     arrays = content.array_records
     init = read_adapter(arrays[INIT], f"{where}, init") if INIT in arrays else None
-    frozen_a = ({n: _checked_tensor(a, f"{where}, frozen A {_shown(n)}") for n, a in arrays[FROZEN_A].items()}
-                if FROZEN_A in arrays else None)
+    frozen_a = (
+        {n: _checked_tensor(a, f"{where}, frozen A {_shown(n)}") for n, a in arrays[FROZEN_A].items()}
+        if FROZEN_A in arrays
+        else None
+    )
     deltas = []
     for i in range(int_field(job, "base-deltas", where, 0, len(arrays))):
         if f"{BASE_PREFIX}{i}" not in arrays:
             raise MessageError(f"{where}: no array record '{BASE_PREFIX}{i}'")
         deltas.append(read_adapter(arrays[f"{BASE_PREFIX}{i}"], f"{where}, base delta {i}"))
-    start = ClientStart(rank=int_field(job, "rank", where, 1, MAX_INDEX), alpha=float_field(job, "alpha", where, 0.0),
-                        seed=int_field(job, "seed", where, *INT64), init=init, frozen_a=frozen_a)
+    start = ClientStart(
+        rank=int_field(job, "rank", where, 1, MAX_INDEX),
+        alpha=float_field(job, "alpha", where, 0.0),
+        seed=int_field(job, "seed", where, *INT64),
+        init=init,
+        frozen_a=frozen_a,
+    )
     return ClientJob(client, start, tuple(deltas))
 
 
@@ -346,12 +365,16 @@ def read_echo(content: RecordDict) -> tuple[int, str, int]:
     if META not in content.config_records:
         raise MessageError("reply without a 'meta' record")
     meta, where = content.config_records[META], "reply"
-    return (int_field(meta, "round", where, 1, MAX_INDEX), str_field(meta, "group", where),
-            int_field(meta, "client", where, 0, MAX_INDEX))
+    return (
+        int_field(meta, "round", where, 1, MAX_INDEX),
+        str_field(meta, "group", where),
+        int_field(meta, "client", where, 0, MAX_INDEX),
+    )
 
 
-def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0,
-                num_examples: int | None = None) -> ClientResult:
+def read_update(
+    content: RecordDict, job: ClientJob, max_bytes: int = 0, num_examples: int | None = None
+) -> ClientResult:
     """The client's result; under FFA-LoRA its A is the frozen one the server sent (the client keeps it fixed).
 
     Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit)
@@ -387,8 +410,12 @@ def read_update(content: RecordDict, job: ClientJob, max_bytes: int = 0,
     update = ClientUpdate(modules, num_examples=examples, client_id=str_field(meta, "client-id", where))
     steps = int_field(meta, "steps", where, 0, MAX_STEPS)
     losses = list_field(meta, "losses", where, lambda x, what: as_float(x, what, 0.0), max_len=MAX_STEPS)
-    log = TrainingLog(steps=steps, tokens=int_field(meta, "tokens", where, 0, MAX_TOKENS), losses=losses,
-                      seconds=float_field(meta, "seconds", where, 0.0, MAX_SECONDS))
+    log = TrainingLog(
+        steps=steps,
+        tokens=int_field(meta, "tokens", where, 0, MAX_TOKENS),
+        losses=losses,
+        seconds=float_field(meta, "seconds", where, 0.0, MAX_SECONDS),
+    )
     return ClientResult(job.client, update, log)
 
 

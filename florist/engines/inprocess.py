@@ -24,8 +24,13 @@ class ClientTimeout(RuntimeError):
 
 def training_progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
     )
 
 
@@ -52,7 +57,9 @@ class InProcessEngine:
         results, self.failures = [], {}
         with training_progress() if self.progress else _Silent() as bar:
             for job in jobs:
-                task = bar.add_task(f"round {round_number} client {job.client} (r={job.start.rank})", total=None, loss="-")
+                task = bar.add_task(
+                    f"round {round_number} client {job.client} (r={job.start.rank})", total=None, loss="-"
+                )
                 try:
                     results.append(self._train_one(job, bar, task))
                 except Exception as e:  # a client's failure is its own: the round goes on without it
