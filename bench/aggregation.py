@@ -20,6 +20,9 @@ of each distinct shape and extrapolate to the model's modules (marked ``~`` in t
     python bench/aggregation.py                       # all models: about 5 minutes of CPU
     python bench/aggregation.py --models tinyllama --markdown
     python bench/aggregation.py --threads 1           # on a busy machine: no thread oversubscription
+
+Besides the tables it prints, it writes what they hold to bench/results/aggregation.json (``--json PATH``), from
+which ``bench/render.py`` renders the tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from machine import cpu_model, reset_peak_rss, status_kib
@@ -51,6 +55,7 @@ from florist.aggregation import (
 )
 from florist.aggregation.base import fold_scaling
 
+RESULTS = Path(__file__).resolve().parent / "results"
 BYTES_PER_FLOAT = 4  # float32 throughout
 MIB = 2**20
 
@@ -305,7 +310,9 @@ def measure(step: Callable[[list[ClientUpdate]], AggregationResult], inputs: Inp
 
 
 def _largest_svd_seconds(svd_seconds: SvdTimes, field: int) -> float | None:
-    """The fastest SVD of the largest module shape (wall: field 1, CPU: 2): the unit the factored route is compared with."""
+    """The fastest SVD of the largest module shape (wall: field 1, CPU: 2): the unit the factored route is
+    compared with.
+    """
     if not svd_seconds:
         return None
     largest = max(times[0] for times in svd_seconds)
@@ -508,8 +515,10 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
         f"({args.dense_repeats} for the dense route). Step s is wall time; step CPU s is the CPU time the step "
         f"consumed over all threads, which other processes' load does not inflate "
         f"(1-minute load average before / after: {args.load_before} / {_load()}).",
-        f"Peak extra memory: {memory}; each case in a fresh process, kernels warmed up first; includes the output adapter.",
-        "dense: form ΔW = Σ w_k s_k B_k A_k per module, full SVD, keep top-p by energy (naive FLoRIST; FlexLoRA's cost). "
+        f"Peak extra memory: {memory}; each case in a fresh process, kernels warmed up first; "
+        "includes the output adapter.",
+        "dense: form ΔW = Σ w_k s_k B_k A_k per module, full SVD, keep top-p by energy "
+        "(naive FLoRIST; FlexLoRA's cost). "
         f"~: dense cases time {args.dense_modules or 'all'} module(s) of each shape and extrapolate to the model; "
         "their memory is that of one module at a time.",
     ]
@@ -519,7 +528,8 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
         print()
         print_markdown(RESULT_HEADER, result_rows(results))
         print(
-            "Theoretical working set per module (float32): FLoRIST decomposes the stacks, the dense route the m×n update.\n"
+            "Theoretical working set per module (float32): FLoRIST decomposes the stacks, "
+            "the dense route the m×n update.\n"
         )
         print_markdown(SIZE_HEADER, size_rows(models))
         for line in findings(results):
@@ -531,6 +541,28 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
         print_rich("Theoretical working set per module (float32)", SIZE_HEADER, size_rows(models))
         for line in findings(results):
             print(f"• {line}")
+
+
+def summary(results: Sequence[dict], models: Sequence[str], machine: str, args: argparse.Namespace) -> dict:
+    """What the report prints, as data: the tables as printed, the findings, and every case's raw figures."""
+    options = {k: v for k, v in vars(args).items() if k not in ("case", "json_path", "load_before")}
+    return {
+        "machine": machine,
+        "load_before": args.load_before,
+        "load_after": _load(),
+        "args": options,
+        "table": {"header": RESULT_HEADER, "rows": result_rows(results)},
+        "sizes": {"header": SIZE_HEADER, "rows": size_rows(models)},
+        "findings": findings(results),
+        "results": list(results),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- command line
@@ -560,7 +592,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--taus", default="0.9,1.0", help="FLoRIST thresholds (default 0.9,1.0); the dense route uses the lowest"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--markdown", action="store_true", help="print markdown tables, ready for the README")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print markdown tables (docs/benchmarks.md is rendered from the JSON)"
+    )
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        metavar="PATH",
+        type=Path,
+        default=RESULTS / "aggregation.json",
+        help="where the results go as JSON, for bench/render.py (default bench/results/aggregation.json)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     args = parser.parse_args(argv)
     if args.case is not None:
@@ -621,7 +663,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress.update(task, description=f"{MODELS[case.model].title} / r {case.ranks} / {case.spec.label}")
             results.append(spawn(case))
             progress.advance(task)
-    report(results, args.models, machine_line(args.threads), args)
+    machine = machine_line(args.threads)
+    report(results, args.models, machine, args)
+    write_json(args.json_path, summary(results, args.models, machine, args))
 
 
 if __name__ == "__main__":

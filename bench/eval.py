@@ -7,7 +7,8 @@ by default, float32 weights), at the same batch size:
 
 - ``letter``: ``protocol="loglik"``, ``mode="letter"``: one forward pass per prompt, the log-probabilities of " A" ...
   " D" at its last position (florist's default for MMLU files);
-- ``option``: ``mode="option"`` (``--protocols letter,option,generate``): the mean log-probability of each option's text;
+- ``option``: ``mode="option"`` (``--protocols letter,option,generate``): the mean log-probability of each
+  option's text;
 - ``generate``: ``protocol="generate"``: the paper's sampled 32 new tokens (temperature 0.2, top-p 0.6, top-k 30),
   batched (left-padded) like the scorers;
 - ``generate-unbatched``: the same, one question at a time (batch size 1): a plain loop over the questions.
@@ -116,7 +117,8 @@ def report(results: dict[str, dict], args, machine: str) -> None:
     notes = [
         f"Machine: {machine}.",
         f"Embedded SmolLM2-135M-Instruct, float32 weights, {args.dtype} compute, batch size {args.batch_size}; "
-        f"questions: a seeded shuffle (seed {args.seed}) of {args.questions.name}. q/s (CPU) = questions per CPU-second "
+        f"questions: a seeded shuffle (seed {args.seed}) of {args.questions.name}. "
+        "q/s (CPU) = questions per CPU-second "
         "times the threads, which other processes' load hardly changes; wall figures move with the load.",
     ]
     if args.markdown:
@@ -145,7 +147,8 @@ def report(results: dict[str, dict], args, machine: str) -> None:
         wall, cpu = letter["q_per_s_wall"] / gen["q_per_s_wall"], letter["q_per_s_cpu"] / gen["q_per_s_cpu"]
         verdict = "met" if min(wall, cpu) >= 10 else "NOT met"
         print(
-            f"\nTarget ≥ 10× the generative protocol ({g}): letter scoring is {wall:.1f}× (wall), {cpu:.1f}× (CPU): {verdict}."
+            f"\nTarget ≥ 10× the generative protocol ({g}): "
+            f"letter scoring is {wall:.1f}× (wall), {cpu:.1f}× (CPU): {verdict}."
         )
 
 
@@ -168,7 +171,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (autocast)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", action="store_true", help="print a markdown table, ready for the README")
+    p.add_argument(
+        "--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md is rendered from the JSON)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="where eval.json goes (default bench/results)")
     args = p.parse_args(argv)
     args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]

@@ -155,14 +155,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     activations, more = one["peak_mib"] - loaded["rss_loaded_mib"], eight["peak_mib"] - one["peak_mib"]
     lines = [
         f"Machine: {machine}; load average after: {load_average()}.",
-        f"Base model loaded and paged in (float32 weights {loaded['weights_mib']:.0f} MiB): {loaded['rss_loaded_mib']:.0f} MiB "
-        f"resident ({loaded['rss_before_load_mib']:.0f} MiB before the load: Python, torch, transformers, florist).",
-        f"One round of every method ({', '.join(eight['methods'])}), {args.examples} examples a client, {args.steps} step(s) "
-        f"each (batch {args.batch_size}, micro-batch {args.micro_batch_size}, cutoff {args.cutoff}):",
-        f"  1 client:  peak {one['peak_mib']:.0f} MiB resident ({activations:+.0f} MiB over the loaded model: one client's "
-        f"training), {one['wall']:.0f} s",
-        f"  8 clients: peak {eight['peak_mib']:.0f} MiB resident ({more:+.0f} MiB over 1 client = {more / 7:+.0f} MiB a "
-        f"further client), {eight['wall']:.0f} s",
+        f"Base model loaded and paged in (float32 weights {loaded['weights_mib']:.0f} MiB): "
+        f"{loaded['rss_loaded_mib']:.0f} MiB resident "
+        f"({loaded['rss_before_load_mib']:.0f} MiB before the load: Python, torch, transformers, florist).",
+        f"One round of every method ({', '.join(eight['methods'])}), {args.examples} examples a client, "
+        f"{args.steps} step(s) each (batch {args.batch_size}, micro-batch {args.micro_batch_size}, "
+        f"cutoff {args.cutoff}):",
+        f"  1 client:  peak {one['peak_mib']:.0f} MiB resident "
+        f"({activations:+.0f} MiB over the loaded model: one client's training), {one['wall']:.0f} s",
+        f"  8 clients: peak {eight['peak_mib']:.0f} MiB resident "
+        f"({more:+.0f} MiB over 1 client = {more / 7:+.0f} MiB a further client), {eight['wall']:.0f} s",
         f"A deep copy of the model per client would add {loaded['weights_mib']:.0f} MiB for every copy alive.",
     ]
     print("\n".join(lines))

@@ -404,7 +404,8 @@ def report(
         + "; ".join(f"{p.label} {p.gflops_cpu:.0f} ({p.gflops_wall:.0f})" for p in peaks.values())
         + ".",
         f"Workload: {args.examples} examples of {args.data.name}, cutoff {args.cutoff}, batch {args.batch_size} "
-        f"(micro-batch {args.micro_batch_size}), {args.steps} steps, r {args.rank}, alpha {2 * args.rank}, q_proj/v_proj, "
+        f"(micro-batch {args.micro_batch_size}), {args.steps} steps, r {args.rank}, alpha {2 * args.rank}, "
+        "q_proj/v_proj, "
         f"dropout 0.05, lr {args.lr}; N = {n_params / 1e6:.1f} M base parameters.",
         "tokens/s count real tokens (padding is lost work). 6NT: model FLOPs over real tokens; executed: 4NT (6NT with "
         "checkpointing) over all computed tokens, padding included, training loop only. CPU figures are per CPU-second "
@@ -498,7 +499,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated from reference, florist-fp32, florist-bf16, florist-bf16-ckpt",
     )
     p.add_argument("--checkpointing", action="store_true", help="add florist-bf16-ckpt (gradient checkpointing)")
-    p.add_argument("--markdown", action="store_true", help="print a markdown table, ready for the README")
+    p.add_argument(
+        "--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md is rendered from the JSON)"
+    )
     p.add_argument(
         "--profile",
         action="store_true",
