@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,10 +21,7 @@ from torch import nn
 from .aggregation import ClientUpdate, LoraFactors, ModuleAggregate
 from .config import LoraConfig, TrainConfig
 from .loss import causal_lm_loss
-
-# peft 0.21 reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates: a warning per client
-# that says nothing to our users.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from .models import peft_wrapping, set_activation_checkpointing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -179,7 +175,8 @@ class LocalTrainer:
             raise ValueError(f"{client_id or 'client'}: no training examples")
         began = time.perf_counter()
         torch.manual_seed(start.seed)  # PEFT draws A's init from the global generator
-        peft_model = peft.get_peft_model(self.model, self._peft_config(start))
+        with peft_wrapping():
+            peft_model = peft.get_peft_model(self.model, self._peft_config(start))
         attention = getattr(self.model.config, "_attn_implementation", None)
         try:
             self._initialise(start)
@@ -224,7 +221,7 @@ class LocalTrainer:
         total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total)  # linear, no warm-up
         if self.gradient_checkpointing:
-            peft_model.gradient_checkpointing_enable()
+            set_activation_checkpointing(peft_model, True)
             peft_model.enable_input_require_grads()
         peft_model.train()
         lengths = [len(e["input_ids"]) for e in examples]
@@ -256,7 +253,7 @@ class LocalTrainer:
                 on_step(log.steps, total, step_loss)
         peft_model.eval()
         if self.gradient_checkpointing:
-            peft_model.gradient_checkpointing_disable()
+            set_activation_checkpointing(peft_model, False)
         return log
 
     def _set_attention(self, default: str | None, batch: int, width: int) -> None:

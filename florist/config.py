@@ -75,7 +75,7 @@ class TrainConfig:
 class FederationConfig:
     rounds: int = 1
     clients_per_round: int = 0  # 0: every client every round
-    scheme: str = "merge"  # merge | reinit (see the README)
+    scheme: str = "merge"  # merge | reinit (see docs/methods.md)
     methods: list[str] = field(default_factory=lambda: ["florist", "flora", "fedit", "flexlora", "ffa"])
     thresholds: str = "0.80:1.00:0.02"  # one tau, a list "0.8,0.9" or a range "0.80:1.00:0.01"
     florist_e_tolerance: float = 0.01  # FLoRIST-E: least download within this accuracy of the best

@@ -18,6 +18,8 @@ Accuracy is macro-averaged over subjects (the paper's number) and reported micro
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
 import re
 import string
@@ -30,10 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .data.instructions import IGNORE_INDEX, build_prompt
+from .progress import track
 from .reading import TABLE_FORMATS, parse_json_lines, path_kind, read_json_file, read_table_file, read_text_file, reason
 
 Mode = Literal["letter", "option", "answer"]
@@ -337,24 +338,21 @@ def _inference(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def _run_batches(description: str, batches: list[list[int]], progress: bool) -> Iterator[list[int]]:
-    with _progress(progress) as bar:
-        task = bar.add_task(description, total=len(batches))
-        for batch in batches:
-            yield batch
-            bar.advance(task)
+    """The batches as one step of progress: a bar on a terminal, a line when they are done elsewhere."""
+    return track(batches, description, progress, unit="batches")
+
+
+def _cache_name(model: Any) -> str:
+    """The keyword a model's forward takes its key/value cache under, and the output field that returns it."""
+    return _cache_name_of(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
+
+
+@functools.cache
+def _cache_name_of(model_class: type) -> str:
+    # transformers renamed past_key_values to cache (the old name still works, with a warning on every call); the
+    # releases before the rename know only past_key_values, and would silently ignore cache= among their **kwargs.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _selected_log_probs(model: Any, seqs: Sequence[Sequence[int]], keep: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -437,13 +435,18 @@ def letter_log_probs(
     shared = _shared_prefix_length(seqs)
     with _inference(model):
         prefix = (
-            model(
-                input_ids=torch.as_tensor([seqs[0][:shared]], device=_device(model)), use_cache=True, logits_to_keep=1
-            ).past_key_values
+            getattr(
+                model(
+                    input_ids=torch.as_tensor([seqs[0][:shared]], device=_device(model)),
+                    use_cache=True,
+                    logits_to_keep=1,
+                ),
+                _cache_name(model),
+            )
             if shared
             else None
         )
-        for batch in _run_batches("letters", _batches([len(s) for s in seqs], batch_size), progress):
+        for batch in _run_batches("scoring answer letters", _batches([len(s) for s in seqs], batch_size), progress):
             rows = _last_log_probs(model, [seqs[i][shared:] for i in batch], prefix, shared, pad_id)
             for row, i in enumerate(batch):
                 out[i] = rows[row, letter_ids[: len(questions[i].options)]].tolist()
@@ -478,8 +481,8 @@ def _last_log_probs(
                 [torch.ones((len(suffixes), shared), dtype=mask.dtype, device=device), mask], dim=1
             ),
             position_ids=shared + torch.arange(ids.shape[1], device=device).expand_as(ids),
-            past_key_values=cache,
             logits_to_keep=keep,
+            **{_cache_name(model): cache},
         ).logits
     )
 
@@ -532,7 +535,7 @@ def option_log_probs(
     check_lengths("the prompt with its longest option", lengths, context_limit(model, tokenizer), _names(questions))
     pad_id, device, out = _pad_id(tokenizer), _device(model), [[] for _ in questions]
     with _inference(model):
-        for batch in _run_batches("options", _batches(lengths, batch_size), progress):
+        for batch in _run_batches("scoring options", _batches(lengths, batch_size), progress):
             for i, scores in zip(batch, _score_options(model, [plans[i] for i in batch], pad_id, device), strict=True):
                 out[i] = scores
     return out
@@ -550,7 +553,7 @@ def _score_options(model: Any, plans: Sequence[_OptionPlan], pad_id: int, device
     scored = [n for p in plans for n in p.scored]
     # Right-padded contexts leave padding between a context and its option: the mask hides it and the option's
     # positions continue from the context's real length.
-    cache = prompt.past_key_values
+    cache = getattr(prompt, _cache_name(model))
     cache.batch_select_indices(torch.as_tensor(owner, device=device))
     feed_ids, feed_mask = _pad(feeds, pad_id, "right", device)
     keep = _keep_mask([len(f) for f in feeds], [min(n, len(f) - 1) for f, n in zip(feeds, scored, strict=True)])
@@ -562,8 +565,8 @@ def _score_options(model: Any, plans: Sequence[_OptionPlan], pad_id: int, device
                 input_ids=feed_ids,
                 attention_mask=torch.cat([mask[owner], feed_mask], dim=1),
                 position_ids=offsets + torch.arange(feed_ids.shape[1], device=device),
-                past_key_values=cache,
                 logits_to_keep=keep.to(device),
+                **{_cache_name(model): cache},
             ).logits
         )
     totals, used = [], 0

@@ -9,12 +9,15 @@ first load dequantizes it into a plain safetensors checkpoint in the user's cach
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -202,6 +205,34 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calls whose names transformers changed
+
+
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Activation (gradient) checkpointing on or off, through a PEFT model too. transformers renamed
+    ``gradient_checkpointing_enable``/``_disable`` to ``activation_checkpointing_enable``/``_disable`` (the old names
+    warn on every call); releases before the rename have only the old ones."""
+    action = "enable" if enabled else "disable"
+    current = f"activation_checkpointing_{action}"
+    getattr(model, current if hasattr(model, current) else f"gradient_checkpointing_{action}")()
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT wrapping a model (``get_peft_model``, ``PeftModel.from_pretrained``): peft 0.21 reads the model's
+    ``is_gradient_checkpointing``, which transformers deprecates with a FutureWarning on every read. The read is
+    PEFT's, so florist cannot rename it; that one warning, from transformers.modeling_utils, is ignored here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module=r"transformers\.modeling_utils",
+        )
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -641,7 +641,8 @@ def describe_setup(run: Run) -> list[str]:
         f"α = {lora.get('alpha_per_rank', 2.0):g}·r, modules {_targets(lora.get('target_modules', []))}",
         f"- training: {fed.get('rounds', 1)} round(s) × {length}, batch {train.get('batch_size', '?')} "
         f"(micro {train.get('micro_batch_size', '?')}), lr {train.get('lr', '?')}, scheme {fed.get('scheme', 'merge')}",
-        f"- methods: {', '.join(METHOD_NAMES.get(m, m) for m in fed.get('methods', []))}; τ = {fed.get('thresholds', '?')}",
+        f"- methods: {', '.join(METHOD_NAMES.get(m, m) for m in fed.get('methods', []))}; "
+        f"τ = {fed.get('thresholds', '?')}",
     ]
     questions = ev.get("questions", "builtin")
     if questions != "none":

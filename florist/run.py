@@ -6,6 +6,7 @@ This module only assembles: the loop is in ``server``, training in ``client``, t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from . import data as datasets_api
 from .base_weights import BaseWeights, Delta, adapted_module_names
@@ -23,22 +23,22 @@ from .data.instructions import load_file
 from .engines.inprocess import InProcessEngine
 from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records
 from .models import DEFAULT_MODEL, check_device, empty_model, load_model, load_model_config
-from .results import paper_table, rows_from_records, to_csv, to_markdown
+from .progress import library_bars, log_to_stderr
+from .results import ResultRow, paper_table, rows_from_records, to_csv, to_markdown
 from .rundir import RunDirectory, atomic_write_text
-from .server import Branch, Engine, Federation, RoundRecord, make_branches
-
-console = Console(stderr=True)
+from .server import Branch, Engine, Federation, RoundRecord, _scores, make_branches
 
 
-def load_client_examples(config: RunConfig, tokenizer) -> tuple[list[list[dict]], list]:
+def load_client_examples(config: RunConfig, tokenizer, progress: bool = False) -> tuple[list[list[dict]], list]:
     """Each client's tokenized examples (input_ids, labels) and its raw dataset, from ``config.data``."""
     d = config.data
     clients = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)
     clients = [_limit(config, c) for c in clients]
-    return [_tokenized(config, c, tokenizer) for c in clients], clients
+    tokenized = [_tokenized(config, c, tokenizer, progress, f"tokenizing client {k}") for k, c in enumerate(clients)]
+    return tokenized, clients
 
 
-def load_partition_examples(config: RunConfig, tokenizer, client: int) -> list[dict]:
+def load_partition_examples(config: RunConfig, tokenizer, client: int, progress: bool = False) -> list[dict]:
     """Client ``client``'s examples alone, equal to ``load_client_examples(...)[0][client]``.
 
     From a folder of client files only that client's file is read; any other source is split as for the
@@ -56,7 +56,7 @@ def load_partition_examples(config: RunConfig, tokenizer, client: int) -> list[d
         rows = load_file(files[client])
     else:
         rows = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)[client]
-    return _tokenized(config, _limit(config, rows), tokenizer)
+    return _tokenized(config, _limit(config, rows), tokenizer, progress, f"tokenizing client {client}")
 
 
 def _limit(config: RunConfig, rows):
@@ -64,9 +64,11 @@ def _limit(config: RunConfig, rows):
     return rows.shuffle(seed=config.seed).select(range(min(len(rows), n))) if n else rows
 
 
-def _tokenized(config: RunConfig, rows, tokenizer) -> list[dict]:
+def _tokenized(config: RunConfig, rows, tokenizer, progress: bool, description: str) -> list[dict]:
     d = config.data
-    tokenized = datasets_api.tokenize_dataset(rows, tokenizer, d.cutoff, d.train_on_inputs, d.template)
+    tokenized = datasets_api.tokenize_dataset(
+        rows, tokenizer, d.cutoff, d.train_on_inputs, d.template, progress=progress, description=description
+    )
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
 
 
@@ -170,12 +172,17 @@ def _weighted(scores: list[dict], sizes: list[int]) -> dict:
 def run(
     config: RunConfig, overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> Path:
-    """Run (or resume) the federation ``config`` describes, on ``config.engine``; returns the run directory."""
+    """Run (or resume) the federation ``config`` describes, on ``config.engine``; returns the run directory.
+
+    ``progress``: bars on a terminal, a line per client trained elsewhere (False: none). ``log``: where the run's
+    other messages go (default: stderr, dimmed).
+    """
     check_model_config(config)  # a wrong device or target module is refused before the run directory is touched
-    log = log or (lambda msg: console.print(f"[dim]{msg}[/]"))
+    log = log or log_to_stderr
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=overwrite)
-    with rundir:  # the directory stays locked against a second florist process until this run ends, however it ends
+    # the directory stays locked against a second florist process until this run ends, however it ends
+    with rundir, library_bars(progress):
         for note in rundir.notes:
             log(note)
         if done >= config.federation.rounds:
@@ -195,7 +202,7 @@ def _run_in_process(
 ) -> None:
     server = load_server_model(config, log)
     log(f"loading and tokenizing data {config.data.train!r}")
-    examples, _ = load_client_examples(config, server.tokenizer)
+    examples, _ = load_client_examples(config, server.tokenizer, progress)
     sizes = [len(e) for e in examples]
     log("client sizes: " + ", ".join(str(n) for n in sizes))
     engine = InProcessEngine(
@@ -206,7 +213,7 @@ def _run_in_process(
         client_timeout=config.federation.client_timeout,
         log=log,
     )
-    federation = build_federation(config, server, rundir, done, sizes, engine, log)
+    federation = build_federation(config, server, rundir, done, sizes, engine, log, progress=progress)
     for round_number in range(done + 1, config.federation.rounds + 1):
         federation.run_round(round_number)
         log(f"round {round_number} finished and saved")
@@ -268,10 +275,13 @@ def build_federation(
     client_sizes: Sequence[int],
     engine: Engine | None,
     log: Callable[[str], None],
+    *,
+    progress: bool = False,
 ) -> Federation:
     """The loop, ready for ``engine``: branches restored from the run directory, the evaluator, round 0 scored.
 
     ``engine`` may be None for a driver that calls ``plan_round`` and ``finish_round`` itself (the Flower strategy).
+    ``progress``: show the tokenizing of the held-out examples.
     """
     shapes = {n: tuple(w.shape) for n, w in server.base.pristine.items()}
     evaluator = BranchEvaluator(
@@ -279,7 +289,7 @@ def build_federation(
         server.model,
         server.tokenizer,
         load_eval_questions(config),
-        _heldout(config, server.tokenizer),
+        _heldout(config, server.tokenizer, progress),
         config,
         client_sizes,
     )
@@ -287,7 +297,10 @@ def build_federation(
     rundir.restore_history(branches, done, len(client_sizes))
     if done == 0:
         log("evaluating the base model (round 0)")
-        rundir.append_metrics([_base_record(evaluator(None))])
+        began = time.perf_counter()
+        base = _base_record(evaluator(None))
+        log(f"round 0: the base model scored in {time.perf_counter() - began:.0f} s{_scores(base.evaluation)}")
+        rundir.append_metrics([base])
     return Federation(
         engine,
         branches,
@@ -308,7 +321,7 @@ def build_federation(
     )
 
 
-def _heldout(config: RunConfig, tokenizer) -> list[dict]:
+def _heldout(config: RunConfig, tokenizer, progress: bool = False) -> list[dict]:
     spec = heldout_source(config.eval.heldout, config.data.train)
     if not config.eval.heldout_loss or not spec:
         return []
@@ -316,7 +329,15 @@ def _heldout(config: RunConfig, tokenizer) -> list[dict]:
         ds, whole_text = datasets_api.builtin_heldout_answers(config.seed), False
     else:
         ds, whole_text = datasets_api.load_instructions(spec), True
-    tokenized = datasets_api.tokenize_dataset(ds, tokenizer, config.data.cutoff, whole_text, config.data.template)
+    tokenized = datasets_api.tokenize_dataset(
+        ds,
+        tokenizer,
+        config.data.cutoff,
+        whole_text,
+        config.data.template,
+        progress=progress,
+        description="tokenizing held-out examples",
+    )
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
 
 
@@ -335,14 +356,20 @@ def _base_record(evaluation: dict) -> RoundRecord:
     )
 
 
-def write_results(rundir: RunDirectory, config: RunConfig) -> str:
-    """results.md and results.csv from metrics.jsonl; returns the markdown."""
+def results(rundir: RunDirectory, config: RunConfig) -> tuple[list[ResultRow], float | None]:
+    """The results table of the rounds in metrics.jsonl, and the base model's accuracy (round 0; None if unscored)."""
     records = rundir.metrics()
     table = paper_table(rows_from_records(records), config.federation.florist_e_tolerance)
     base = next((r for r in records if r["round"] == 0), None)
+    return table, None if base is None else base["evaluation"].get("accuracy")
+
+
+def write_results(rundir: RunDirectory, config: RunConfig) -> str:
+    """results.md and results.csv from metrics.jsonl; returns the markdown."""
+    table, base_accuracy = results(rundir, config)
     header = f"# Results: {rundir.path}\n\n"
-    if base and base["evaluation"].get("accuracy") is not None:
-        header += f"Base model (round 0): accuracy {100 * base['evaluation']['accuracy']:.2f}%\n\n"
+    if base_accuracy is not None:
+        header += f"Base model (round 0): accuracy {100 * base_accuracy:.2f}%\n\n"
     markdown = header + to_markdown(table)
     atomic_write_text(rundir.path / "results.md", markdown)
     atomic_write_text(rundir.path / "results.csv", to_csv(table))

@@ -243,8 +243,8 @@ class Federation:
                 replied = len({r.client for r in results.get(g.name, [])} & {j.client for j in g.jobs})
                 why = "; ".join(f"client {c}: {reason}" for c, reason in rejected.items())
                 raise RoundFailed(
-                    f"round {round_number}: {replied} of {len(g.jobs)} clients replied for {g.name} and {len(accepted)} "
-                    f"updates passed the checks, fewer than min_clients={self.min_clients}"
+                    f"round {round_number}: {replied} of {len(g.jobs)} clients replied for {g.name} "
+                    f"and {len(accepted)} updates passed the checks, fewer than min_clients={self.min_clients}"
                     + (f" ({why})" if why else "")
                 )
         kept = {b.label: len(b.history) for b in self.branches}
@@ -273,8 +273,8 @@ class Federation:
         """This group's results that pass every check, and {client: reason} for each job left out.
 
         Each update is held to what its job asked for: the base model's modules and shapes, at most the job's rank,
-        the scaling PEFT gives the job's alpha and rank (either rule where the run does not say whether rsLoRA is on), and
-        under a frozen A (FFA-LoRA) the job's A replaces whatever the update holds, as the Flower engine does.
+        the scaling PEFT gives the job's alpha and rank (either rule where the run does not say whether rsLoRA is on),
+        and under a frozen A (FFA-LoRA) the job's A replaces whatever the update holds, as the Flower engine does.
         """
         start_of = {job.client: job.start for job in group.jobs}
 

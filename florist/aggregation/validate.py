@@ -170,7 +170,8 @@ def check_update(
             name = (missing or extra)[0]
             what = "lacks" if missing else "has an extra"
             raise AggregationError(
-                f"{who}, module {name}: {what} module compared with {reference} ({len(missing)} missing, {len(extra)} extra)"
+                f"{who}, module {name}: {what} module compared with {reference} "
+                f"({len(missing)} missing, {len(extra)} extra)"
             )
     for name, f in modules.items():
         expected = None if expected_shapes is None else expected_shapes[name]

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-import typer
+import warnings
+
+# typer 0.20 imports two click helpers that click 8.2 deprecates, a DeprecationWarning on every start under
+# PYTHONWARNINGS=default; the import is typer's (later typer releases carry their own click), not florist's.
+warnings.filterwarnings(
+    "ignore",
+    message=r"'click\.utils\.get_(binary|text)_stream' is deprecated",
+    category=DeprecationWarning,
+    module="typer",
+)
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="florist",

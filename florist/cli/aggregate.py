@@ -8,14 +8,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+from rich.text import Text
 
 from florist.adapters import AdapterError, AdapterInfo, check_output, read_adapter, write_adapter, write_adapters
 from florist.aggregation import METHODS, AggregationError, AggregationResult, ClientUpdate, aggregate, get_method
 from florist.cli import app
 from florist.cli.errors import UserError, user_errors
 from florist.communication import RoundCommunication, round_communication
+from florist.progress import track
+from florist.results import TableColumn, fitted_table
 
 DEFAULT_THRESHOLD = 0.9
 REPORT_NAME = "aggregation.json"
@@ -142,11 +143,11 @@ def is_number(text: str) -> bool:
 def read_clients(clients: list[Path], console: Console) -> tuple[list[ClientUpdate], list[AdapterInfo]]:
     """Read every client adapter; the directory as given names the client in every message."""
     updates, infos = [], []
-    with Progress(console=console, transient=True) as progress:
-        for path in progress.track(clients, description="reading client adapters"):
-            modules, info = read_adapter(path, client_id=str(path))
-            updates.append(ClientUpdate(modules, num_examples=1, client_id=str(path)))
-            infos.append(info)
+    # a bar on a terminal only: reading is quick, and a line for it would stand among the summary's
+    for path in track(clients, "reading client adapters", unit="adapters", lines=False):
+        modules, info = read_adapter(path, client_id=str(path))
+        updates.append(ClientUpdate(modules, num_examples=1, client_id=str(path)))
+        infos.append(info)
     return updates, infos
 
 
@@ -224,20 +225,19 @@ def print_summary(
 ) -> None:
     ranks = [m.rank for k in range(len(clients)) for m in result.for_client(k).values()]
     title = f"florist aggregate: {method}" + (f" (tau = {tau:g})" if tau is not None else "")
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("clients", str(len(clients)))
-    table.add_row("modules", str(len(result.modules)))
-    table.add_row("rank min / mean / max", f"{min(ranks)} / {sum(ranks) / len(ranks):.2f} / {max(ranks)}")
-    for label, params, nbytes in (
-        ("upload (all clients)", comm.total_upload_params, sum(comm.upload_bytes)),
-        ("download (all clients)", comm.total_download_params, sum(comm.download_bytes)),
-    ):
-        table.add_row(label, f"{params:,} params, {format_bytes(nbytes)}")
-    table.add_row("Eff x10^4", f"{comm.eff * 1e4:.2f}")
+    rows = [
+        ("clients", str(len(clients))),
+        ("modules", str(len(result.modules))),
+        ("rank min / mean / max", f"{min(ranks)} / {sum(ranks) / len(ranks):.2f} / {max(ranks)}"),
+        ("upload (all clients)", f"{comm.total_upload_params:,} params, {format_bytes(sum(comm.upload_bytes))}"),
+        ("download (all clients)", f"{comm.total_download_params:,} params, {format_bytes(sum(comm.download_bytes))}"),
+        ("Eff x10^4", f"{comm.eff * 1e4:.2f}"),
+    ]
+    columns = [TableColumn("", justify="left"), TableColumn("", justify="left")]
+    cells = [(Text(label, style="bold"), value) for label, value in rows]
+    table = fitted_table(columns, cells, console.width, title=title, show_header=False)
     console.print(table)
-    console.print(f"wrote {output}", markup=False, highlight=False)
+    console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
 
 
 def format_bytes(n: int) -> str:

@@ -40,4 +40,5 @@ def summary(
             if is_client_folder(data)
             else f"{scheme}" + (f", alpha {alpha}" if scheme == "dirichlet" else "") + f", seed {seed}"
         )
-        Console().print(summary_table(split, column, title=f"{data}: {len(split)} clients ({how})"))
+        console = Console()
+        console.print(summary_table(split, column, title=f"{data}: {len(split)} clients ({how})", width=console.width))

@@ -13,7 +13,7 @@ from ..aggregation.metrics import relative_error
 from ..aggregation.stacking import stack
 from ..communication import round_communication
 from ..config import parse_thresholds
-from ..results import format_tau
+from ..results import TableColumn, fitted_table, format_tau
 from ..synthetic import MODEL_SHAPES, PAPER_HETEROGENEOUS_RANKS, frozen_a_updates, module_shapes, synthetic_updates
 from . import app
 from .errors import UserError, user_errors
@@ -43,7 +43,8 @@ def demo(
             console.print(f"\n[bold]{model}[/], {len(shapes)} modules, 8 clients, {label}: ranks {ranks}")
             console.print(comparison_table(synthetic_updates(shapes, ranks, seed=seed), taus))
     console.print(
-        "\nFlexLoRA's row is its largest-rank client's adapter; FFA-LoRA's clients learn B only, under a frozen A, and its error is against their own exact update."
+        "\nFlexLoRA's row is its largest-rank client's adapter; FFA-LoRA's clients learn B only, under a frozen A, "
+        "and its error is against their own exact update."
     )
     console.print(
         "Error: ||ΔW_method - ΔW||_F / ||ΔW||_F, mean over modules (ΔW = Σ w_k s_k B_k A_k, computed from factors)."
@@ -56,7 +57,8 @@ def comparison_table(updates, taus: list[float]) -> Table:
     frozen, _ = prepare(frozen_a_updates(updates))
     exact = _exact_updates(prepared, weights)
     exact_frozen = _exact_updates(frozen, weights)
-    table = Table("method", "τ", "rank min/mean/max", "error", "up (MB)", "down (MB)", "Eff ×10⁻⁴", "server (s)")
+    headers = ["method", "τ", "rank min/mean/max", "error", "up (MB)", "down (MB)", "Eff ×10⁻⁴", "server (s)"]
+    rows = []
     for name in METHODS:
         method = get_method(name)
         clients = frozen if name == "ffa" else prepared
@@ -65,17 +67,21 @@ def comparison_table(updates, taus: list[float]) -> Table:
             ranks = [m.rank for m in result.modules.values()]
             reference = exact_frozen if name == "ffa" else exact
             errors = [relative_error((m.B, m.A), reference[mod]) for mod, m in result.modules.items()]
-            table.add_row(
-                name,
-                "" if tau is None else format_tau(tau),
-                f"{min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)}",
-                f"{sum(errors) / len(errors):.3f}",
-                f"{sum(comm.upload_bytes) / 1e6:.1f}",
-                f"{sum(comm.download_bytes) / 1e6:.1f}",
-                f"{comm.eff * 1e4:.2f}",
-                f"{seconds:.2f}",
+            rows.append(
+                [
+                    name,
+                    "" if tau is None else format_tau(tau),
+                    f"{min(ranks)}/{sum(ranks) / len(ranks):.1f}/{max(ranks)}",
+                    f"{sum(errors) / len(errors):.3f}",
+                    f"{sum(comm.upload_bytes) / 1e6:.1f}",
+                    f"{sum(comm.download_bytes) / 1e6:.1f}",
+                    f"{comm.eff * 1e4:.2f}",
+                    f"{seconds:.2f}",
+                ]
             )
-    return table
+    columns = [TableColumn(h, justify="left" if h == "method" else "right") for h in headers]
+    # on a narrow terminal the server's seconds go first, then Eff (the traffic columns hold it too)
+    return fitted_table(columns, rows, console.width, drop=[[7], [6]])
 
 
 def _exact_updates(clients, weights):

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ..adapters import AdapterError, check_finite, read_adapter
+from ..results import TableColumn, fitted_table
 from . import app
 from .errors import UserError, user_errors
 
@@ -25,13 +25,13 @@ DEFAULT_MMLU = Path("../shared/data/mmlu/mmlu_1444.json")
 console = Console()
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     letter = "letter"
     option = "option"
     answer = "answer"
 
 
-class Protocol(str, enum.Enum):
+class Protocol(enum.StrEnum):
     loglik = "loglik"
     generate = "generate"
 
@@ -64,8 +64,9 @@ def eval_command(
 ) -> None:
     """Accuracy macro-averaged over subjects (the paper's number), micro accuracy, question count and time."""
     from .. import evaluation  # here, not at the top: it imports transformers, which `florist --help` need not wait for
+    from ..progress import library_bars
 
-    with user_errors(evaluation.EvalDataError, AdapterError):
+    with user_errors(evaluation.EvalDataError, AdapterError), library_bars(True):
         questions = _questions(mmlu, builtin, seed)
         if limit is not None and limit < len(questions):
             keep = sorted(random.Random(seed).sample(range(len(questions)), limit))
@@ -124,7 +125,7 @@ def _read_adapter(path: Path) -> dict[str, LoraFactors]:
 
 
 def _load(model: str | None, adapter: Path | None, modules: dict[str, LoraFactors] | None, dtype: str, device: str):
-    from ..models import ModelLoadError, load_model
+    from ..models import ModelLoadError, load_model, peft_wrapping
 
     try:
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
@@ -135,7 +136,8 @@ def _load(model: str | None, adapter: Path | None, modules: dict[str, LoraFactor
 
         _check_fits(lm, modules, adapter)
         try:
-            lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=False)
+            with peft_wrapping():
+                lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=False)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # PEFT's own checks, in its words
             raise UserError(f"--adapter {adapter}: {_first_line(e)}") from None
         # PEFT puts LoRA layers where target_modules says and drops (with a warning) weights it has no layer for
@@ -171,13 +173,18 @@ def _first_line(e: BaseException) -> str:
 
 def _print_result(result: EvalResult, per_subject: bool) -> None:
     subjects = len(result.per_subject)
-    console.print(
+    # Two lines short enough for 80 columns, printed as they are: a narrower terminal wraps them itself, and a log
+    # file keeps each whole.
+    for line in (
         f"accuracy {result.accuracy:.4f} (macro over {subjects} subjects), micro {result.micro_accuracy:.4f}, "
-        f"{result.n_questions} questions, {result.seconds:.1f} s ({result.questions_per_second:.2f} questions/s), "
-        f"scored by {result.method}"
-    )
+        f"scored by {result.method}",
+        f"{result.n_questions} questions in {result.seconds:.1f} s ({result.questions_per_second:.2f} questions/s)",
+    ):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if per_subject:
-        table = Table("subject", "questions", "accuracy")
-        for subject, accuracy in result.per_subject.items():
-            table.add_row(subject, str(result.subject_counts[subject]), f"{accuracy:.4f}")
-        console.print(table)
+        columns = [TableColumn("subject", justify="left"), TableColumn("questions"), TableColumn("accuracy")]
+        rows = [
+            [subject, str(result.subject_counts[subject]), f"{accuracy:.4f}"]
+            for subject, accuracy in result.per_subject.items()
+        ]
+        console.print(fitted_table(columns, rows, console.width))

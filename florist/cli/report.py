@@ -27,4 +27,5 @@ def report_command(
 
     with user_errors(ReportError):
         path = write_report(run_dirs, output, title, plots)
-    console.print(f"report: [bold]{path}[/]" + (f" (plots in {path.parent / 'plots'})" if plots else ""))
+    plots_line = f" (plots in {path.parent / 'plots'})" if plots else ""
+    console.print(f"report: {path}{plots_line}", markup=False, highlight=False, soft_wrap=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 
 from . import app
 from .errors import user_errors
@@ -31,7 +30,7 @@ def run_command(
         None, help="inprocess (default) or flower: Flower's simulation engine, a SuperNode per client"
     ),
     overwrite: bool = typer.Option(False, help="start afresh even if the run directory holds another run"),
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    quiet: bool = typer.Option(False, help="print nothing but errors and the results table"),
 ) -> None:
     """Train clients, aggregate with every method, evaluate, and write the paper-style results table."""
     from ..config import ConfigError, load_config
@@ -56,14 +55,22 @@ def run_command(
     from ..data import DataError
     from ..evaluation import EvalDataError
     from ..models import ModelLoadError
-    from ..run import run
-    from ..rundir import RunDirError
+    from ..results import terminal_table
+    from ..run import results, run
+    from ..rundir import RunDirectory, RunDirError
     from ..server import RoundFailed
 
-    with user_errors(ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed):
-        path = run(cfg, overwrite=overwrite, progress=not quiet)
-    console.print(Markdown((path / "results.md").read_text()))
-    console.print(f"\nrun directory: [bold]{path}[/]")
+    errors = (ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed)
+    with user_errors(*errors):
+        path = run(cfg, overwrite=overwrite, progress=not quiet, log=_silent if quiet else None)
+        table, base_accuracy = results(RunDirectory(path, base_model=None), cfg)
+    base = "" if base_accuracy is None else f"base model (round 0): accuracy {100 * base_accuracy:.2f}%; "
+    caption = f"{base}every column: {path / 'results.md'}"
+    console.print(terminal_table(table, console.width, title=f"Results: {path}", caption=caption))
+
+
+def _silent(message: str) -> None:
+    """--quiet: the run's messages are not printed (metrics.jsonl records what happened, left-out clients too)."""
 
 
 def _list(csv: str) -> list[str]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from ..progress import Counter, Steps, datasets_bars
 from ..reading import TABLE_FORMATS, parse_json, parse_json_lines, path_kind, read_table_file, read_text_file, reason
 
 if TYPE_CHECKING:
@@ -210,12 +211,10 @@ def load_hub(name: str, split: str = "train") -> datasets.Dataset:
     if len(ds) == 0:
         raise DataError(f"{name}: no rows")
     normalize_row(ds[0], f"{name}: row 0")  # a clear error for an unknown shape before mapping every row
-    return ds.map(
-        lambda row, i: normalize_row(row, f"{name}: row {i}"),
-        with_indices=True,
-        remove_columns=ds.column_names,
-        desc=f"normalizing {name}",
-    )
+    with datasets_bars(False):  # a quick step: a bar would only flash, and fill a log file
+        return ds.map(
+            lambda row, i: normalize_row(row, f"{name}: row {i}"), with_indices=True, remove_columns=ds.column_names
+        )
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -278,12 +277,17 @@ def tokenize_dataset(
     cutoff: int = 512,
     train_on_inputs: bool = True,
     template: str = "alpaca",
+    *,
+    progress: bool = True,
+    description: str = "tokenizing",
 ) -> datasets.Dataset:
     """``input_ids``, ``attention_mask``, ``labels`` per row, unpadded (the trainer pads labels with -100).
 
     As alpaca-lora (and so FLoRA/FLoRIST) does: prompt and response are tokenized together and cut at ``cutoff``
     tokens; EOS is appended when the text ends within the cutoff; with ``train_on_inputs=False`` the prompt tokens'
     labels are -100, and rows left with no label to learn (a prompt longer than the cutoff) are dropped.
+
+    ``progress``: a bar named ``description`` on a terminal, one line when done elsewhere (florist.progress).
     """
     if cutoff < 2:
         raise DataError(f"cutoff must be at least 2 tokens, got {cutoff}")
@@ -297,7 +301,8 @@ def tokenize_dataset(
     # A chat template writes its own special tokens; the Alpaca text gets the tokenizer's usual ones (BOS for Llama).
     special = template == "alpaca"
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    def encode(batch: dict[str, list[str]], count: Counter) -> dict[str, list[list[int]]]:
+        count(len(batch["instruction"]))
         prompts = [
             build_prompt(i, x, template, tokenizer) for i, x in zip(batch["instruction"], batch["input"], strict=True)
         ]
@@ -326,7 +331,10 @@ def tokenize_dataset(
             out["labels"].append([IGNORE_INDEX] * masked + ids[masked:])
         return out
 
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
-    if not train_on_inputs:
-        tokenized = tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]), desc="dropping")
+    with Steps(progress, transient=True) as steps, datasets_bars(False):  # the step's own bar, not datasets'
+        step = steps.add(description, total=len(ds), unit="examples")
+        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs={"count": Counter(step)})
+        if not train_on_inputs:
+            tokenized = tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))
+        step.done(completed=len(ds))  # also when datasets found the map in its cache, and counted none
     return tokenized

@@ -9,32 +9,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import datasets
-from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 from rich.table import Table
 
+from ..progress import datasets_bars
+from ..results import TableColumn, fitted_table
 from .instructions import DataError, is_client_folder, load_client_folder, load_instructions
 
 SCHEMES = ("iid", "dirichlet", "shards")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No progress bars for the partitioners' small internal steps (flattening indices, sorting)."""
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            enable_progress_bars()
 
 
 def _partitioner(
@@ -102,8 +90,21 @@ def partition(
     partitioner, source = _partitioner(ds, num_clients, scheme, alpha, seed, column, min_size, shards_per_client)
     partitioner.dataset = source
     try:
-        with _quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the Dirichlet retries warn before they either succeed or raise
+        with datasets_bars(False), warnings.catch_warnings():  # no bars for the partitioners' small steps
+            # Each Dirichlet retry warns before the draws either succeed or raise; a failure becomes a DataError below.
+            warnings.filterwarnings(
+                "ignore",
+                message="The specified min_partition_size",
+                module=r"flwr_datasets\.partitioner\.dirichlet_partitioner",
+            )
+            # The shards partitioner sorts with datasets, whose sort passes pyarrow an argument pyarrow 25 deprecates:
+            # the call is datasets', not florist's.
+            warnings.filterwarnings(
+                "ignore",
+                message="Specifying null_placement in SortOptions is deprecated",
+                category=FutureWarning,
+                module=r"pyarrow\.compute",
+            )
             clients = [partitioner.load_partition(k) for k in range(num_clients)]
     except ValueError as e:
         raise DataError(
@@ -159,22 +160,19 @@ def heterogeneity(clients: Sequence[datasets.Dataset], column: str = "category")
     return sum(distances) / len(distances)
 
 
-def summary_table(clients: Sequence[datasets.Dataset], column: str = "category", title: str | None = None) -> Table:
-    """Rows, share and category mix of each client."""
+def summary_table(
+    clients: Sequence[datasets.Dataset], column: str = "category", title: str | None = None, width: int = 80
+) -> Table:
+    """Rows, share and category mix of each client, in a table at most ``width`` columns wide."""
     counts = category_counts(clients, column)
     total = sum(sum(c.values()) for c in counts)
     caption = f"heterogeneity (mean TV distance to the whole): {heterogeneity(clients, column):.2f}"
-    table = Table(title=title, caption=caption)
-    table.add_column("client", justify="right")
-    table.add_column("rows", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("categories", justify="right")
-    table.add_column(f"largest {column} shares")
+    columns = [TableColumn("client"), TableColumn("rows"), TableColumn("share"), TableColumn("categories")]
+    columns.append(TableColumn(f"largest {column} shares", justify="left", prose=True))
+    rows = []
     for k, c in enumerate(counts):
         n = sum(c.values())
         mix = ", ".join(f"{name or '(none)'} {count / n:.0%}" for name, count in c.most_common(3))
-        table.add_row(str(k), str(n), f"{n / total:.1%}", str(len(c)), mix)
-    whole = sum(counts, Counter())
-    table.add_section()
-    table.add_row("all", str(total), "100%", str(len(whole)), "")
-    return table
+        rows.append([str(k), str(n), f"{n / total:.1%}", str(len(c)), mix])
+    rows.append(["all", str(total), "100%", str(len(sum(counts, Counter()))), ""])
+    return fitted_table(columns, rows, width, title=title, caption=caption, rule_after={len(rows) - 2})

@@ -24,11 +24,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import run as run_module
 from ..config import RunConfig
 from ..models import load_model
+from ..progress import Steps
 from ..rundir import RunDirectory, atomic_write_text
 from ..server import ClientResult, Federation, RoundFailed, TrainingGroup
 from .flower_messages import (
@@ -67,15 +67,16 @@ def exchange(
     ids = {i for i in grid.push_messages(messages) if i}
     replies: list[Message] = []
     deadline = None if timeout is None else time.monotonic() + timeout
-    with _progress(progress) as bar:
-        task = bar.add_task(what, total=len(messages))
+    with Steps(progress) as steps:  # a bar on a terminal; elsewhere one line once the wait is over
+        step = steps.add(what, total=len(messages), unit="replies")
         while ids and (deadline is None or time.monotonic() < deadline):
             arrived = list(grid.pull_messages(ids))
             replies += arrived
             ids -= {m.metadata.reply_to_message_id for m in arrived}
-            bar.update(task, completed=len(replies))
+            step.update(completed=len(replies))
             if ids:
                 time.sleep(POLL_SECONDS)
+        step.done()
     return replies
 
 
@@ -83,12 +84,6 @@ def error_reason(reply: Message) -> str:
     """An error reply's reason, on one line and cut short: it is the SuperNode's text."""
     reason = " ".join(str(reply.error.reason).split()) or f"error code {reply.error.code}"
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
-
-
-def _progress(enabled: bool):
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
-    )
 
 
 # --- which SuperNode is which client ---------------------------------------------------------------------------------
@@ -441,7 +436,7 @@ def serve_run(
     server = run_module.load_server_model(config, log, load_model)
 
     def start_federation(sizes: list[int]) -> Federation:
-        return run_module.build_federation(config, server, rundir, done, sizes, None, log)
+        return run_module.build_federation(config, server, rundir, done, sizes, None, log, progress=progress)
 
     serve(
         grid,

@@ -10,32 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from ..base_weights import BaseWeights
 from ..client import LocalTrainer
+from ..progress import Step, Steps, log_to_stderr
 from ..server import ClientJob, ClientResult
 
 
 class ClientTimeout(RuntimeError):
     """A client's training ran past ``client_timeout``."""
-
-
-def training_progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-
-
-def _stderr_log(message: str) -> None:
-    Console(stderr=True).print(f"[dim]{message}[/]")
 
 
 class InProcessEngine:
@@ -47,7 +29,7 @@ class InProcessEngine:
         progress: bool = True,
         *,
         client_timeout: float = 0.0,
-        log: Callable[[str], None] = _stderr_log,
+        log: Callable[[str], None] = log_to_stderr,
     ):
         self.base, self.trainer, self.client_examples = base, trainer, client_examples
         self.progress, self.client_timeout, self.log = progress, client_timeout, log
@@ -55,24 +37,24 @@ class InProcessEngine:
 
     def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
         results, self.failures = [], {}
-        with training_progress() if self.progress else _Silent() as bar:
+        # a bar per client on a terminal; elsewhere a line per client trained: steps, last loss, seconds
+        with Steps(self.progress, remaining=True) as steps:
             for job in jobs:
-                task = bar.add_task(
-                    f"round {round_number} client {job.client} (r={job.start.rank})", total=None, loss="-"
-                )
+                step = steps.add(f"round {round_number} client {job.client} (r={job.start.rank})", unit="steps")
                 try:
-                    results.append(self._train_one(job, bar, task))
+                    results.append(self._train_one(job, step))
+                    step.done()
                 except Exception as e:  # a client's failure is its own: the round goes on without it
                     self.failures[job.client] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                     self.log(f"round {round_number}: client {job.client} failed: {self.failures[job.client]}")
         self.base.restore()
         return results
 
-    def _train_one(self, job: ClientJob, bar, task) -> ClientResult:
+    def _train_one(self, job: ClientJob, progress: Step) -> ClientResult:
         began = time.monotonic()
 
         def on_step(step, total, loss):
-            bar.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+            progress.update(completed=step, total=total, figures=f"loss {loss:.3f}")
             if self.client_timeout and time.monotonic() - began > self.client_timeout:
                 raise ClientTimeout(f"still training after {self.client_timeout:g} s (step {step} of {total})")
 
@@ -81,17 +63,3 @@ class InProcessEngine:
             self.client_examples[job.client], job.start, client_id=f"client {job.client}", on_step=on_step
         )
         return ClientResult(job.client, update, log)
-
-
-class _Silent:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def update(self, *args, **kwargs):
-        pass
