@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUFF   := $(VENV)/bin/ruff
 
-.PHONY: run test install clean bench demo
+.PHONY: run test lint format install clean bench demo
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -25,8 +26,19 @@ run: $(STAMP)
 	$(VENV)/bin/florist run --output $(RUN)
 	$(VENV)/bin/florist report $(RUN)
 
-test: $(STAMP)
+# Lint and format are checked first, so CI (which runs `make test`) enforces them.
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(RUFF) check .
+	$(RUFF) format --check .
+
+# Fixes run before the formatter (a fix can leave a line for it to wrap); the last check shows what no fix mends.
+format: $(STAMP)
+	$(RUFF) check --fix --exit-zero .
+	$(RUFF) format .
+	$(RUFF) check .
 
 demo: $(STAMP)
 	$(VENV)/bin/florist demo

@@ -129,7 +129,7 @@ def test_read_scaling_matches_peft_for_random_configs(base, tmp_path_factory, r,
     directory = tmp_path_factory.mktemp("client")
     expected = save_client_adapter(base, directory, seed=r, **kwargs)
     modules, _ = read_adapter(directory)
-    for name, (A, B, scaling) in expected.items():
+    for name, (A, _, scaling) in expected.items():
         assert modules[name].rank == A.shape[0]
         assert modules[name].scaling == pytest.approx(scaling, rel=1e-12)
 

@@ -159,7 +159,7 @@ def train_lora(model, examples, pad_id: int, epochs: int, lr: float, batch_size:
             rows = [examples[i] for i in perm[start : start + batch_size]]
             width = max(len(r["input_ids"]) for r in rows)
 
-            def padded(key, value):
+            def padded(key, value, rows=rows, width=width):
                 return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
 
             loss = peft_model(

@@ -183,3 +183,4 @@ def test_training_with_dropout_is_deterministic_under_the_seed_and_uses_the_fast
     assert calls and all(calls)  # the LoRA layers dropped through FastDropout, in training mode
     assert first_log.losses == again_log.losses and first_log.losses != other_log.losses
     assert all(torch.equal(first.modules[k].B, again.modules[k].B) for k in first.modules)
+    assert not all(torch.equal(first.modules[k].B, other.modules[k].B) for k in first.modules)

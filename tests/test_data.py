@@ -374,7 +374,7 @@ def test_dirichlet_is_non_iid_and_alpha_controls_it():
 def test_heterogeneity_bounds():
     ds = small_dataset({"a": 4, "b": 4})
     assert heterogeneity([ds]) == 0
-    split = [ds.filter(lambda r: r["category"] == c) for c in "ab"]
+    split = [ds.filter(lambda r, c=c: r["category"] == c) for c in "ab"]
     assert heterogeneity(split) == pytest.approx(0.5)
 
 

@@ -71,7 +71,9 @@ def write_tls(directory: Path) -> None:
 
 
 def write_node_key(directory: Path, name: str) -> Path:
-    """A SuperNode's P-384 key pair in OpenSSH format, as ``flower-supernode`` and ``flwr supernode register`` read it."""
+    """A SuperNode's P-384 key pair in OpenSSH format, as ``flower-supernode`` and ``flwr supernode register``
+    read it.
+    """
     key = ec.generate_private_key(ec.SECP384R1())
     private = directory / name
     private.write_bytes(
