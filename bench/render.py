@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Renders the benchmark tables of docs/benchmarks.md from the JSON files the benchmarks write.
+"""Renders the benchmark tables of docs/benchmarks.md (and the main job's in README.md and docs/commands.md) from
+the JSON files the benchmarks write.
 
 Each table sits between two markers named after it, and everything between them is rendered:
 
@@ -7,7 +8,7 @@ Each table sits between two markers named after it, and everything between them 
     (rendered from bench/results/train.json)
     <!-- /bench:train -->
 
-    python bench/render.py            # rewrite every block from bench/results/*.json
+    python bench/render.py            # rewrite every document's blocks from bench/results/*.json
     python bench/render.py --check    # exit 1 if a block differs from what the JSON gives
 
 A JSON file that does not exist yet leaves its blocks as they are, and says so. Reads JSON only: no torch.
@@ -27,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+COMMANDS = ROOT / "docs" / "commands.md"
 
 MARKER = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.DOTALL)
 OPENING = re.compile(r"<!-- /?bench:(?P<name>[\w-]+) -->")
@@ -301,12 +304,69 @@ def aggregation_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- bench/main_job.py
+
+METHOD_NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA"}
+
+
+def _name(row: dict) -> str:
+    label = row["label"]
+    return "FLoRIST" if label.startswith("florist@") else METHOD_NAMES.get(label, label)
+
+
+def _figure(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:,.{digits}f}"
+
+
+def main_job_table(results: Results) -> str:
+    data = results["main_job"]
+    header = ["method", "τ", "accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", "mean rank", "MB up", "MB down"]
+    base = data["base"]
+    rows = [["base model", "", _figure(100 * base["accuracy"], 2), _figure(base["heldout_loss"], 4), "", "", "", ""]]
+    for r in data["rows"]:
+        tau = "" if r["threshold"] is None else f"{r['threshold']:.2f}"
+        accuracy = None if r["accuracy"] is None else 100 * r["accuracy"]
+        rows.append(
+            [
+                _name(r),
+                tau,
+                _figure(accuracy, 2),
+                _figure(r["heldout_loss"], 4),
+                _figure(r["eff_e4"], 2),
+                _figure(r["mean_rank"], 1),
+                _figure(r["upload_bytes"] / 1e6, 2),
+                _figure(r["download_bytes"] / 1e6, 2),
+            ]
+        )
+    return table(header, rows, 1) + "\n\n" + main_job_cost(results)
+
+
+def main_job_cost(results: Results) -> str:
+    data = results["main_job"]
+    groups = "; ".join(f"{g['seconds']:.0f} s for {integer(g['tokens'])} tokens" for g in data["training_groups"])
+    minutes, seconds = divmod(round(data["wall_seconds"]), 60)
+    machine = data["machine"].split("; load average")[0]  # the load is given before and after the run instead
+    return (
+        f"`make run` took **{minutes} min {seconds:02d} s** ({data['wall_seconds']:.0f} s) wall on {machine}; load "
+        f"average (1/5/15 min) {data['load_before']} before, {data['load_after']} after. Client training: {groups} "
+        f"({len(data['training_groups'])} training groups); {data['evaluations']} evaluations."
+    )
+
+
 BLOCKS: dict[str, Block] = {
     "aggregation": Block("aggregation", aggregation_table),
     "train": Block("train", train_table),
     "train-loss": Block("train", train_losses),
     "eval": Block("eval", eval_table),
     "memory": Block("memory", memory_table),
+    "main-job": Block("main_job", main_job_table),
+    "main-job-cost": Block("main_job", main_job_cost),
+}
+# the blocks each document holds, each exactly once
+DOCUMENTS: dict[Path, tuple[str, ...]] = {
+    DOC: ("aggregation", "train", "train-loss", "eval", "memory"),
+    README: ("main-job",),
+    COMMANDS: ("main-job-cost",),
 }
 
 
@@ -327,19 +387,26 @@ def load_results(directory: Path) -> Results:
     return results
 
 
-def render_doc(text: str, results: Results, directory: Path, say: Callable[[str], None] = print) -> str:
+def render_doc(
+    text: str,
+    results: Results,
+    directory: Path,
+    say: Callable[[str], None] = print,
+    names: Sequence[str] = DOCUMENTS[DOC],
+) -> str:
     """``text`` with every block rendered from ``results``; a block whose JSON is missing is kept as it is.
 
-    Every block of ``BLOCKS`` must be in ``text`` exactly once, and every marker in ``text`` must be one of them.
+    Every block of ``names`` (the document's, ``DOCUMENTS``) must be in ``text`` exactly once, and every marker in
+    ``text`` must be one of them.
     """
     found = [m["name"] for m in MARKER.finditer(text)]
     markers = [m["name"] for m in OPENING.finditer(text)]
-    unknown = sorted(set(markers) - set(BLOCKS))
+    unknown = sorted(set(markers) - set(names))
     if unknown:
-        raise RenderError(f"unknown block {unknown[0]!r}; the blocks are {', '.join(BLOCKS)}")
+        raise RenderError(f"unknown block {unknown[0]!r}; the blocks are {', '.join(names)}")
     if len(markers) != 2 * len(found):
         raise RenderError("a bench marker is not closed (each block is <!-- bench:NAME --> … <!-- /bench:NAME -->)")
-    for name in BLOCKS:
+    for name in names:
         if found.count(name) != 1:
             raise RenderError(f"block {name!r} appears {found.count(name)} times; it must appear once")
 
@@ -366,31 +433,40 @@ def render_doc(text: str, results: Results, directory: Path, say: Callable[[str]
 def check(doc: Path = DOC, directory: Path = RESULTS, say: Callable[[str], None] = print) -> list[str]:
     """The differences between ``doc`` and its rendering, as unified-diff lines; empty when it is up to date."""
     text = doc.read_text(encoding="utf-8")
-    new = render_doc(text, load_results(directory), directory, say)
+    new = render_doc(text, load_results(directory), directory, say, _names(doc))
     return list(difflib.unified_diff(text.splitlines(), new.splitlines(), str(doc), "rendered", lineterm=""))
+
+
+def _names(doc: Path) -> tuple[str, ...]:
+    """The blocks of one of ``DOCUMENTS`` (by resolved path; any other document: the benchmarks page's)."""
+    return next((names for path, names in DOCUMENTS.items() if path.resolve() == doc.resolve()), DOCUMENTS[DOC])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the document differs from its rendering")
-    parser.add_argument("--doc", type=Path, default=DOC, help="the document (default docs/benchmarks.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a document differs from its rendering")
+    parser.add_argument(
+        "--doc", type=Path, help="one document (default: README.md, docs/commands.md and docs/benchmarks.md)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON files (default bench/results)")
     args = parser.parse_args(argv)
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    status = 0
     try:
-        if args.check:
-            diff = check(args.doc, args.results, say)
-            if diff:
-                print("\n".join(diff))
-                say(f"{args.doc} differs from bench/results: run python bench/render.py")
-                return 1
-            return 0
-        text = args.doc.read_text(encoding="utf-8")
-        new = render_doc(text, load_results(args.results), args.results, say)
-        if new != text:
-            args.doc.write_text(new, encoding="utf-8")
-            say(f"wrote {args.doc}")
-        return 0
+        for doc in [args.doc] if args.doc else list(DOCUMENTS):
+            if args.check:
+                diff = check(doc, args.results, say)
+                if diff:
+                    print("\n".join(diff))
+                    say(f"{doc} differs from bench/results: run python bench/render.py")
+                    status = 1
+                continue
+            text = doc.read_text(encoding="utf-8")
+            new = render_doc(text, load_results(args.results), args.results, say, _names(doc))
+            if new != text:
+                doc.write_text(new, encoding="utf-8")
+                say(f"wrote {doc}")
+        return status
     except (OSError, RenderError) as e:
         say(f"render: {e}")
         return 2

@@ -37,10 +37,32 @@ render = load_render()
 # ---------------------------------------------------------------- benchmark figures
 
 
-def test_benchmark_tables_are_what_the_json_gives():
+@pytest.mark.parametrize("doc", list(render.DOCUMENTS), ids=lambda p: p.name)
+def test_benchmark_tables_are_what_the_json_gives(doc):
     messages = []
-    diff = render.check(render.DOC, render.RESULTS, messages.append)
-    assert not diff, "docs/benchmarks.md differs from bench/results: run python bench/render.py\n" + "\n".join(diff)
+    diff = render.check(doc, render.RESULTS, messages.append)
+    assert not diff, f"{doc.name} differs from bench/results: run python bench/render.py\n" + "\n".join(diff)
+
+
+def test_the_main_jobs_figures_come_from_its_json(tmp_path):
+    """The README's table is rendered: a changed loss in main_job.json changes it, and a typed figure fails."""
+    results = tmp_path / "results"
+    shutil.copytree(render.RESULTS, results)
+    data = json.loads((results / "main_job.json").read_text())
+    data["rows"][0]["heldout_loss"] = 1.23456
+    (results / "main_job.json").write_text(json.dumps(data))
+    text = render.README.read_text(encoding="utf-8")
+    new = render.render_doc(text, render.load_results(results), results, lambda _: None, ("main-job",))
+    assert "1.2346" in block_body(new, "main-job") and "1.2346" not in text
+    doc = tmp_path / "README.md"
+    body = block_body(text, "main-job")
+    doc.write_text(text.replace(body, re.sub(r"\d", "9", body, count=1)), encoding="utf-8")
+    assert (
+        render.render_doc(
+            doc.read_text(), render.load_results(render.RESULTS), render.RESULTS, lambda _: None, ("main-job",)
+        )
+        != doc.read_text()
+    )
 
 
 def block_body(text: str, name: str) -> str:
