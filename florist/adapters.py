@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from .aggregation import LoraFactors, ModuleAggregate
 from .files import check_writable_place, describe_foreign, make_directory, scan, writing
+from .reading import reason
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -116,7 +117,7 @@ def file_status(path: Path, who: str, label: str) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise AdapterError(f"{who}: cannot read {label} ({getattr(e, 'strerror', None) or one_line(e)})") from None
+        raise AdapterError(f"{who}: cannot read {label} ({reason(e)})") from None
 
 
 def is_regular_file(file: Path, who: str) -> bool:
@@ -137,7 +138,7 @@ def read_config(path: Path, who: str) -> dict[str, Any]:
         config = json.loads(text)
     # ValueError: broken JSON, bytes that are not UTF-8, an integer of over 4,300 digits; RecursionError: nesting
     except (ValueError, RecursionError) as e:
-        raise AdapterError(f"{who}: {CONFIG_NAME} is not valid JSON ({one_line(e)})") from None
+        raise AdapterError(f"{who}: {CONFIG_NAME} is not valid JSON ({reason(e)})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{who}: {CONFIG_NAME} is not a JSON object")
     return config
@@ -150,7 +151,7 @@ def read_bytes(file: Path, who: str, max_bytes: int) -> bytes:
             raise AdapterError(f"{who}: {file.name} is {size} bytes, over the limit of {max_bytes}")
         return file.read_bytes()
     except OSError as e:
-        raise AdapterError(f"{who}: cannot read {file.name} ({e.strerror or one_line(e)})") from None
+        raise AdapterError(f"{who}: cannot read {file.name} ({reason(e)})") from None
 
 
 def check_plain_lora(config: Mapping[str, Any], who: str) -> None:
@@ -205,16 +206,16 @@ def read_tensors(path: Path, who: str, max_bytes: int) -> dict[str, torch.Tensor
     try:
         size = file.stat().st_size
     except OSError as e:
-        raise AdapterError(f"{who}: cannot read {WEIGHTS_NAME} ({e.strerror or one_line(e)})") from None
+        raise AdapterError(f"{who}: cannot read {WEIGHTS_NAME} ({reason(e)})") from None
     if size > max_bytes:
         raise AdapterError(f"{who}: {WEIGHTS_NAME} is {size} bytes, over the limit of {max_bytes}")
     try:
         with safe_open(file, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except OSError as e:
-        raise AdapterError(f"{who}: cannot read {WEIGHTS_NAME} ({e.strerror or one_line(e)})") from None
+        raise AdapterError(f"{who}: cannot read {WEIGHTS_NAME} ({reason(e)})") from None
     except Exception as e:  # safetensors raises its own error type (and others) on a corrupt file
-        raise AdapterError(f"{who}: {WEIGHTS_NAME} is not a valid safetensors file ({one_line(e)})") from None
+        raise AdapterError(f"{who}: {WEIGHTS_NAME} is not a valid safetensors file ({reason(e)})") from None
 
 
 def lora_modules(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], who: str) -> dict[str, LoraFactors]:
@@ -286,10 +287,6 @@ def check_finite(modules: Mapping[str, LoraFactors], who: str) -> None:
         for label, t in (("lora_A", f.A), ("lora_B", f.B)):
             if not bool(torch.isfinite(t).all()):
                 raise AdapterError(f"{who}, module {module}: {label} contains NaN or Inf")
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---------------------------------------------------------------- writing

@@ -2,7 +2,7 @@
 
 Every file florist writes goes through ``atomic_write_bytes`` (or ``write_adapter``, which uses ``writing``): a full
 disk, a file-size limit, a read-only place or a path through a file becomes a ``WriteError`` that names the path and
-the reason, after the temporary file is removed. This module imports nothing from florist, so every layer can use it.
+the reason, after the temporary file is removed. This module imports only florist.reading, so every layer can use it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .reading import reason
 
 # The temporary names of atomic writes: mkstemp's ".<name>.XXXXXXXX.tmp" and the ".<name>.<hex8>.tmp|old"
 # directories an adapter directory is built in or moved aside to.
@@ -36,11 +38,9 @@ class WriteError(OSError):
 
 def failure_reason(e: BaseException) -> str:
     """Why a write failed, in one line: the system's words ("No space left on device") where there are some."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = " ".join(str(e).split())
-    number = re.search(r"os error (\d+)", text)  # safetensors' own error type carries the system's error number
-    return os.strerror(int(number[1])) if number else text or type(e).__name__
+    number = None if isinstance(e, OSError) and e.strerror else re.search(r"os error (\d+)", str(e))
+    # safetensors' own error type carries the system's error number in its text
+    return os.strerror(int(number[1])) if number else reason(e)
 
 
 @contextlib.contextmanager
@@ -61,8 +61,8 @@ def make_directory(directory: Path, path: str | os.PathLike | None = None) -> No
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         blocker = _nearest_existing(directory)
-        reason = f"{blocker} is not a directory" if blocker is not None and not blocker.is_dir() else failure_reason(e)
-        raise WriteError(directory if path is None else path, reason, e.errno) from None
+        why = f"{blocker} is not a directory" if blocker is not None and not blocker.is_dir() else failure_reason(e)
+        raise WriteError(directory if path is None else path, why, e.errno) from None
 
 
 def check_writable_place(path: str | os.PathLike) -> None:

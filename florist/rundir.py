@@ -32,7 +32,6 @@ from .adapters import (
     WEIGHTS_NAME,
     WRITTEN_EXTRA_FILES,
     AdapterError,
-    one_line,
     read_adapter,
     write_adapter,
     write_adapters,
@@ -50,6 +49,7 @@ from .files import (
     scan,
     writing,
 )
+from .reading import reason
 from .server import Branch, ClientResult, RoundRecord
 
 __all__ = ["RunDirError", "RunDirectory", "atomic_write_bytes", "atomic_write_text", "written_by_a_run"]
@@ -204,7 +204,7 @@ class RunDirectory:
             stored = tomllib.loads(self._read(CONFIG).decode())
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise RunDirError(
-                f"{self.path / CONFIG}: not a valid TOML file ({one_line(e)}); restore it, or pass "
+                f"{self.path / CONFIG}: not a valid TOML file ({reason(e)}); restore it, or pass "
                 "--overwrite to start the run afresh"
             ) from None
         asked = tomllib.loads(config_toml)
