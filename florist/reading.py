@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,23 @@ def parse_json_lines(text: str, where: str, error: ErrorType) -> list[tuple[int,
     # split at newlines only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold
     lines = enumerate(text.split("\n"), 1)
     return [(n, parse_json(line, f"{where}:{n}", error)) for n, line in lines if line.strip()]
+
+
+def leading_records(data: bytes, is_record: Callable[[Any], bool]) -> tuple[list[Any], int | None]:
+    """The JSON Lines records of ``data`` before the first line that is not one (a line a crash cut short, or one
+    ``is_record`` refuses), and that line's number (None: every line is one). For files florist appends to."""
+    records = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError included
+            return records, number
+        if not is_record(record):
+            return records, number
+        records.append(record)
+    return records, None
 
 
 TABLE_FORMATS = (".parquet", ".csv")

@@ -49,7 +49,7 @@ from .files import (
     scan,
     writing,
 )
-from .reading import reason
+from .reading import leading_records, reason
 from .server import Branch, ClientResult, RoundRecord
 
 __all__ = ["RunDirError", "RunDirectory", "atomic_write_bytes", "atomic_write_text", "written_by_a_run"]
@@ -379,18 +379,11 @@ class RunDirectory:
         """The records before the first line that is not one, and that line's number (None: every line is one)."""
         if not (self.path / METRICS).exists():
             return [], None
-        lines = []
-        for number, raw in enumerate(self._read(METRICS).split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                return lines, number
-            if not (isinstance(line, dict) and isinstance(line.get("branch"), str) and _is_count(line.get("round"))):
-                return lines, number
-            lines.append(line)
-        return lines, None
+        return leading_records(self._read(METRICS), _is_metrics_record)
+
+
+def _is_metrics_record(line) -> bool:
+    return isinstance(line, dict) and isinstance(line.get("branch"), str) and _is_count(line.get("round"))
 
 
 def _is_count(value) -> bool:

@@ -597,3 +597,16 @@ def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_
             (branch,) = line["branches"]
             assert [c["down"]["adapter"] for c in line["clients"]] == records[(1, branch)]["download_bytes"]
     assert {c["status"] for line in lines for c in line["clients"]} == {"replied"}
+
+
+def test_the_traffic_record_keeps_the_whole_rounds_before_a_line_a_crash_cut_short(tmp_path):
+    from florist.engines.flower import TrafficLog
+
+    path = tmp_path / "flower_traffic.jsonl"
+    whole = [{"round": 1, "group": "shared", "clients": []}, {"round": 2, "group": "shared", "clients": []}]
+    path.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in whole) + b'{"round": 3, "gro')
+    assert TrafficLog(path, done=2).lines() == whole  # the torn third line is dropped, and the file rewritten
+    assert path.read_text().count("\n") == 2
+    assert TrafficLog(path, done=1).lines() == whole[:1]  # lines of rounds that did not finish go too
+    path.write_bytes(b'["not a record"]\n' + json.dumps(whole[0]).encode() + b"\n")
+    assert TrafficLog(path, done=2).lines() == []

@@ -29,6 +29,7 @@ from .. import run as run_module
 from ..config import RunConfig
 from ..models import load_model
 from ..progress import Steps
+from ..reading import leading_records
 from ..rundir import RunDirectory, atomic_write_text
 from ..server import ClientResult, Federation, RoundFailed, TrainingGroup
 from .flower_messages import (
@@ -191,24 +192,20 @@ class TrafficLog:
 
     def lines(self) -> list[dict]:
         """The records before the first line a crash cut short (or that is no record): the traffic of whole rounds."""
-        lines = []
-        for raw in self.path.read_text(errors="replace").splitlines() if self.path.exists() else []:
-            try:
-                line = json.loads(raw) if raw.strip() else None
-            except ValueError:
-                break
-            if line is None:
-                continue
-            if not (isinstance(line, dict) and isinstance(line.get("round"), int)):
-                break
-            lines.append(line)
-        return lines
+        if not self.path.exists():
+            return []
+        records, _ = leading_records(self.path.read_bytes(), _is_traffic_record)
+        return records
 
     def append(self, lines: Iterable[dict]) -> None:
         self._write(self.lines() + list(lines))
 
     def _write(self, lines: list[dict]) -> None:
         atomic_write_text(self.path, "".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _is_traffic_record(line) -> bool:
+    return isinstance(line, dict) and isinstance(line.get("round"), int)
 
 
 # --- the strategy ----------------------------------------------------------------------------------------------------
