@@ -13,7 +13,8 @@ from florist.config import load_config
 from florist.models import tiny_llama
 from florist.server import Federation
 
-FAST = [
+# a federation of seconds on the tiny model, shared by the engine and reliability tests
+TINY_RUN = [
     "data.clients=3",
     "data.max_examples_per_client=6",
     "data.cutoff=32",
@@ -21,11 +22,9 @@ FAST = [
     "train.batch_size=4",
     "train.micro_batch_size=2",
     "train.lr=0.01",
-    "eval.limit=8",
     "eval.batch_size=8",
-    "lora.ranks=[4]",
-    'federation.thresholds="0.90"',
 ]
+FAST = [*TINY_RUN, "eval.limit=8", "lora.ranks=[4]", 'federation.thresholds="0.90"']
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_federation import TINY_RUN
 from typer.testing import CliRunner
 
 import florist.engines.flower as flower
@@ -50,18 +51,7 @@ from florist.models import tiny_llama
 from florist.server import ClientJob, RoundFailed, TrainingGroup, make_branches
 from florist.synthetic import frozen_a_updates, synthetic_updates
 
-FAST = [
-    "data.clients=3",
-    "data.max_examples_per_client=6",
-    "data.cutoff=32",
-    'data.partition="iid"',
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.lr=0.01",
-    "eval.limit=8",
-    "eval.batch_size=8",
-    "lora.ranks=[4,2,2]",
-]
+FAST = [*TINY_RUN, "eval.limit=8", "lora.ranks=[4,2,2]"]
 ALL_METHODS = 'federation.methods=["florist","fedit","flexlora","ffa","flora"]'
 
 

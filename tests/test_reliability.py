@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
+from test_federation import TINY_RUN
 
 import florist.engines.flower as flower
 import florist.engines.flower_app as flower_app
@@ -40,19 +41,7 @@ from florist.models import tiny_llama
 from florist.rundir import RunDirectory
 from florist.server import ClientJob, RoundFailed
 
-FAST = [
-    "data.clients=3",
-    "data.max_examples_per_client=6",
-    "data.cutoff=32",
-    'data.partition="iid"',
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.lr=0.01",
-    "eval.limit=4",
-    "eval.batch_size=8",
-    "lora.ranks=[4]",
-    'federation.thresholds="0.9"',
-]
+FAST = [*TINY_RUN, "eval.limit=4", "lora.ranks=[4]", 'federation.thresholds="0.9"']
 Q = "model.layers.0.self_attn.q_proj"  # a module of the tiny model, 64 x 64
 
 
