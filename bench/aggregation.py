@@ -3,7 +3,7 @@
 
 Each (model, ranks, method) case runs in a fresh Python process: 8 clients send random float32
 LoRA factors (seeded) for every q_proj and v_proj of the model, and the case times the whole
-server step, ``florist.aggregation.aggregate`` (validation included), over all modules.
+server step, ``florist.methods.aggregate`` (validation included), over all modules.
 
 Memory is the growth of the process's resident set during the step: the kernel's peak-RSS mark
 (VmHWM) is reset just before the step and read after it, minus the RSS the process had with its
@@ -49,11 +49,12 @@ from florist.aggregation import (
     ClientUpdate,
     LoraFactors,
     ModuleAggregate,
-    aggregate,
     energy_rank,
     prepare,
 )
 from florist.aggregation.base import fold_scaling
+from florist.methods import aggregate
+from florist.synthetic import MODEL_SHAPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BYTES_PER_FLOAT = 4  # float32 throughout
@@ -76,11 +77,14 @@ class ModelShapes:
         ]
 
 
-MODELS = {
-    "tinyllama": ModelShapes("TinyLlama-1.1B", 22, {"q_proj": (2048, 2048), "v_proj": (256, 2048)}),
-    "llama-3.2-1b": ModelShapes("Llama-3.2-1B", 16, {"q_proj": (2048, 2048), "v_proj": (512, 2048)}),
-    "llama-7b": ModelShapes("Llama-7B", 32, {"q_proj": (4096, 4096), "v_proj": (4096, 4096)}),
-}
+def _shapes(model: str) -> ModelShapes:
+    """A model's q_proj and v_proj shapes from florist's one table of them (``florist.synthetic.MODEL_SHAPES``)."""
+    layers, hidden, v_out = MODEL_SHAPES[model]
+    return ModelShapes(MODEL_TITLES[model], layers, {"q_proj": (hidden, hidden), "v_proj": (v_out, hidden)})
+
+
+MODEL_TITLES = {"tinyllama": "TinyLlama-1.1B", "llama-3.2-1b": "Llama-3.2-1B", "llama-7b": "Llama-7B"}
+MODELS = {model: _shapes(model) for model in MODEL_TITLES}
 
 # The authors' settings: 8 clients, r=16 everywhere, or heterogeneous ranks; alpha = 2r (scaling 2).
 RANKS = {
@@ -181,7 +185,7 @@ def dense_route(updates: Sequence[ClientUpdate], threshold: float, svd_seconds: 
 def server_step(spec: MethodSpec, svd_seconds: SvdTimes) -> Callable[[list[ClientUpdate]], AggregationResult]:
     if spec.key == "dense":
         return lambda updates: dense_route(updates, spec.threshold, svd_seconds)
-    return lambda updates: aggregate(spec.key, updates, threshold=spec.threshold or 0.9)
+    return lambda updates: aggregate(spec.key, updates, value=spec.threshold)
 
 
 # ---------------------------------------------------------------- memory
@@ -510,7 +514,7 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
     memory = MEMORY_METHODS[results[0]["memory_method"]] if results else ""
     notes = [
         machine,
-        f"Server step = florist.aggregation.aggregate (validation included), all q_proj and v_proj modules, "
+        f"Server step = florist.methods.aggregate (validation included), all q_proj and v_proj modules, "
         f"8 clients, random float32 factors (seed {args.seed}), alpha = 2r; best of {args.repeats} runs "
         f"({args.dense_repeats} for the dense route). Step s is wall time; step CPU s is the CPU time the step "
         f"consumed over all threads, which other processes' load does not inflate "

@@ -306,12 +306,14 @@ def aggregation_table(results: Results) -> str:
 
 # ---------------------------------------------------------------- bench/main_job.py
 
-METHOD_NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA"}
-
 
 def _name(row: dict) -> str:
-    label = row["label"]
-    return "FLoRIST" if label.startswith("florist@") else METHOD_NAMES.get(label, label)
+    """A row's method as its declaration shows it (a swept method's row by its method's name); an unknown one by its
+    label."""
+    from florist.methods import METHODS
+
+    method = METHODS.get(row["label"].partition("@")[0])
+    return method.display if method is not None else row["label"]
 
 
 def _figure(x: float | None, digits: int) -> str:

@@ -59,9 +59,10 @@ from machine import (  # noqa: E402
 )
 
 import florist.client as client_module  # noqa: E402
-from florist.client import ClientStart, LocalTrainer  # noqa: E402
+from florist.client import LocalTrainer  # noqa: E402
 from florist.config import LoraConfig, TrainConfig  # noqa: E402
 from florist.data.instructions import load_file, tokenize_dataset  # noqa: E402
+from florist.jobs import ClientStart  # noqa: E402
 from florist.models import load_model  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dolly" / "client_0.json"
@@ -145,7 +146,7 @@ def train_florist(model, tokenizer, examples, args, dtype: str, checkpointing: b
     clock = Stopwatch()
     try:
         with profiled(name, args.profile):
-            _, log = trainer.train(
+            _, log, _ = trainer.train(
                 examples,
                 ClientStart(rank=args.rank, alpha=2 * args.rank, seed=args.seed),
                 on_step=lambda s, n, loss: progress(name, s, n, loss),

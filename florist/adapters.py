@@ -14,7 +14,6 @@ Module names are PEFT's keys relative to the base model, e.g. ``model.layers.0.s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,11 +34,9 @@ from .aggregation import LoraFactors, ModuleAggregate
 from .files import check_writable_place, describe_foreign, make_directory, scan, writing
 from .reading import reason
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-
-# peft (and through it transformers) is imported where it is used, not here: importing it takes seconds, and the
-# command line imports this module for every command, `florist --help` included.
+# PEFT (and through it transformers) is never imported here: reading and writing an adapter directory is plain
+# safetensors and JSON in PEFT's layout, so `florist aggregate` starts in a second. What this module copies of PEFT's
+# rules (the variant fields, pattern matching, the config keys) is held to PEFT's by tests/test_adapters.py.
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,7 +161,7 @@ def check_plain_lora(config: Mapping[str, Any], who: str) -> None:
             f"{who}: a DoRA adapter (use_dora); its magnitude vector makes the update non-linear in B @ A, "
             "so it cannot be aggregated exactly"
         )
-    for name in lora_variant_fields():
+    for name in LORA_VARIANT_FIELDS:
         if name not in EXACT_VARIANTS and config.get(name):
             raise AdapterError(
                 f"{who}: a LoRA variant ({name}) whose update is not s * B @ A; florist aggregates plain LoRA only"
@@ -190,11 +187,18 @@ def check_plain_lora(config: Mapping[str, Any], who: str) -> None:
         raise AdapterError(f"{who}: bias={config['bias']!r} trains base biases; florist aggregates plain LoRA only")
 
 
-def lora_variant_fields() -> list[str]:
-    """The LoraConfig fields PEFT marks as switching on a LoRA variant (DoRA, aLoRA, ...)."""
-    from peft import LoraConfig
-
-    return [f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")]
+# The LoraConfig fields PEFT marks as switching on a LoRA variant (DoRA, aLoRA, ...; ``is_lora_variant`` in their
+# metadata), as PEFT 0.21 lists them. Written out so that reading an adapter loads no peft; a test compares the list
+# with the installed PEFT's, so an upgrade that adds a variant fails there rather than passing a variant here.
+LORA_VARIANT_FIELDS = (
+    "use_dora",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
 
 
 def read_tensors(path: Path, who: str, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -272,10 +276,8 @@ def pattern_value(config: Mapping[str, Any], field: str, module: str, default: A
     pattern = config.get(field) or {}
     if not isinstance(pattern, Mapping):
         raise AdapterError(f"{where}: {field} in {CONFIG_NAME} is not an object")
-    from peft.utils.other import get_pattern_key
-
     try:
-        return pattern.get(get_pattern_key(pattern.keys(), module), default)
+        return pattern.get(pattern_key(pattern.keys(), module), default)
     except re.error as e:
         raise AdapterError(f"{where}: a {field} key in {CONFIG_NAME} is not a valid pattern ({e})") from None
 
@@ -353,7 +355,8 @@ def fill_adapter_dir(
             shapes = f"B {tuple(m.B.shape)} and A {tuple(m.A.shape)}"
             raise AdapterError(f"{where}, module {name}: cannot write {shapes} as a LoRA pair")
         ranks[name] = m.rank
-    unit_scaling_config(ranks, base_model, task_type).save_pretrained(str(directory))
+    config = unit_scaling_config(ranks, base_model, task_type)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tensors = {}
     for name, m in modules.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.detach().to("cpu", dtype).contiguous()
@@ -361,8 +364,8 @@ def fill_adapter_dir(
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def unit_scaling_config(ranks: Mapping[str, int], base_model: str | None, task_type: str | None) -> LoraConfig:
-    """A LoraConfig whose scaling is 1 on every module: r = lora_alpha = the max rank, and
+def unit_scaling_config(ranks: Mapping[str, int], base_model: str | None, task_type: str | None) -> dict[str, Any]:
+    """An adapter_config.json (as a dict) whose scaling is 1 on every module: r = lora_alpha = the max rank, and
     rank_pattern = alpha_pattern = {module: rank} for the others.
 
     Pattern keys are full module names. PEFT matches a key as the regex ``(.*\\.)?key$`` against
@@ -372,29 +375,41 @@ def unit_scaling_config(ranks: Mapping[str, int], base_model: str | None, task_t
     r = max(ranks.values())
     pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
     check_patterns_exact(pattern, ranks)
-    from peft import LoraConfig
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": False,
+        "modules_to_save": None,
+        "base_model_name_or_path": base_model,
+        "task_type": task_type,
+    }
 
-    return LoraConfig(
-        r=r,
-        lora_alpha=r,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        target_modules=sorted({name.rsplit(".", 1)[-1] for name in ranks}),
-        lora_dropout=0.0,
-        bias="none",
-        use_rslora=False,
-        base_model_name_or_path=base_model,
-        task_type=task_type,
-    )
+
+def pattern_key(pattern_keys: Iterable[str], module: str) -> str:
+    """The first pattern key that names ``module`` as PEFT matches them (``peft.utils.other.get_pattern_key``): the
+    regex ``(.*\\.)?key$`` against the module's full name; the name itself when none does. A copy, so that reading and
+    writing adapters loads no PEFT; a test holds it to PEFT's."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
 
 
 def check_patterns_exact(pattern: Mapping[str, int], modules: Mapping[str, int]) -> None:
     """Every written module must resolve, under PEFT's matching, to its own rank (first match wins)."""
-    from peft.utils.other import get_pattern_key
-
     r = max(modules.values())
     for name, rank in modules.items():
-        resolved = pattern.get(get_pattern_key(pattern.keys(), name), r)
+        resolved = pattern.get(pattern_key(pattern.keys(), name), r)
         if resolved != rank:
             raise AdapterError(f"module {name}: another module's rank_pattern entry would match it; cannot write it")
 

@@ -9,15 +9,14 @@ a second model. Only the adapted modules are copied (q_proj and v_proj: a few pe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .aggregation import ModuleAggregate
+from .aggregation import Adapter
 from .config import ConfigError
-
-Delta = dict[str, ModuleAggregate]  # module name -> (B, A) with scaling folded: the update is B @ A
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear layer but the output head
 
@@ -75,7 +74,7 @@ class BaseWeights:
         return list(self.pristine)
 
     @torch.no_grad()
-    def set_deltas(self, deltas: Sequence[Delta] = ()) -> None:
+    def set_deltas(self, deltas: Sequence[Adapter] = ()) -> None:
         """W = W0 + sum over ``deltas`` of B @ A, for every adapted module (W0 where no delta names it)."""
         for name, w0 in self.pristine.items():
             weight = self.model.get_submodule(name).weight
@@ -88,3 +87,12 @@ class BaseWeights:
 
     def restore(self) -> None:
         self.set_deltas(())
+
+    @contextmanager
+    def holding(self, deltas: Sequence[Adapter]) -> Iterator[None]:
+        """W0 + ``deltas`` in the model for the ``with`` block, and W0 again after it, however the block ends."""
+        self.set_deltas(deltas)
+        try:
+            yield
+        finally:
+            self.restore()

@@ -11,19 +11,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .aggregation import ClientUpdate, LoraFactors, ModuleAggregate
+from .aggregation import ModuleAggregate
 from .config import LoraConfig, TrainConfig
+from .jobs import LOSS_IGNORED, ClientStart, ClientUpload, Factors, TrainingLog, leading, upload_of
 from .loss import causal_lm_loss
-from .models import peft_wrapping, set_activation_checkpointing
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .models import DTYPES, peft_wrapping, set_activation_checkpointing
 
 # On a CPU under bfloat16 autocast, plain attention (matmul, softmax, matmul) trains faster than SDPA's flash kernel
 # at instruction-tuning lengths (in float32 it gains nothing), but keeps every layer's batch × heads × length²
@@ -71,44 +69,6 @@ def use_fast_dropout(model: nn.Module) -> None:
                 layer.lora_dropout[key] = FastDropout(dropout.p)
 
 
-@dataclass(frozen=True)
-class ClientStart:
-    """How a client's LoRA starts this round.
-
-    ``init``: the global adapter to start from (re-init scheme; scaling folded into B), or None
-    for a fresh LoRA. ``frozen_a``: FFA-LoRA's shared frozen A per module (rank >= this client's),
-    or None to train A.
-    """
-
-    rank: int
-    alpha: float
-    seed: int
-    init: dict[str, ModuleAggregate] | None = None
-    frozen_a: dict[str, torch.Tensor] | None = None
-
-
-@dataclass
-class TrainingLog:
-    steps: int = 0
-    tokens: int = 0
-    losses: list[float] = field(default_factory=list)  # one per optimizer step
-    seconds: float = 0.0
-
-
-def shared_frozen_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """FFA-LoRA's A: the same on every client, drawn from ``seed`` like PEFT's init, U(-1/sqrt(n), 1/sqrt(n)).
-
-    Clients of smaller rank take the leading rows, so heterogeneous ranks still share one A.
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(shapes):
-        n = shapes[name][1]
-        bound = 1.0 / math.sqrt(n)
-        out[name] = (torch.rand(rank, n, generator=g) * 2 - 1) * bound
-    return out
-
-
 def length_grouped_batches(
     lengths: Sequence[int], micro_batch_size: int, seed: int, group: int = 32
 ) -> list[list[int]]:
@@ -129,10 +89,10 @@ def length_grouped_batches(
 
 
 def collate(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padded label positions are -100 so they carry no loss."""
+    """Right-pad a micro-batch; padded label positions are ``LOSS_IGNORED`` so they carry no loss."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    labels = torch.full((len(examples), width), LOSS_IGNORED, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
@@ -169,8 +129,13 @@ class LocalTrainer:
         start: ClientStart,
         client_id: str = "",
         on_step: Callable[[int, int, float], None] | None = None,
-    ) -> tuple[ClientUpdate, TrainingLog]:
-        """Fine-tune a fresh (or global-initialised) LoRA on ``examples`` (tokenized: input_ids, labels)."""
+        kept: Factors | None = None,
+    ) -> tuple[ClientUpload, TrainingLog, Factors]:
+        """Fine-tune this round's LoRA on ``examples`` (tokenized: input_ids, labels) as ``start.mode`` says.
+
+        ``kept``: the factors this client kept from its round before (``ClientMode.keeps``), or None (fresh).
+        Returns what the client uploads, its training log, and the factors it keeps for its next round.
+        """
         if len(examples) == 0:
             raise ValueError(f"{client_id or 'client'}: no training examples")
         began = time.perf_counter()
@@ -179,16 +144,18 @@ class LocalTrainer:
             peft_model = peft.get_peft_model(self.model, self._peft_config(start))
         attention = getattr(self.model.config, "_attn_implementation", None)
         try:
-            self._initialise(start)
+            self._initialise(start, kept)
             use_fast_dropout(self.model)
             log = self._fit(peft_model, examples, start.seed, on_step, attention)
-            modules = lora_factors(self.model)
+            trained, scalings = trained_factors(self.model)
         finally:
             peft_model.unload()  # the shared base gets its original layers back, unmerged
             if attention is not None and self.model.config._attn_implementation != attention:
                 self.model.set_attn_implementation(attention)
         log.seconds = time.perf_counter() - began
-        return ClientUpdate(modules, num_examples=len(examples), client_id=client_id), log
+        mode = start.mode
+        keeps = {name: {f: factors[f] for f in sorted(mode.keeps)} for name, factors in trained.items()}
+        return ClientUpload(upload_of(mode, trained), scalings, num_examples=len(examples)), log, keeps
 
     def _peft_config(self, start: ClientStart) -> peft.LoraConfig:
         return peft.LoraConfig(
@@ -203,14 +170,22 @@ class LocalTrainer:
         )
 
     @torch.no_grad()
-    def _initialise(self, start: ClientStart) -> None:
+    def _initialise(self, start: ClientStart, kept: Factors | None) -> None:
+        """Each factor's start (the global adapter, a shared draw, the client's own), and which ones train."""
+        mode = start.mode
         for name, layer in lora_layers(self.model):
             A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             if start.init is not None:
                 load_global(A, B, start.init[name], layer.scaling["default"])
-            if start.frozen_a is not None:
-                A.copy_(start.frozen_a[name][: A.shape[0]])
-                A.requires_grad_(False)
+            for f, t in ((start.shared or {}).get(name, {})).items():
+                (A if f == "A" else B).copy_(leading(f, t, start.rank))
+            if kept is not None:
+                for f, t in kept.get(name, {}).items():
+                    (A if f == "A" else B).copy_(t)
+            A.requires_grad_("A" in mode.trains)
+            B.requires_grad_("B" in mode.trains)
+            if mode.core:
+                insert_core(layer, start.rank)
 
     def _fit(self, peft_model, examples, seed: int, on_step, attention: str | None) -> TrainingLog:
         cfg = self.train_config
@@ -234,7 +209,7 @@ class LocalTrainer:
         while log.steps < total:
             group = [next(stream) for _ in range(accumulation)]
             group = [b for b in group if b]
-            labelled = sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for b in group for i in b)
+            labelled = sum(sum(1 for t in examples[i]["labels"][1:] if t != LOSS_IGNORED) for b in group for i in b)
             step_loss = 0.0
             for batch_idx in group:
                 batch = collate([examples[i] for i in batch_idx], self.pad_token_id, self.device)
@@ -285,16 +260,40 @@ def lora_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
-    """The trained pairs, as float32 CPU tensors, keyed by the adapted module's name in the base model."""
-    return {
-        name: LoraFactors(
-            A=layer.lora_A["default"].weight.detach().float().cpu().clone(),
-            B=layer.lora_B["default"].weight.detach().float().cpu().clone(),
-            scaling=float(layer.scaling["default"]),
-        )
-        for name, layer in lora_layers(model)
-    }
+class CoreLinear(nn.Module):
+    """A frozen A followed by a trainable r × r matrix R, in the place of PEFT's lora_A: the update is s·B·R·A."""
+
+    def __init__(self, lora_A: nn.Linear, rank: int):
+        super().__init__()
+        self.A = lora_A
+        self.A.weight.requires_grad_(False)
+        self.R = nn.Linear(rank, rank, bias=False, device=lora_A.weight.device, dtype=lora_A.weight.dtype)
+        nn.init.zeros_(self.R.weight)  # the update starts where the frozen factors leave it: at zero
+
+    @property
+    def weight(self) -> torch.Tensor:  # what PEFT and florist read as lora_A's weight
+        return self.A.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.R(self.A(x))
+
+
+def insert_core(layer: LoraLayer, rank: int) -> None:
+    layer.lora_A["default"] = CoreLinear(layer.lora_A["default"], rank)
+
+
+def trained_factors(model: nn.Module) -> tuple[Factors, dict[str, float]]:
+    """Every LoRA layer's A and B (and R with a core) as float32 CPU tensors, and its scaling, keyed by the adapted
+    module's name in the base model."""
+    factors, scalings = {}, {}
+    for name, layer in lora_layers(model):
+        lora_A = layer.lora_A["default"]
+        held = {"A": lora_A.weight, "B": layer.lora_B["default"].weight}
+        if isinstance(lora_A, CoreLinear):
+            held["R"] = lora_A.R.weight
+        factors[name] = {f: t.detach().float().cpu().clone() for f, t in held.items()}
+        scalings[name] = float(layer.scaling["default"])
+    return factors, scalings
 
 
 def load_global(A: torch.Tensor, B: torch.Tensor, module: ModuleAggregate, scaling: float) -> None:

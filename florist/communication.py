@@ -1,7 +1,8 @@
 """What each method puts on the wire in one round: parameters and bytes, up and down, and the paper's Eff.
 
-Counted from the tensors that actually travel: a client uploads its pair (B only under FFA-LoRA);
-the server sends each client the adapter ``result.for_client(k)`` (B only under FFA-LoRA).
+Counted from the tensors that actually travel, as the method declares them: a client uploads the factors of its
+round's ``ClientMode.uploads`` (A is r × n, B m × r, a core R r × r); the server sends each client the factors of
+``Method.downloads`` of the adapter ``result.for_client(k)``.
 
 The paper's "Eff" is 1 / sum over modules of the rank sent down. It ignores matrix sizes and the
 upload; a one-factor download (FFA-LoRA's B) counts half a rank, which is how the paper arrives at
@@ -13,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .aggregation import AggregationMethod, AggregationResult, ClientUpdate
+from .aggregation import AggregationResult, ClientUpdate, LoraFactors, ModuleAggregate
+from .methods import Method
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,28 @@ class RoundCommunication:
         return d
 
 
+def factor_params(factors: frozenset[str], pair: LoraFactors | ModuleAggregate) -> int:
+    """How many numbers the named factors of one module's pair are: A r × n, B m × r, a core R r × r."""
+    sizes = {"A": pair.A.numel(), "B": pair.B.numel(), "R": pair.rank**2}
+    return sum(sizes[f] for f in factors)
+
+
 def round_communication(
-    method: AggregationMethod,
+    method: Method,
+    round_number: int,
     updates: Sequence[ClientUpdate],
     result: AggregationResult,
     bytes_per_param: int = 4,
 ) -> RoundCommunication:
     """Traffic of one round; ``bytes_per_param`` is the wire dtype's size (float32 by default)."""
-    upload = [sum(f.B.numel() + (f.A.numel() if method.sends_a else 0) for f in u.modules.values()) for u in updates]
+    up, down = method.mode(round_number).uploads, method.downloads(round_number)
+    upload = [sum(factor_params(up, f) for f in u.modules.values()) for u in updates]
     download, ranks = [], []
     for k in range(len(updates)):
         adapter = result.for_client(k)
-        download.append(sum(m.B.numel() + (m.A.numel() if method.sends_a else 0) for m in adapter.values()))
+        download.append(sum(factor_params(down, m) for m in adapter.values()))
         ranks.append(sum(m.rank for m in adapter.values()))
-    rank_units = 1.0 if method.sends_a else 0.5
+    rank_units = 1.0 if {"A", "B"} <= down else 0.5  # the paper counts a one-factor download as half a rank
     return RoundCommunication(
         method=method.name,
         upload_params=upload,

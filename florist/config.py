@@ -7,7 +7,6 @@ the paper's settings are in ``configs/``.
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import math
 import re
 import reprlib
@@ -17,7 +16,6 @@ import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +103,7 @@ class EvalConfig:
     # whose loss is reported: an instruction file (e.g. ../shared/data/dolly/test.json, whole texts), "builtin" (the
     # built-in facts' test questions, answers only), "auto" (builtin when data.train is, else none) or "" (none)
     heldout: str = "auto"
-    every_round: bool = True
+    every: int = 1  # score every k-th round, and always the last
 
 
 ENGINES = ("inprocess", "flower")
@@ -159,19 +157,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return _validated(raw, "" if path is None else f"{path}: ")
 
 
-def config_from_toml(text: str, where: str = "config") -> RunConfig:
-    """A validated ``RunConfig`` from TOML text, such as ``RunConfig.to_toml()`` wrote (a run sent over the wire)."""
+def config_from_toml(text: str, where: str = "config", *, client: bool = False) -> RunConfig:
+    """A validated ``RunConfig`` from TOML text, such as ``RunConfig.to_toml()`` wrote (a run sent over the wire).
+
+    ``client``: read on a client, which trains by the job's mode and neither knows nor needs the server's methods:
+    the keys only the server reads (``SERVER_KEYS``: which methods run and their swept values) are not checked
+    against the methods registered here.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from None
-    return _validated(raw, f"{where}: ")
+    return _validated(raw, f"{where}: ", client)
 
 
-def _validated(raw: dict, prefix: str) -> RunConfig:
+def _validated(raw: dict, prefix: str, client: bool = False) -> RunConfig:
     try:
         config = _build(RunConfig, raw, "")
-        validate(config)
+        validate(config, client)
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
     return config
@@ -317,7 +320,7 @@ def one_of(choices: Callable[[], tuple[str, ...]]) -> Rule:
 
 
 def _methods() -> tuple[str, ...]:
-    from .aggregation import METHODS
+    from .methods import METHODS
 
     return tuple(METHODS)
 
@@ -343,10 +346,6 @@ def target_modules_problem(v: str | list[str]) -> str:
     except re.error as e:
         return f"is not a regex ({e})"
     return non_empty(v)
-
-
-def thresholds_problem(spec: str) -> str:
-    return _parse_taus(spec)[1]
 
 
 SEED_LIMIT = 2**32 - 1  # numpy's (datasets' shuffles and partitions) largest seed
@@ -377,7 +376,6 @@ FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
     "federation.clients_per_round": (at_least(0),),
     "federation.scheme": (one_of(lambda: ("merge", "reinit")),),
     "federation.methods": (non_empty, Each(one_of(_methods)), unique),
-    "federation.thresholds": (thresholds_problem,),
     "federation.florist_e_tolerance": (between(0, 1),),
     "federation.min_clients": (at_least(1),),
     "federation.max_update_norm": (at_least(0),),
@@ -387,12 +385,19 @@ FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
     "eval.mode": (one_of(lambda: ("answer", "option", "letter")),),
     "eval.limit": (at_least(0),),
     "eval.batch_size": (at_least(1),),
+    "eval.every": (at_least(1),),
 }
 
 
-def check_fields(c: RunConfig) -> None:
-    """Every field with a rule in ``FIELD_RULES`` against it; the first broken one is a ConfigError naming its key."""
+SERVER_KEYS = frozenset({"federation.methods"})  # checked against the methods registered where the server runs
+
+
+def check_fields(c: RunConfig, skip: frozenset[str] = frozenset()) -> None:
+    """Every field with a rule in ``FIELD_RULES`` against it (but those in ``skip``); the first broken one is a
+    ConfigError naming its key."""
     for key, rules in FIELD_RULES.items():
+        if key in skip:
+            continue
         value = c
         for part in key.split("."):
             value = getattr(value, part)
@@ -405,61 +410,28 @@ def check_fields(c: RunConfig) -> None:
                     raise ConfigError(f"config key {where!r} {problem}; got {_shown(item)}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# FLoRIST's taus
+def check_swept_values(c: RunConfig) -> None:
+    """Each method's swept values (FLoRIST's τ under ``federation.thresholds``), read by the method's own parser."""
+    from .methods import METHODS
 
-MAX_TAUS = 1000  # a FLoRIST branch per tau, each scored every round: more is a mistyped step, not a sweep
-
-
-def parse_thresholds(spec: str, where: str = "config key 'federation.thresholds'") -> list[float]:
-    """'0.9', '0.8,0.9,1.0' or 'start:stop:step' (inclusive, stepped in exact decimals), sorted.
-
-    At most ``MAX_TAUS`` taus, each in (0, 1], none given twice: every tau is a branch of its own, named by
-    ``results.branch_label``, which tells any two different taus apart. ``where`` names the spec in errors.
-    """
-    taus, problem = _parse_taus(spec)
-    if problem:
-        raise ConfigError(f"{where} {problem}; got {_shown(spec)}")
-    return taus
-
-
-def _parse_taus(spec: str) -> tuple[list[float], str]:
-    """The taus of ``spec`` and "", or [] and what is wrong with it."""
-    from .results import format_tau
-
-    form = "must be T, T1,T2,... or start:stop:step"
-    try:
-        if ":" in spec:
-            start, stop, step = (Decimal(x.strip()) for x in spec.split(":"))
-            if not all(d.is_finite() for d in (start, stop, step)):
-                return [], "must hold finite numbers"
-            if step <= 0:
-                return [], "must have a positive step"
-            if start > stop:
-                return [], "is an empty range: start is above stop"
-            span = (stop - start) / step
-            if span >= MAX_TAUS:
-                return [], f"is a range of more than {MAX_TAUS} taus"
-            taus = [float(start + i * step) for i in range(int(span) + 1)]
-        else:
-            taus = [float(x) for x in spec.split(",") if x.strip()]
-    except (ValueError, decimal.DecimalException):
-        return [], form
-    if not taus:
-        return [], form
-    if len(taus) > MAX_TAUS:
-        return [], f"lists more than {MAX_TAUS} taus"
-    if not all(math.isfinite(t) and 0.0 < t <= 1.0 for t in taus):
-        return [], "must hold taus in (0, 1]"
-    twice = [t for t, n in Counter(taus).items() if n > 1]
-    if twice:
-        return [], f"gives tau {format_tau(twice[0])} twice"
-    return sorted(taus), ""
+    for method in METHODS.values():
+        if method.sweep is None:
+            continue
+        value: Any = c
+        for part in method.sweep.config_key.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, str):
+            continue  # a method registered for another config: its key is not this run's
+        _, problem = method.sweep.parse(value)
+        if problem:
+            raise ConfigError(f"config key {method.sweep.config_key!r} {problem}; got {_shown(value)}")
 
 
-def validate(c: RunConfig) -> None:
-    """Every field against its rule, then the rules that tie fields together."""
-    check_fields(c)
+def validate(c: RunConfig, client: bool = False) -> None:
+    """Every field against its rule, then the rules that tie fields together (a ``client`` skips the server's keys)."""
+    check_fields(c, SERVER_KEYS if client else frozenset())
+    if not client:
+        check_swept_values(c)
     taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
         (

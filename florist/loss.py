@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data.instructions import IGNORE_INDEX
+from .jobs import LOSS_IGNORED
 
 # Architectures whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping, logit scale
 # or bias. Others train with the model's own loss.
@@ -93,7 +93,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: 
     base = _unwrapped(model)
     out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labels = batch["labels"][:, 1:]
-    labelled = labels != IGNORE_INDEX
+    labelled = labels != LOSS_IGNORED
     hidden = out.last_hidden_state[:, :-1][labelled]
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype

@@ -1,43 +1,30 @@
-"""The results table in the layout of the paper's: method, tau, accuracy, Eff, and the traffic behind it.
+"""The results table in the layout of the paper's: method, swept value, accuracy, Eff, and the traffic behind it.
 
-``to_markdown`` and ``to_csv`` write every column; ``terminal_table`` shows the columns that fit a terminal, and
-``fitted_table`` lays out any table florist prints so that it fits a width without cutting a figure.
+What it knows of a method it reads from the method's declaration in ``florist.methods``: its name in tables, its
+place among the others, whether it sweeps a parameter and which of its rows it picks. ``to_markdown`` and ``to_csv``
+write every column; ``terminal_table`` shows the columns that fit a terminal, and ``fitted_table`` lays out any
+table florist prints so that it fits a width without cutting a figure.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from decimal import Decimal
+from typing import Any
 
-from rich import box
-from rich.cells import cell_len
-from rich.console import JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
-
-def format_tau(tau: float) -> str:
-    """A tau as labels and tables write it: its shortest exact decimal form, with at least 2 decimals.
-
-    0.9 -> "0.90", 0.901 -> "0.901", 1e-05 -> "0.00001": two different taus never read alike, and the taus of a
-    2-decimal grid keep the names earlier runs saved them under.
-    """
-    whole, _, decimals = format(Decimal(repr(float(tau))), "f").partition(".")
-    return f"{whole}.{decimals.ljust(2, '0')}"
-
-
-def branch_label(method: str, tau: float | None = None) -> str:
-    """A branch's name in the run directory and the results: its method, with FLoRIST's tau ("florist@0.90")."""
-    return method if tau is None else f"{method}@{format_tau(tau)}"
+from .methods import METHODS, Method, format_value, in_order
+from .tables import TableColumn, fitted_table
 
 
 @dataclass
 class ResultRow:
-    method: str  # fedit, flora, ..., florist, or FLoRIST-O / FLoRIST-E picks
-    threshold: float | None
+    method: str  # the method's key (its name in florist.methods)
+    threshold: float | None  # the swept parameter's value, for a method with a sweep
     accuracy: float | None  # macro over subjects, in [0, 1]
     heldout_loss: float | None
     eff_e4: float  # the paper's Eff x 10^4, final round
@@ -46,7 +33,13 @@ class ResultRow:
     download_params: int
     upload_bytes: int
     download_bytes: int
-    label: str = ""
+    label: str = ""  # the branch ("name@value"), or the pick's label for a swept method's pick
+
+
+@dataclass
+class PickedRow(ResultRow):
+    """A row a swept method names besides its own (``Method.picks``), labelled as the pick: the same fields, so
+    results.csv and results.json hold it as any other row."""
 
 
 def rows_from_records(records: Sequence[dict]) -> list[ResultRow]:
@@ -78,44 +71,38 @@ def rows_from_records(records: Sequence[dict]) -> list[ResultRow]:
     return rows
 
 
-def pick_florist(rows: Sequence[ResultRow], tolerance: float) -> tuple[ResultRow | None, ResultRow | None]:
-    """FLoRIST-O: the tau with the best accuracy; ties go to the lower held-out loss, then to less download.
-    FLoRIST-E: the least download among taus within ``tolerance`` (absolute accuracy) of that best.
-
-    Without accuracy (no questions were asked) both are picked on held-out loss instead, lower being better.
-    """
-    florist = [r for r in rows if r.method == "florist"]
-    if florist and all(r.accuracy is not None for r in florist):
-        score = lambda r: r.accuracy  # noqa: E731
-    elif florist and all(r.heldout_loss is not None for r in florist):
-        score = lambda r: -r.heldout_loss  # noqa: E731
-    else:
-        return None, None
-    # On a small question set many taus tie on accuracy; the loss separates them.
-    loss = lambda r: -r.heldout_loss if r.heldout_loss is not None else 0.0  # noqa: E731
-    best = max(florist, key=lambda r: (score(r), loss(r), r.eff_e4))
-    efficient = max((r for r in florist if score(r) >= score(best) - tolerance), key=lambda r: (r.eff_e4, score(r)))
-    return best, efficient
-
-
-def paper_table(rows: Sequence[ResultRow], tolerance: float) -> list[ResultRow]:
-    """Baselines in the paper's order, then FLoRIST-O and FLoRIST-E, then every tau of the sweep."""
-    order = {"fedit": 0, "flora": 1, "flexlora": 2, "ffa": 3}
-    table = sorted((r for r in rows if r.method != "florist"), key=lambda r: order.get(r.method, 9))
-    best, efficient = pick_florist(rows, tolerance)
-    for name, pick in (("FLoRIST-O", best), ("FLoRIST-E", efficient)):
-        if pick is not None:
-            table.append(ResultRow(**{**asdict(pick), "label": name}))
-    table += sorted((r for r in rows if r.method == "florist"), key=lambda r: -(r.threshold or 0))
+def paper_table(rows: Sequence[ResultRow], config: Any) -> list[ResultRow]:
+    """Rows in the order of their methods' ``order``: each method without a sweep, then the rows of methods that are
+    not registered (in the records' order), then each swept method's picks (``Method.picks(rows, config)``) and
+    every value of its sweep, highest first."""
+    methods = in_order([name for name in METHODS if any(r.method == name for r in rows)])
+    table = [r for m in methods if m.sweep is None for r in rows if r.method == m.name]
+    table += [r for r in rows if r.method not in METHODS]
+    for m in (m for m in methods if m.sweep is not None):
+        table += [PickedRow(**{**asdict(r), "label": label}) for label, r in m.picks(rows, config)]
+        table += sorted((r for r in rows if r.method == m.name), key=lambda r: -(r.threshold or 0))
     return table
 
 
-PICKS = ("FLoRIST-O", "FLoRIST-E")
-METHOD_NAMES = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
+def method_of(r: ResultRow) -> Method | None:
+    """The declaration of a row's method; None for a method not registered."""
+    return METHODS.get(r.method)
 
+
+def is_swept(r: ResultRow) -> bool:
+    """Whether a row's method sweeps a parameter (its rows are one value each, or picks among them)."""
+    m = method_of(r)
+    return m is not None and m.sweep is not None
+
+
+def is_pick(r: ResultRow) -> bool:
+    return isinstance(r, PickedRow)
+
+
+VALUE = "value"  # the swept value's column, headed as the swept methods name their parameter (``value_header``)
 COLUMNS = [
     "method",
-    "τ",
+    VALUE,
     "accuracy (%)",
     "held-out loss",
     "Eff (×10⁻⁴)",
@@ -130,19 +117,33 @@ COLUMNS = [
 MARKED_COLUMNS = {"accuracy (%)": "higher", "held-out loss": "lower", "Eff (×10⁻⁴)": "higher"}
 
 
+def value_header(table: Sequence[ResultRow]) -> str:
+    """The swept value's column header: the parameter names of the swept methods in ``table`` (of every registered
+    swept method when none is), joined by " / "."""
+    present = [m.name for m in map(method_of, table) if m is not None and m.sweep is not None]
+    swept = in_order(list(dict.fromkeys(present))) if present else [m for m in in_order() if m.sweep is not None]
+    return " / ".join(dict.fromkeys(m.sweep.name for m in swept)) or VALUE
+
+
+def headers(table: Sequence[ResultRow]) -> list[str]:
+    return [value_header(table) if c == VALUE else c for c in COLUMNS]
+
+
 def display_name(r: ResultRow) -> str:
-    """FLoRIST-O/E picks by their label, every other row by its method's name in the paper."""
-    return r.label if r.label in PICKS else METHOD_NAMES.get(r.method, r.method)
+    """A pick by its label, every other row by its method's display name (an unregistered method by its key)."""
+    m = method_of(r)
+    return r.label if is_pick(r) else m.display if m is not None else r.method
 
 
 def compared(table: Sequence[ResultRow]) -> list[bool]:
-    """The rows the paper ranks against each other: the baselines and FLoRIST-O/E (not every tau of the sweep).
+    """The rows the paper ranks against each other: those of methods without a sweep, and the swept methods' picks
+    (not every value of a sweep).
 
     When there are no picks, every row competes.
     """
-    if not any(r.label in PICKS for r in table):
+    if not any(map(is_pick, table)):
         return [True] * len(table)
-    return [r.method != "florist" or r.label in PICKS for r in table]
+    return [is_pick(r) or not is_swept(r) for r in table]
 
 
 def ranks_in_column(values: Sequence[float | None], higher_is_better: bool) -> list[str]:
@@ -176,7 +177,7 @@ def emphasis(table: Sequence[ResultRow]) -> list[dict[str, str]]:
 def _cells(r: ResultRow, paper_names: bool) -> list[str]:
     return [
         display_name(r) if paper_names else r.label or r.method,
-        "" if r.threshold is None else format_tau(r.threshold),
+        "" if r.threshold is None else format_value(r.threshold),
         "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
         "" if r.heldout_loss is None else f"{r.heldout_loss:.4f}",
         f"{r.eff_e4:.2f}",
@@ -195,11 +196,12 @@ def _emphasize(cell: str, mark: str) -> str:
 def to_markdown(table: Sequence[ResultRow], marks: bool = True, paper_names: bool = False) -> str:
     """The table in markdown; with ``marks``, the best value of a marked column in bold and the second in italics.
 
-    Rows are named by branch label (``fedit``, ``florist@0.90``, ``FLoRIST-O``), or with ``paper_names`` as the
-    paper names the methods (FedIT, FFA-LoRA, FLoRIST with its tau in the next column).
+    Rows are named by branch label (a method's key, ``key@value`` for a swept method's branch, a pick's label), or
+    with ``paper_names`` by their methods' display names (a swept method's value in the next column) and picks by
+    their label.
     """
     row_marks = emphasis(table) if marks else [{} for _ in table]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    lines = ["| " + " | ".join(headers(table)) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for r, m in zip(table, row_marks):
         cells = [_emphasize(cell, m.get(column, "")) for column, cell in zip(COLUMNS, _cells(r, paper_names))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -219,12 +221,12 @@ def to_csv(table: Sequence[ResultRow]) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Tables on a terminal
 
-# The results columns a terminal shows, most wanted first: the method, its tau, the quality and the traffic, then
+# The results columns a terminal shows, most wanted first: the method, its value, the quality and the traffic, then
 # the rest as the width allows (80 columns fit all but the parameter counts). Columns grouped together are shown or
 # left out together. results.md keeps every column.
 TERMINAL_COLUMNS = (
     ("method",),
-    ("τ",),
+    (VALUE,),
     ("accuracy (%)",),
     ("held-out loss",),
     ("MB up", "MB down"),
@@ -232,13 +234,11 @@ TERMINAL_COLUMNS = (
     ("mean rank",),
     ("params up", "params down"),
 )
-ALWAYS_SHOWN = 3  # the method, its tau and the first quality column stay at any width
+ALWAYS_SHOWN = 3  # the method, its value and the first quality column stay at any width
 MARK_STYLES = {"best": "bold", "second": "italic"}
 
+
 # rich's SIMPLE_HEAD, with a rule where a section of rows ends (SIMPLE_HEAD leaves a blank line there)
-RULED = box.Box("    \n    \n ── \n    \n ── \n    \n    \n    \n")
-
-
 def terminal_table(
     table: Sequence[ResultRow], width: int, title: str | None = None, caption: str | None = None
 ) -> Table:
@@ -253,101 +253,12 @@ def terminal_table(
         [Text(row[COLUMNS.index(name)], style=MARK_STYLES.get(marks.get(name, ""), "")) for name in order]
         for row, marks in zip(cells, emphasis(table))
     ]
-    columns = [TableColumn(name, justify="left" if name == "method" else "right") for name in order]
+    header = dict(zip(COLUMNS, headers(table)))
+    columns = [TableColumn(header[name], justify="left" if name == "method" else "right") for name in order]
     drop = [[order.index(name) for name in group] for group in reversed(groups[ALWAYS_SHOWN:])]
     in_play = compared(table)
-    # a rule between the compared rows and the rest of FLoRIST's tau sweep
+    # a rule between the compared rows and the rest of the sweeps
     sweep_starts = [k for k in range(1, len(table)) if in_play[k - 1] and not in_play[k]]
     return fitted_table(
         columns, rows, width, drop=drop, title=title, caption=caption, rule_after={k - 1 for k in sweep_starts}
     )
-
-
-@dataclass(frozen=True)
-class TableColumn:
-    """A column of a terminal table. Its cells are figures, each kept on one line, unless ``prose``: words that may
-    wrap between them. A header may wrap between its words where the table would not fit otherwise."""
-
-    header: str
-    justify: JustifyMethod = "right"
-    prose: bool = False
-
-
-def fitted_table(
-    columns: Sequence[TableColumn],
-    rows: Sequence[Sequence[str | Text]],
-    width: int,
-    *,
-    drop: Sequence[Collection[int]] = (),
-    title: str | None = None,
-    caption: str | None = None,
-    rule_after: Collection[int] = (),
-    show_header: bool = True,
-) -> Table:
-    """A rich table no wider than ``width`` in which no figure is cut: headers wrap between words first; if that is
-    not enough, the groups of columns ``drop`` lists (by index) are left out, group by group, until the rest fit.
-    Below the width the remaining columns need, figures fold onto a second line rather than lose digits.
-
-    ``rule_after``: indices of the rows a rule follows (a total row below the others, say).
-    """
-    keep = list(range(len(columns)))
-    widths = _widths([columns[k] for k in keep], [[row[k] for k in keep] for row in rows], width)
-    for group in drop:
-        if widths is not None:
-            break
-        keep = [k for k in keep if k not in group]
-        widths = _widths([columns[k] for k in keep], [[row[k] for k in keep] for row in rows], width)
-    if widths is None:  # narrower than anything can fit: every column at its least
-        widths = [_needs(columns[k], [row[k] for row in rows])[0] for k in keep]
-    table = Table(
-        title=title and Text(title, overflow="fold"),
-        caption=caption and Text(caption, overflow="fold"),
-        box=RULED,
-        show_edge=False,
-        pad_edge=False,
-        show_header=show_header,
-    )
-    for k, w in zip(keep, widths):
-        c = columns[k]
-        table.add_column(
-            Text(c.header, justify=c.justify, no_wrap=False, overflow="fold"),
-            justify=c.justify,
-            width=w,
-            overflow="fold",  # only below the least width: a figure goes on in the next line, never cut short
-        )
-    for i, row in enumerate(rows):
-        table.add_row(*(row[k] for k in keep), end_section=i in rule_after and i < len(rows) - 1)
-    return table
-
-
-def _table_width(widths: Sequence[int]) -> int:
-    """The width of a ``fitted_table`` whose columns hold ``widths`` characters: one space of padding on either side
-    of each column's border, and the border itself."""
-    return sum(widths) + 3 * (len(widths) - 1) if widths else 0
-
-
-def _widths(columns: Sequence[TableColumn], rows: Sequence[Sequence[str | Text]], width: int) -> list[int] | None:
-    """Each column's width in a table at most ``width`` wide, or None when the columns cannot fit it."""
-    needs = [_needs(c, [row[k] for row in rows]) for k, c in enumerate(columns)]
-    widths = [least for least, _ in needs]
-    spare = width - _table_width(widths)
-    if spare < 0:
-        return None
-    # Figure columns first, fewest missing characters first, each only if its header then fits on one line (a wider
-    # column whose header still wraps gains nothing); prose columns take what is left.
-    for k in sorted(range(len(columns)), key=lambda k: (columns[k].prose, needs[k][1] - needs[k][0])):
-        missing = needs[k][1] - widths[k]
-        if columns[k].prose or missing <= spare:
-            widths[k] += min(missing, spare)
-            spare -= min(missing, spare)
-    return widths
-
-
-def _needs(column: TableColumn, cells: Sequence[str | Text]) -> tuple[int, int]:
-    """(least, wanted) width of a column: its figures whole (prose: its longest word) and its header's longest word;
-    everything on one line."""
-    texts = [c.plain if isinstance(c, Text) else c for c in cells]
-    pieces = [w for t in texts for w in t.split()] if column.prose else texts
-    least = max([cell_len(p) for p in pieces] + [cell_len(w) for w in column.header.split()] + [1])
-    wanted = max(cell_len(t) for t in [column.header, *texts])
-    return least, max(least, wanted)

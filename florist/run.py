@@ -1,172 +1,26 @@
-"""A whole federated run from a ``RunConfig``: model, data, clients, rounds, evaluation, results.
+"""A whole federated run from a ``RunConfig``, on the engine it names: the rounds, then the results.
 
-This module only assembles: the loop is in ``server``, training in ``client``, the files in ``rundir``.
+The assembly is in ``setup``, the loop in ``server``, training in ``client``, the files in ``rundir``.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from . import data as datasets_api
-from .base_weights import BaseWeights, Delta, adapted_module_names
-from .client import DTYPES, LocalTrainer, shared_frozen_a
-from .config import ConfigError, RunConfig, heldout_source, parse_thresholds
-from .data.instructions import load_file
+from .config import RunConfig
 from .engines.inprocess import InProcessEngine
-from .evaluation import evaluate, heldout_loss, load_questions, questions_from_records
-from .models import DEFAULT_MODEL, check_device, empty_model, load_model, load_model_config
+from .models import DEFAULT_MODEL
 from .progress import library_bars, log_to_stderr
-from .results import ResultRow, paper_table, rows_from_records, to_csv, to_markdown
-from .rundir import RunDirectory, atomic_write_text
-from .server import Branch, Engine, Federation, RoundRecord, _scores, make_branches
-
-
-def load_client_examples(config: RunConfig, tokenizer, progress: bool = False) -> tuple[list[list[dict]], list]:
-    """Each client's tokenized examples (input_ids, labels) and its raw dataset, from ``config.data``."""
-    d = config.data
-    clients = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)
-    clients = [_limit(config, c) for c in clients]
-    tokenized = [_tokenized(config, c, tokenizer, progress, f"tokenizing client {k}") for k, c in enumerate(clients)]
-    return tokenized, clients
-
-
-def load_partition_examples(config: RunConfig, tokenizer, client: int, progress: bool = False) -> list[dict]:
-    """Client ``client``'s examples alone, equal to ``load_client_examples(...)[0][client]``.
-
-    From a folder of client files only that client's file is read; any other source is split as for the
-    whole federation (the split is seeded) and only this client's part is kept.
-    """
-    d = config.data
-    if not 0 <= client < d.clients:
-        raise datasets_api.DataError(f"client {client} is out of range: the run has data.clients={d.clients}")
-    if datasets_api.is_client_folder(d.train):
-        files = datasets_api.client_files(d.train)
-        if len(files) != d.clients:
-            raise datasets_api.DataError(
-                f"{d.train} holds {len(files)} client files, but {d.clients} clients were asked for"
-            )
-        rows = load_file(files[client])
-    else:
-        rows = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)[client]
-    return _tokenized(config, _limit(config, rows), tokenizer, progress, f"tokenizing client {client}")
-
-
-def _limit(config: RunConfig, rows):
-    n = config.data.max_examples_per_client
-    return rows.shuffle(seed=config.seed).select(range(min(len(rows), n))) if n else rows
-
-
-def _tokenized(config: RunConfig, rows, tokenizer, progress: bool, description: str) -> list[dict]:
-    d = config.data
-    tokenized = datasets_api.tokenize_dataset(
-        rows, tokenizer, d.cutoff, d.train_on_inputs, d.template, progress=progress, description=description
-    )
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
-
-
-def load_eval_questions(config: RunConfig):
-    spec = config.eval.questions
-    if spec == "none":
-        return []
-    questions = (
-        questions_from_records(datasets_api.builtin_heldout(config.seed), "builtin")
-        if spec == "builtin"
-        else load_questions(spec)
-    )
-    return questions[: config.eval.limit] if config.eval.limit else questions
-
-
-class BranchEvaluator:
-    """Scores a branch's current model: W0 plus its updates written into the shared base, then restored.
-
-    Heterogeneous FlexLoRA has one model per client; its score is their data-weighted mean, as in the paper.
-    Identical adapters (FLoRIST taus that keep the same ranks) are scored once.
-    """
-
-    def __init__(
-        self,
-        base: BaseWeights,
-        model,
-        tokenizer,
-        questions,
-        heldout: list[dict],
-        config: RunConfig,
-        client_sizes: Sequence[int],
-    ):
-        self.base, self.model, self.tokenizer = base, model, tokenizer
-        self.questions, self.heldout, self.config = questions, heldout, config
-        self.client_sizes = list(client_sizes)
-        self._cache: list[tuple[tuple[Delta, ...], dict]] = []
-
-    def __call__(self, branch: Branch | None) -> dict:
-        if branch is None:
-            return self._score(())
-        scheme = self.config.federation.scheme
-        last = branch.history[-1]
-        per_client = last.per_client is not None and len({tuple(a[n].rank for n in a) for a in last.per_client}) > 1
-        if not per_client:
-            return self._score(branch.model_deltas(0, scheme))
-        scores = [self._score(branch.model_deltas(k, scheme)) for k in range(len(self.client_sizes))]
-        return _weighted(scores, self.client_sizes)
-
-    def _score(self, deltas: tuple[Delta, ...]) -> dict:
-        for cached_deltas, metrics in self._cache:
-            if _same_deltas(cached_deltas, deltas):
-                return metrics
-        self.base.set_deltas(deltas)
-        dtype = DTYPES[self.config.model.dtype]
-        device_type = torch.device(self.config.model.device).type
-        autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        metrics: dict = {}
-        with autocast:
-            if self.questions:
-                result = evaluate(
-                    self.model,
-                    self.tokenizer,
-                    self.questions,
-                    mode=self.config.eval.mode,
-                    batch_size=self.config.eval.batch_size,
-                    progress=False,
-                )
-                metrics.update(result.to_dict())
-            if self.heldout:
-                metrics["heldout_loss"] = heldout_loss(
-                    self.model, self.tokenizer, self.heldout, batch_size=self.config.eval.batch_size, progress=False
-                )
-        self.base.restore()
-        self._cache.append((deltas, metrics))
-        return metrics
-
-
-def _same_deltas(a: tuple[Delta, ...], b: tuple[Delta, ...]) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.keys() != y.keys():
-            return False
-        for n in x:
-            if x[n] is not y[n] and not (torch.equal(x[n].A, y[n].A) and torch.equal(x[n].B, y[n].B)):
-                return False
-    return True
-
-
-def _weighted(scores: list[dict], sizes: list[int]) -> dict:
-    total = sum(sizes)
-    out = {
-        k: sum(s[k] * n for s, n in zip(scores, sizes)) / total
-        for k in ("accuracy", "micro_accuracy", "heldout_loss")
-        if k in scores[0]
-    }
-    out["per_client"] = scores
-    return out
+from .rundir import RunDirectory
+from .setup import (
+    build_federation,
+    check_model_config,
+    load_client_examples,
+    load_server_model,
+    local_trainer,
+    write_results,
+)
 
 
 def run(
@@ -188,7 +42,7 @@ def run(
         if done >= config.federation.rounds:
             log(f"{rundir.path}: all {done} rounds already finished")
         elif config.engine == "flower":
-            from .engines.flower import run_simulation  # flwr and ray are imported only for this engine
+            from .engines.flower_app import run_simulation  # flwr and ray are imported only for this engine
 
             run_simulation(config, rundir, done, progress=progress, log=log)
         else:
@@ -217,161 +71,3 @@ def _run_in_process(
     for round_number in range(done + 1, config.federation.rounds + 1):
         federation.run_round(round_number)
         log(f"round {round_number} finished and saved")
-
-
-@dataclass
-class ServerModel:
-    """The base model the server scores every branch with (in-process, the clients train on it too)."""
-
-    model: Any
-    tokenizer: Any
-    base: BaseWeights
-
-
-def check_model_config(config: RunConfig) -> None:
-    """What can be checked of ``config.model`` and ``config.lora`` before any weights load, in a second or so:
-    the device exists here, ``data.cutoff`` fits the model's context, and ``lora.target_modules`` names Linear
-    layers of the model's architecture (read from the model's config alone). A ConfigError naming the key, or a
-    ModelLoadError for a model that cannot be read."""
-    check_device(config.model.device)
-    model_config = load_model_config(config.model.name)
-    context = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(context, int) and config.data.cutoff > context:  # longer examples would pass the model's positions
-        raise ConfigError(
-            f"config key 'data.cutoff' is {config.data.cutoff}, beyond the {context} tokens the model "
-            f"reads at once; set it to {context} or less"
-        )
-    adapted_module_names(empty_model(model_config), config.lora.target_modules)
-
-
-def load_server_model(config: RunConfig, log: Callable[[str], None], load: Callable | None = None) -> ServerModel:
-    """``load``: a replacement for ``florist.models.load_model`` (same call), e.g. a test's tiny model.
-
-    ``check_model_config`` runs first, so that a deployment's server refuses a bad config before loading weights.
-    """
-    check_model_config(config)
-    log(f"loading model {config.model.name or DEFAULT_MODEL}")
-    model, tokenizer = (load or load_model)(config.model.name, dtype="float32", device=config.model.device)
-    return ServerModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
-
-
-def local_trainer(config: RunConfig, model, tokenizer) -> LocalTrainer:
-    return LocalTrainer(
-        model,
-        tokenizer.pad_token_id,
-        config.lora,
-        config.train,
-        config.model.dtype,
-        config.model.device,
-        config.model.gradient_checkpointing,
-    )
-
-
-def build_federation(
-    config: RunConfig,
-    server: ServerModel,
-    rundir: RunDirectory,
-    done: int,
-    client_sizes: Sequence[int],
-    engine: Engine | None,
-    log: Callable[[str], None],
-    *,
-    progress: bool = False,
-) -> Federation:
-    """The loop, ready for ``engine``: branches restored from the run directory, the evaluator, round 0 scored.
-
-    ``engine`` may be None for a driver that calls ``plan_round`` and ``finish_round`` itself (the Flower strategy).
-    ``progress``: show the tokenizing of the held-out examples.
-    """
-    shapes = {n: tuple(w.shape) for n, w in server.base.pristine.items()}
-    evaluator = BranchEvaluator(
-        server.base,
-        server.model,
-        server.tokenizer,
-        load_eval_questions(config),
-        _heldout(config, server.tokenizer, progress),
-        config,
-        client_sizes,
-    )
-    branches = make_branches(config.federation.methods, parse_thresholds(config.federation.thresholds))
-    rundir.restore_history(branches, done, len(client_sizes))
-    if done == 0:
-        log("evaluating the base model (round 0)")
-        began = time.perf_counter()
-        base = _base_record(evaluator(None))
-        log(f"round 0: the base model scored in {time.perf_counter() - began:.0f} s{_scores(base.evaluation)}")
-        rundir.append_metrics([base])
-    return Federation(
-        engine,
-        branches,
-        ranks=config.client_ranks(),
-        alpha_per_rank=config.lora.alpha_per_rank,
-        scheme=config.federation.scheme,
-        seed=config.seed,
-        clients_per_round=config.federation.clients_per_round,
-        min_clients=config.federation.min_clients,
-        frozen_a=lambda round_number, rank: shared_frozen_a(shapes, rank, config.seed * 7 + round_number),
-        evaluate=evaluator,
-        on_clients=rundir.save_clients,
-        on_round=rundir.save_round,
-        log=log,
-        module_shapes=shapes,
-        max_update_norm=config.federation.max_update_norm,
-        use_rslora=config.lora.use_rslora,
-    )
-
-
-def _heldout(config: RunConfig, tokenizer, progress: bool = False) -> list[dict]:
-    spec = heldout_source(config.eval.heldout, config.data.train)
-    if not config.eval.heldout_loss or not spec:
-        return []
-    if spec == "builtin":  # the answers alone: the questions are a template the model would learn anyway
-        ds, whole_text = datasets_api.builtin_heldout_answers(config.seed), False
-    else:
-        ds, whole_text = datasets_api.load_instructions(spec), True
-    tokenized = datasets_api.tokenize_dataset(
-        ds,
-        tokenizer,
-        config.data.cutoff,
-        whole_text,
-        config.data.template,
-        progress=progress,
-        description="tokenizing held-out examples",
-    )
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
-
-
-def _base_record(evaluation: dict) -> RoundRecord:
-    return RoundRecord(
-        round=0,
-        branch="base",
-        method="base",
-        threshold=None,
-        participants=[],
-        ranks={},
-        communication={},
-        evaluation=evaluation,
-        train={},
-        server_seconds=0.0,
-    )
-
-
-def results(rundir: RunDirectory, config: RunConfig) -> tuple[list[ResultRow], float | None]:
-    """The results table of the rounds in metrics.jsonl, and the base model's accuracy (round 0; None if unscored)."""
-    records = rundir.metrics()
-    table = paper_table(rows_from_records(records), config.federation.florist_e_tolerance)
-    base = next((r for r in records if r["round"] == 0), None)
-    return table, None if base is None else base["evaluation"].get("accuracy")
-
-
-def write_results(rundir: RunDirectory, config: RunConfig) -> str:
-    """results.md and results.csv from metrics.jsonl; returns the markdown."""
-    table, base_accuracy = results(rundir, config)
-    header = f"# Results: {rundir.path}\n\n"
-    if base_accuracy is not None:
-        header += f"Base model (round 0): accuracy {100 * base_accuracy:.2f}%\n\n"
-    markdown = header + to_markdown(table)
-    atomic_write_text(rundir.path / "results.md", markdown)
-    atomic_write_text(rundir.path / "results.csv", to_csv(table))
-    atomic_write_text(rundir.path / "results.json", json.dumps([r.__dict__ for r in table], indent=1))
-    return markdown

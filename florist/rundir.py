@@ -37,6 +37,7 @@ from .adapters import (
     write_adapters,
 )
 from .aggregation import AggregationResult, ModuleAggregate
+from .aggregation.base import fold_scaling
 from .files import (
     TEMPORARY_NAME,
     Scan,
@@ -49,8 +50,9 @@ from .files import (
     scan,
     writing,
 )
+from .jobs import ClientResult
 from .reading import leading_records, reason
-from .server import Branch, ClientResult, RoundRecord
+from .server import Branch, RoundRecord
 
 __all__ = ["RunDirError", "RunDirectory", "atomic_write_bytes", "atomic_write_text", "written_by_a_run"]
 
@@ -324,7 +326,7 @@ class RunDirectory:
 
     def save_clients(self, round_number: int, group: str, results: Sequence[ClientResult]) -> None:
         for r in results:
-            modules = {n: ModuleAggregate(A=f.A, B=f.B * f.scaling) for n, f in r.update.modules.items()}
+            modules = {n: ModuleAggregate(A=f.A, B=fold_scaling(f)) for n, f in r.update.modules.items()}
             info = {
                 "client": r.client,
                 "num_examples": r.update.num_examples,
@@ -404,4 +406,4 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def _load_modules(path: Path) -> dict[str, ModuleAggregate]:
     factors, _ = read_adapter(path)
-    return {n: ModuleAggregate(A=f.A, B=f.B * f.scaling if f.scaling != 1.0 else f.B) for n, f in factors.items()}
+    return {n: ModuleAggregate(A=f.A, B=fold_scaling(f)) for n, f in factors.items()}

@@ -1,16 +1,18 @@
-"""The federated loop: rounds, client sampling, aggregation, evaluation. Engine-agnostic.
+"""The federated loop: rounds, client sampling, aggregation, evaluation. One loop for every engine.
 
-Every method under comparison is a ``Branch`` followed through the rounds. Branches whose
-clients would start from the same state (round 1: the same base, fresh adapters) share one
-round of client training, so FedIT, FLoRA, FlexLoRA and every FLoRIST threshold are aggregated
-from the very same client adapters: the tau sweep costs evaluation time, not training.
+Every method under comparison is a ``Branch`` followed through the rounds (a swept method, FLoRIST, one branch per
+value). Branches whose clients would start from the same state (round 1: the same base, fresh adapters, the same
+``ClientMode``) share one round of client training, so FedIT, FLoRA, FlexLoRA and every FLoRIST τ are aggregated
+from the very same client adapters: the τ sweep costs evaluation time, not training.
 
-An engine trains a list of ``ClientJob``s and returns their updates; the in-process simulator
-and the Flower app are two such engines over the same ``LocalTrainer``.
+A round is five steps, each a method of ``Federation``: plan the jobs (``plan_round``), have the engine train them
+(``Engine.train``, which returns the replies and why each missing one is missing), screen every reply
+(``screen``), aggregate every branch (``aggregate``), then score and keep the results (``keep``).
 
-Nothing a client sends is trusted: every update is screened on its own (module names and shapes against the
-base model's, dtypes, finiteness, the rank the client was asked for, an optional norm bound) before any
-aggregation. A bad update is left out with its reason recorded; a round that keeps fewer than ``min_clients``
+Nothing a client sends is trusted: every upload is completed from what the server sent (a client cannot change a
+factor it was told to hold fixed) and screened on its own (module names and shapes against the base model's,
+dtypes, finiteness, the rank the client was asked for, the scaling its alpha gives, an optional norm bound) before
+any aggregation. A bad update is left out with its reason recorded; a round that keeps fewer than ``min_clients``
 updates fails as a whole (``RoundFailed``) before anything of it is written, so the run can be resumed.
 """
 
@@ -25,47 +27,39 @@ from typing import Protocol
 
 from .aggregation import (
     AggregationError,
-    AggregationMethod,
     AggregationResult,
     ClientUpdate,
-    FLoRIST,
-    LoraFactors,
+    as_dtype,
     asked_scalings,
     check_result,
-    get_method,
-    prepare,
+    compute_dtype,
+    normalized_weights,
     screen_updates,
-    sweep,
 )
-from .base_weights import Delta
-from .client import ClientStart, TrainingLog
 from .communication import round_communication
-from .config import ConfigError
-from .results import branch_label
-
-
-@dataclass(frozen=True)
-class ClientJob:
-    """One client's training this round: its data index, where its LoRA starts, and the base it trains on."""
-
-    client: int
-    start: ClientStart
-    base_deltas: tuple[Delta, ...] = ()
-
-
-@dataclass
-class ClientResult:
-    client: int
-    update: ClientUpdate
-    log: TrainingLog
+from .jobs import (
+    BOTH_FACTORS,
+    Adapter,
+    ClientJob,
+    ClientMode,
+    ClientReply,
+    ClientResult,
+    ClientStart,
+    Factors,
+    RoundReplies,
+    completed_factors,
+    seed_for,
+    shared_factors,
+)
+from .methods import Method, get_method, in_order
 
 
 class Engine(Protocol):
-    """Trains a round's jobs. An engine may also keep ``failures``, {client: reason} for the jobs of its latest
-    ``train`` call that it left out; the round's record then says why each of those clients is missing."""
+    """Trains one round's jobs wherever the clients are: in this process, or on Flower SuperNodes."""
 
-    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
-        """Train every job; results in job order. Jobs whose client failed may be missing."""
+    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> RoundReplies:
+        """Every job's reply (naming the job's group), or why there is none (``RoundReplies.failures``, keyed by group
+        and client). A client may have a job in several groups of a round."""
 
 
 class RoundFailed(RuntimeError):
@@ -74,53 +68,58 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class Branch:
-    """One aggregation method (FLoRIST at one tau) and the global results of its finished rounds."""
+    """One method (at one value of its swept parameter) and the global results of its finished rounds."""
 
     label: str
-    method: AggregationMethod
-    threshold: float | None = None
+    method: Method
+    value: float | None = None
     history: list[AggregationResult] = field(default_factory=list)
 
-    def base_deltas(self, client: int, scheme: str) -> tuple[Delta, ...]:
+    def base_deltas(self, client: int, scheme: str) -> tuple[Adapter, ...]:
         """Merge scheme: every past global update is merged into this client's base."""
         return tuple(r.for_client(client) for r in self.history) if scheme == "merge" else ()
 
-    def init_adapter(self, client: int, scheme: str) -> Delta | None:
+    def init_adapter(self, client: int, scheme: str) -> Adapter | None:
         """Re-init scheme: the client's LoRA starts from the latest global adapter."""
         return self.history[-1].for_client(client) if scheme == "reinit" and self.history else None
 
-    def model_deltas(self, client: int, scheme: str) -> tuple[Delta, ...]:
+    def model_deltas(self, client: int, scheme: str) -> tuple[Adapter, ...]:
         """The updates that make up client ``client``'s model now: all merged rounds, or the latest adapter."""
         if scheme == "merge":
             return tuple(r.for_client(client) for r in self.history)
         return (self.history[-1].for_client(client),) if self.history else ()
 
-    def training_key(self) -> tuple:
+    def training_key(self, round_number: int) -> tuple:
         """Branches with equal keys start their clients identically and can share their training."""
-        return ("fresh", self.method.sends_a) if not self.history else ("own", self.label)
+        mode = self.method.mode(round_number)
+        return ("fresh", mode) if not self.history else ("own", self.label)
 
 
 @dataclass
 class TrainingGroup:
     """Branches that share one round of client training, and the jobs that training consists of."""
 
-    name: str  # "shared", "ffa", or a branch label once branches have diverged
+    name: str  # "shared" (both factors, fresh), a method's name (its own mode, fresh), or a branch label
     branches: list[Branch]
     jobs: list[ClientJob]
 
 
-def make_branches(methods: Sequence[str], thresholds: Sequence[float]) -> list[Branch]:
-    """A branch per method, FLoRIST's one per tau. Two branches of one name are refused: they would share a
-    directory and a results row, and one would overwrite the other."""
+def make_branches(
+    methods: Sequence[str], values: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+) -> list[Branch]:
+    """A branch per method, a swept method's one per value: ``values`` lists them for every swept method, or maps a
+    method's name to its own (a swept method not named gets its sweep's default). Two branches of one name are
+    refused: they would share a directory and a results row, and one would overwrite the other."""
     branches = []
-    for name in methods:
-        if name == FLoRIST.name:
-            branches += [Branch(branch_label(name, t), FLoRIST(t), t) for t in thresholds]
-        else:
-            branches.append(Branch(branch_label(name), get_method(name)))
+    for m in (get_method(name) for name in methods):
+        if m.sweep is None:
+            branches.append(Branch(m.label(), m))
+            continue
+        mine = values.get(m.name) if isinstance(values, Mapping) else values
+        branches += [Branch(m.label(v), m, v) for v in (mine if mine is not None else [m.sweep.default])]
     twice = [label for label, n in Counter(b.label for b in branches).items() if n > 1]
     if twice:
-        raise ConfigError(f"branch {twice[0]!r} is asked for twice (federation.methods or federation.thresholds)")
+        raise ValueError(f"branch {twice[0]!r} is asked for twice (federation.methods or the swept values)")
     return branches
 
 
@@ -128,17 +127,12 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_number: in
     """The clients taking part in a round, drawn from the run's seed and the round number (all if per_round is 0)."""
     if per_round in (0, num_clients):
         return list(range(num_clients))
-    return sorted(random.Random(seed * 7919 + round_number).sample(range(num_clients), per_round))
-
-
-def client_seed(seed: int, round_number: int, client: int) -> int:
-    """Each client's seed for its LoRA init and data order: the same for every branch, so training can be shared."""
-    return seed * 1_000_003 + round_number * 1009 + client
+    return sorted(random.Random(seed_for(seed, "sampling", round_number)).sample(range(num_clients), per_round))
 
 
 @dataclass
 class RoundRecord:
-    """One branch's outcome in one round (round 0: the base model)."""
+    """One branch's outcome in one round (round 0: the base model). ``threshold``: the swept value, if any."""
 
     round: int
     branch: str
@@ -156,228 +150,275 @@ class RoundRecord:
         return self.__dict__.copy()
 
 
-class Federation:
-    """Runs the rounds. ``evaluate(branch_deltas_per_client, weights)`` scores a model state and returns metrics.
+@dataclass(frozen=True)
+class RoundSettings:
+    """Who trains, at which rank, how rounds follow each other."""
 
-    ``frozen_a(round_number)`` gives FFA-LoRA's shared A for a round; ``save_clients`` and ``save_round``
-    persist what a round produced (the run directory does it; tests may pass no-ops).
-    ``module_shapes`` ({module: (out, in)}, the base model's adapted weights) is what every update is screened
-    against; without it updates are checked against each other only. ``max_update_norm`` bounds each module's
-    ``||s B A||_F`` (0: no bound).
+    ranks: Sequence[int]  # one per client
+    alpha_per_rank: float
+    scheme: str  # merge | reinit
+    seed: int
+    clients_per_round: int = 0  # 0: every client
+    min_clients: int = 1
+    rounds: int = 1
+    evaluate_every: int = 1  # score every k-th round, and always the last
+
+    def scores(self, round_number: int) -> bool:
+        return round_number % self.evaluate_every == 0 or round_number >= self.rounds
+
+
+@dataclass(frozen=True)
+class UpdateChecks:
+    """What every update is held to. ``module_shapes`` ({module: (out, in)}, the base model's adapted weights) is also
+    what shared factors are drawn for; ``max_update_norm`` bounds each module's ``||s B A||_F`` (0: no bound);
+    ``use_rslora`` says which PEFT scaling rule a job's alpha and rank give (None: either)."""
+
+    module_shapes: Mapping[str, tuple[int, int]]
+    max_update_norm: float = 0.0
+    use_rslora: bool | None = None
+
+
+@dataclass
+class RoundHooks:
+    """What the loop calls out to: scoring a branch's model (None: the base model) and persisting a round."""
+
+    evaluate: Callable[[Branch | None], dict] = lambda branch: {}
+    on_clients: Callable[[int, str, list[ClientResult]], None] = lambda *a: None
+    on_round: Callable[[int, list[Branch], list[RoundRecord]], None] = lambda *a: None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Screened:
+    """A group's replies after screening: the accepted results, {client: why} for each job left out, and how many
+    jobs got a reply at all."""
+
+    accepted: list[ClientResult]
+    rejected: dict[str, str]
+    replied: int
+
+
+@dataclass
+class Aggregated:
+    """One branch's result of a round before it is kept: the result, the server's seconds, the accepted clients."""
+
+    branch: Branch
+    result: AggregationResult
+    seconds: float
+    group: str
+
+
+class Federation:
+    """Runs the rounds: ``run_round`` plans, trains on the engine, screens, aggregates, scores and keeps.
+
+    Per-client adapters (FlexLoRA's) are kept keyed by client index, whichever clients took part.
     """
 
     def __init__(
         self,
         engine: Engine,
         branches: list[Branch],
-        *,
-        ranks: Sequence[int],
-        alpha_per_rank: float,
-        scheme: str,
-        seed: int,
-        clients_per_round: int,
-        min_clients: int,
-        frozen_a: Callable[[int, int], dict],
-        evaluate: Callable[[Branch | None], dict],
-        on_clients: Callable[[int, str, list[ClientResult]], None] = lambda *a: None,
-        on_round: Callable[[int, list[Branch], list[RoundRecord]], None] = lambda *a: None,
-        log: Callable[[str], None] = print,
-        module_shapes: Mapping[str, tuple[int, int]] | None = None,
-        max_update_norm: float = 0.0,
-        use_rslora: bool | None = None,
+        settings: RoundSettings,
+        checks: UpdateChecks,
+        hooks: RoundHooks | None = None,
     ):
-        self.engine, self.branches = engine, branches
-        self.use_rslora = use_rslora  # which PEFT scaling rule a job's alpha and rank give; None: either
-        self.module_shapes, self.max_update_norm = module_shapes, max_update_norm
-        self.ranks, self.alpha_per_rank = list(ranks), alpha_per_rank
-        self.scheme, self.seed = scheme, seed
-        self.clients_per_round, self.min_clients = clients_per_round, min_clients
-        self.frozen_a, self.evaluate = frozen_a, evaluate
-        self.on_clients, self.on_round, self.log = on_clients, on_round, log
+        self.engine, self.branches, self.settings, self.checks = engine, branches, settings, checks
+        self.hooks = hooks or RoundHooks()
+        self._shared: dict[tuple[int, ClientMode], Factors] = {}
 
     def run_round(self, round_number: int) -> list[RoundRecord]:
-        """Plan the round, have the engine train every group's jobs, aggregate, evaluate, persist."""
+        """One round, start to end; ``RoundFailed`` (nothing kept, nothing written) if too few clients are usable."""
         groups = self.plan_round(round_number)
-        results, failures = {}, {}
         for g in groups:
-            self.log(
-                f"round {round_number}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}"
-            )
-            results[g.name] = self.engine.train(round_number, g.jobs)
-            failures[g.name] = dict(getattr(self.engine, "failures", {}))
-        return self.finish_round(round_number, groups, results, failures)
+            labels = ", ".join(b.label for b in g.branches)
+            self.hooks.log(f"round {round_number}: training {len(g.jobs)} clients for {labels}")
+        replies = self.engine.train(round_number, [job for g in groups for job in g.jobs])
+        screened = {g.name: self.screen(round_number, g, replies.of_group(g.name)) for g in groups}
+        return self.keep(round_number, groups, screened)
+
+    # --- planning ------------------------------------------------------------------------------------------------
 
     def plan_round(self, round_number: int) -> list[TrainingGroup]:
         """Sample this round's clients and group the branches that can share their training."""
-        sampled = sample_clients(len(self.ranks), self.clients_per_round, self.seed, round_number)
+        s = self.settings
+        sampled = sample_clients(len(s.ranks), s.clients_per_round, s.seed, round_number)
         by_key: dict[tuple, list[Branch]] = {}
         for b in self.branches:
-            by_key.setdefault(b.training_key(), []).append(b)
+            by_key.setdefault(b.training_key(round_number), []).append(b)
         groups = []
         for key, branches in by_key.items():
-            name = ("shared" if key[1] else "ffa") if key[0] == "fresh" else key[1]
-            groups.append(TrainingGroup(name, branches, [self._job(branches[0], k, round_number) for k in sampled]))
+            name = key[1] if key[0] == "own" else "shared" if key[1] == BOTH_FACTORS else branches[0].method.name
+            jobs = [self._job(name, branches, k, round_number) for k in sampled]
+            groups.append(TrainingGroup(name, branches, jobs))
         return groups
 
-    def finish_round(
-        self,
-        round_number: int,
-        groups: Sequence[TrainingGroup],
-        results: dict[str, list[ClientResult]],
-        failures: Mapping[str, Mapping[int, str]] | None = None,
-    ) -> list[RoundRecord]:
-        """Screen every update, aggregate every branch from its group's accepted ones, score, persist.
+    def _job(self, group: str, branches: list[Branch], client: int, round_number: int) -> ClientJob:
+        s, first = self.settings, branches[0]
+        rank, mode = s.ranks[client], first.method.mode(round_number)
+        start = ClientStart(
+            rank=rank,
+            alpha=s.alpha_per_rank * rank,
+            seed=seed_for(s.seed, "client", round_number, client),
+            mode=mode,
+            init=first.init_adapter(client, s.scheme),
+            shared=self._shared_factors(round_number, mode) if mode.shared else None,
+            keep_from=first.label if mode.keeps and first.history else None,
+            keep_as=tuple(b.label for b in branches) if mode.keeps else (),
+        )
+        return ClientJob(client, start, first.base_deltas(client, s.scheme), group=group)
 
-        ``failures``: per group, why the clients without a result have none (the engine's word). Raises
-        ``RoundFailed``, having written nothing, when a group keeps fewer than ``min_clients`` updates or its
-        updates cannot be aggregated, which includes an aggregate with a NaN or Inf in it: every branch's result
-        is computed and checked before any is kept, scored or written.
-        """
-        screened = {
-            g.name: self._screen(round_number, g, results.get(g.name, []), (failures or {}).get(g.name, {}))
-            for g in groups
-        }
-        for g in groups:
-            accepted, rejected = screened[g.name]
-            if len(accepted) < max(1, self.min_clients):
-                replied = len({r.client for r in results.get(g.name, [])} & {j.client for j in g.jobs})
-                why = "; ".join(f"client {c}: {reason}" for c, reason in rejected.items())
-                raise RoundFailed(
-                    f"round {round_number}: {replied} of {len(g.jobs)} clients replied for {g.name} "
-                    f"and {len(accepted)} updates passed the checks, fewer than min_clients={self.min_clients}"
-                    + (f" ({why})" if why else "")
-                )
-        kept = {b.label: len(b.history) for b in self.branches}
-        try:
-            aggregated = {g.name: self._aggregate(g.branches, screened[g.name][0]) for g in groups}
-            records = []
-            for g in groups:
-                (accepted, rejected), (prepared, outcomes) = screened[g.name], aggregated[g.name]
-                for b, result, seconds in outcomes:
-                    b.history.append(result)
-                    records.append(self._record(round_number, b, accepted, prepared, result, seconds, rejected))
-        except BaseException as e:
-            for b in self.branches:  # the round never happened: no branch keeps a result of it
-                del b.history[kept[b.label] :]
-            if isinstance(e, AggregationError):
-                raise RoundFailed(f"round {round_number}: {e}") from None
-            raise
-        for g in groups:
-            self.on_clients(round_number, g.name, screened[g.name][0])
-        self.on_round(round_number, self.branches, records)
-        return records
+    def _shared_factors(self, round_number: int, mode: ClientMode) -> Factors:
+        """The round's shared frozen factors, one draw at the largest client rank (smaller ranks take the leading)."""
+        key = (round_number, mode)
+        if key not in self._shared:
+            seed = seed_for(self.settings.seed, "shared", round_number)
+            self._shared[key] = shared_factors(self.checks.module_shapes, mode, max(self.settings.ranks), seed)
+        return self._shared[key]
 
-    def _screen(
-        self, round_number: int, group: TrainingGroup, results: Sequence[ClientResult], failures: Mapping[int, str]
-    ) -> tuple[list[ClientResult], dict[str, str]]:
+    # --- screening -----------------------------------------------------------------------------------------------
+
+    def screen(self, round_number: int, group: TrainingGroup, replies: RoundReplies) -> Screened:
         """This group's results that pass every check, and {client: reason} for each job left out.
 
-        Each update is held to what its job asked for: the base model's modules and shapes, at most the job's rank,
-        the scaling PEFT gives the job's alpha and rank (either rule where the run does not say whether rsLoRA is on),
-        and under a frozen A (FFA-LoRA) the job's A replaces whatever the update holds, as the Flower engine does.
+        Each upload is completed from what its job was sent and held to what the job asked for: the base model's
+        modules and shapes, at most the job's rank, and the scaling PEFT gives the job's alpha and rank.
         """
         start_of = {job.client: job.start for job in group.jobs}
-
-        def own_a(modules: Mapping, start: ClientStart) -> Mapping:
-            if start.frozen_a is None or not isinstance(modules, Mapping):
-                return modules
-            return {
-                name: LoraFactors(start.frozen_a[name][: start.rank].float().clone(), f.B, f.scaling)
-                if isinstance(f, LoraFactors) and name in start.frozen_a
-                else f
-                for name, f in modules.items()
-            }
-
-        # the server names each update by the job it answers: a client cannot pass itself off as another
-        results = [
-            ClientResult(
-                r.client,
-                ClientUpdate(own_a(r.update.modules, start_of[r.client]), r.update.num_examples, f"client {r.client}"),
-                r.log,
-            )
-            for r in results
-            if r.client in start_of
-        ]
+        results, rejected = [], {}
+        for reply in replies.replies:
+            if reply.client not in start_of or reply.client in {r.client for r in results}:
+                continue  # the engine names replies by the job they answer: a stray one answers none of this group's
+            try:
+                results.append(self._completed(reply, start_of[reply.client]))
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+                rejected[reply.client] = f"its upload cannot be completed ({type(e).__name__}: {e})"
         starts = [start_of[r.client] for r in results]
         accepted, reasons = screen_updates(
             [r.update for r in results],
-            self.module_shapes,
+            self.checks.module_shapes,
             max_ranks=[s.rank for s in starts],
-            scalings=[asked_scalings(s.alpha, s.rank, self.use_rslora) for s in starts],
-            max_norm=self.max_update_norm,
+            scalings=[asked_scalings(s.alpha, s.rank, self.checks.use_rslora) for s in starts],
+            max_norm=self.checks.max_update_norm,
         )
-        replied = {r.client for r in results}
-        rejected = {
-            str(job.client): failures.get(job.client, "no update: the client failed or did not reply")
-            for job in group.jobs
-            if job.client not in replied
-        }
         for k, reason in reasons.items():
-            rejected[str(results[k].client)] = reason
-        for client, reason in rejected.items():
-            self.log(f"round {round_number} ({group.name}): left out client {client}: {reason}")
-        return [results[k] for k in accepted], dict(sorted(rejected.items(), key=lambda x: int(x[0])))
+            rejected[results[k].client] = reason
+        answered = {r.client for r in results} | set(rejected)
+        for job in group.jobs:
+            if job.client not in answered:
+                why = replies.failures.get((group.name, job.client), "no update: the client failed or did not reply")
+                rejected[job.client] = why
+        for client, reason in sorted(rejected.items()):
+            self.hooks.log(f"round {round_number} ({group.name}): left out client {client}: {reason}")
+        replied = len({r.client for r in replies.replies} & set(start_of))
+        return Screened([results[k] for k in accepted], {str(c): rejected[c] for c in sorted(rejected)}, replied)
 
-    def _job(self, branch: Branch, client: int, round_number: int) -> ClientJob:
-        rank = self.ranks[client]
-        start = ClientStart(
-            rank=rank,
-            alpha=self.alpha_per_rank * rank,
-            seed=client_seed(self.seed, round_number, client),
-            init=branch.init_adapter(client, self.scheme),
-            frozen_a=None if branch.method.sends_a else self.frozen_a(round_number, max(self.ranks)),
+    def _completed(self, reply: ClientReply, start: ClientStart) -> ClientResult:
+        """The server's view of a reply: each module's pair from the upload and what the job was sent."""
+        upload, shapes = reply.upload, self.checks.module_shapes
+        modules = {
+            name: completed_factors(start, name, sent, upload.scalings[name], shapes[name])
+            for name, sent in upload.factors.items()
+        }
+        return ClientResult(
+            reply.client, ClientUpdate(modules, upload.num_examples, f"client {reply.client}"), reply.log
         )
-        return ClientJob(client, start, branch.base_deltas(client, self.scheme))
 
-    def _aggregate(
-        self, branches: list[Branch], results: list[ClientResult]
-    ) -> tuple[list[ClientUpdate], list[tuple[Branch, AggregationResult, float]]]:
-        """The prepared updates and, per branch, its checked result and server seconds; nothing is kept here, so an
-        ``AggregationError`` (a result with NaN or Inf, a failed decomposition) leaves every branch as it was."""
-        updates = [r.update for r in results]
-        prepared, weights = prepare(updates, max_norm=self.max_update_norm)
-        florist_branches = [b for b in branches if b.threshold is not None]
-        start = time.perf_counter()
-        swept = sweep(prepared, weights, [b.threshold for b in florist_branches]) if florist_branches else {}
-        sweep_seconds = (time.perf_counter() - start) / max(1, len(florist_branches))
-        outcomes = []
-        for b in branches:
-            start = time.perf_counter()
-            result = swept[b.threshold] if b.threshold is not None else b.method.aggregate(prepared, weights)
-            seconds = sweep_seconds if b.threshold is not None else time.perf_counter() - start
-            check_result(result, max_norm=self.max_update_norm, clients=[f"client {r.client}" for r in results])
-            # a client's index in this round's results, for per-client adapters, is its position in `results`
-            outcomes.append((b, _index_by_client(result, [r.client for r in results], len(self.ranks)), seconds))
-        return prepared, outcomes
+    # --- aggregating and keeping ---------------------------------------------------------------------------------
 
-    def _record(self, round_number, branch, results, prepared, result, seconds, rejected) -> RoundRecord:
-        comm = round_communication(branch.method, prepared, _compact(result, [r.client for r in results]))
-        losses = [r.log.losses[-1] for r in results if r.log.losses]
-        began = time.perf_counter()
-        evaluation = self.evaluate(branch)
-        self.log(
-            f"round {round_number}: {branch.label} scored in {time.perf_counter() - began:.0f} s{_scores(evaluation)}"
+    def keep(self, round_number: int, groups: Sequence[TrainingGroup], screened: Mapping[str, Screened]) -> list:
+        """Aggregate every branch from its group's accepted updates, score each result, persist the round.
+
+        Raises ``RoundFailed``, having kept and written nothing, when a group keeps fewer than ``min_clients``
+        updates or its updates cannot be aggregated (which includes a result with a NaN or Inf in it): every
+        branch's result is computed and checked before any is kept, scored or written.
+        """
+        for g in groups:
+            self._check_enough(round_number, g, screened[g.name])
+        try:
+            aggregated = [a for g in groups for a in self.aggregate(g, screened[g.name].accepted)]
+        except AggregationError as e:
+            raise RoundFailed(f"round {round_number}: {e}") from None
+        kept = {b.label: len(b.history) for b in self.branches}
+        try:
+            for a in aggregated:
+                a.branch.history.append(a.result)
+            records = [self._record(round_number, a, screened[a.group]) for a in aggregated]
+        except BaseException:
+            for b in self.branches:  # the round never happened: no branch keeps a result of it
+                del b.history[kept[b.label] :]
+            raise
+        for g in groups:
+            self.hooks.on_clients(round_number, g.name, screened[g.name].accepted)
+        self.hooks.on_round(round_number, self.branches, records)
+        return records
+
+    def _check_enough(self, round_number: int, group: TrainingGroup, screened: Screened) -> None:
+        if len(screened.accepted) >= max(1, self.settings.min_clients):
+            return
+        why = "; ".join(f"client {c}: {reason}" for c, reason in screened.rejected.items())
+        raise RoundFailed(
+            f"round {round_number}: {screened.replied} of {len(group.jobs)} clients replied for {group.name} "
+            f"and {len(screened.accepted)} updates passed the checks, fewer than "
+            f"min_clients={self.settings.min_clients}" + (f" ({why})" if why else "")
         )
+
+    def aggregate(self, group: TrainingGroup, results: list[ClientResult]) -> list[Aggregated]:
+        """Every branch of the group aggregated from the same accepted updates, each result checked; nothing kept."""
+        updates = [r.update for r in results]  # screened already: validated once, here only weighed and cast
+        prepared, weights = as_dtype(updates, compute_dtype(updates)), normalized_weights(updates, None)
+        clients = [r.client for r in results]
+        out = []
+        for method in in_order({b.method.name for b in group.branches}):
+            branches = [b for b in group.branches if b.method is method]
+            began = time.perf_counter()
+            swept = method.aggregate_sweep(prepared, weights, [b.value for b in branches])
+            seconds = (time.perf_counter() - began) / len(branches)
+            for b in branches:
+                result = check_result(
+                    swept[b.value], max_norm=self.checks.max_update_norm, clients=clients_named(clients)
+                )
+                out.append(Aggregated(b, by_client(result, clients, len(self.settings.ranks)), seconds, group.name))
+        order = {b.label: k for k, b in enumerate(group.branches)}
+        return sorted(out, key=lambda a: order[a.branch.label])
+
+    def _record(self, round_number: int, a: Aggregated, screened: Screened) -> RoundRecord:
+        """The branch's record of the round; scoring its model now is the round's evaluation step."""
+        accepted = screened.accepted
+        clients = [r.client for r in accepted]
+        uploads = [r.update for r in accepted]
+        comm = round_communication(a.branch.method, round_number, uploads, in_reply_order(a.result, clients))
+        evaluation = {}
+        if self.settings.scores(round_number):
+            began = time.perf_counter()
+            evaluation = self.hooks.evaluate(a.branch)
+            took = time.perf_counter() - began
+            self.hooks.log(f"round {round_number}: {a.branch.label} scored in {took:.0f} s{scores_line(evaluation)}")
+        losses = [r.log.losses[-1] for r in accepted if r.log.losses]
         return RoundRecord(
             round=round_number,
-            branch=branch.label,
-            method=branch.method.name,
-            threshold=branch.threshold,
-            participants=[r.client for r in results],
-            ranks=result.ranks,
+            branch=a.branch.label,
+            method=a.branch.method.name,
+            threshold=a.branch.value,
+            participants=clients,
+            ranks=a.result.ranks,
             communication=comm.to_dict(),
             evaluation=evaluation,
             train={
                 "final_loss_mean": sum(losses) / len(losses) if losses else None,
-                "tokens": sum(r.log.tokens for r in results),
-                "seconds": sum(r.log.seconds for r in results),
+                "tokens": sum(r.log.tokens for r in accepted),
+                "seconds": sum(r.log.seconds for r in accepted),
             },
-            server_seconds=seconds,
-            rejected=dict(rejected),
+            server_seconds=a.seconds,
+            rejected=dict(screened.rejected),
         )
 
 
-def _scores(evaluation: dict) -> str:
+def clients_named(clients: Sequence[int]) -> list[str]:
+    return [f"client {c}" for c in clients]
+
+
+def scores_line(evaluation: dict) -> str:
+    """ ": accuracy 41.20%, held-out loss 2.3456", or "" when nothing was scored."""
     parts = []
     if evaluation.get("accuracy") is not None:
         parts.append(f"accuracy {100 * evaluation['accuracy']:.2f}%")
@@ -386,8 +427,8 @@ def _scores(evaluation: dict) -> str:
     return ": " + ", ".join(parts) if parts else ""
 
 
-def _index_by_client(result: AggregationResult, clients: list[int], num_clients: int) -> AggregationResult:
-    """Re-key per-client adapters from this round's reply order to client indices (non-participants get the global)."""
+def by_client(result: AggregationResult, clients: list[int], num_clients: int) -> AggregationResult:
+    """Per-client adapters re-keyed from this round's reply order to client indices (non-participants: the global)."""
     if result.per_client is None:
         return result
     per_client = [result.modules] * num_clients
@@ -396,8 +437,8 @@ def _index_by_client(result: AggregationResult, clients: list[int], num_clients:
     return AggregationResult(result.method, result.modules, per_client, result.weights)
 
 
-def _compact(result: AggregationResult, clients: list[int]) -> AggregationResult:
-    """The inverse view: per-client adapters in reply order, for accounting over this round's participants."""
+def in_reply_order(result: AggregationResult, clients: list[int]) -> AggregationResult:
+    """The inverse of ``by_client``: per-client adapters in reply order, for accounting over the participants."""
     if result.per_client is None:
         return result
     return AggregationResult(result.method, result.modules, [result.per_client[c] for c in clients], result.weights)

@@ -405,3 +405,58 @@ def test_write_adapters_writes_every_adapter_and_the_extra_files(base, tmp_path)
         layers = lora_layers(load_peft(base, tmp_path / "out" / f"client_{k}"))
         for name, m in adapter.items():
             torch.testing.assert_close(layers[name].get_delta_weight("default"), m.delta(), rtol=0, atol=1e-6)
+
+
+def test_the_lora_variant_fields_are_peft_s():
+    """florist reads adapters without loading PEFT, from its own copy of the variant fields: PEFT's must equal it."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from florist.adapters import LORA_VARIANT_FIELDS
+
+    peft_variants = {f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")}
+    assert peft_variants == set(LORA_VARIANT_FIELDS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.from_regex(r"[a-z_]{1,6}(\.[a-z0-9_]{1,6}){0,3}", fullmatch=True), max_size=5),
+    module=st.from_regex(r"[a-z_]{1,6}(\.[a-z0-9_]{1,6}){0,4}", fullmatch=True),
+)
+def test_pattern_matching_is_peft_s(keys, module):
+    from peft.utils.other import get_pattern_key
+
+    from florist.adapters import pattern_key
+
+    assert pattern_key(keys, module) == get_pattern_key(keys, module)
+
+
+def test_the_written_config_is_what_peft_would_write(tmp_path):
+    """Every key florist writes in adapter_config.json has the value PEFT's own LoraConfig gives it, and PEFT reads the
+    file back to the same config."""
+    from peft import LoraConfig, PeftConfig
+
+    from florist.adapters import unit_scaling_config
+
+    ranks = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 2}
+    written = unit_scaling_config(ranks, "base/model", "CAUSAL_LM")
+    pattern = {"model.layers.0.self_attn.v_proj": 2}
+    peft_own = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=False,
+        base_model_name_or_path="base/model",
+        task_type="CAUSAL_LM",
+    ).to_dict()
+    for key, value in written.items():
+        expected = peft_own[key]
+        assert (sorted(expected) if isinstance(expected, set) else expected) == value, key
+    (tmp_path / "adapter_config.json").write_text(json.dumps(written))
+    loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert loaded.r == 4 and loaded.rank_pattern == pattern and set(loaded.target_modules) == {"q_proj", "v_proj"}

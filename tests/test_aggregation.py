@@ -9,18 +9,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from florist.aggregation import (
-    METHODS,
-    AggregationError,
-    ClientUpdate,
-    LoraFactors,
-    aggregate,
-    energy_rank,
-    get_method,
-    stacked_svd,
-    sweep,
-)
+from florist.aggregation import AggregationError, ClientUpdate, LoraFactors, energy_rank, stacked_svd
+from florist.aggregation.florist import thresholded
 from florist.aggregation.validate import normalized_weights
+from florist.methods import METHODS, aggregate, get_method
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -77,7 +69,7 @@ def build(setup, **kw):
 @given(client_setups)
 def test_florist_at_threshold_one_is_exact(setup):
     updates = build(setup)
-    result = aggregate("florist", updates, threshold=1.0)
+    result = aggregate("florist", updates, value=1.0)
     for name in ("q", "v"):
         assert rel_err(result.modules[name].delta(), exact_delta(updates, name)) < 1e-10
 
@@ -86,7 +78,7 @@ def test_florist_at_threshold_one_is_exact(setup):
 @given(client_setups, st.floats(0.05, 1.0))
 def test_florist_is_best_rank_p_and_picks_the_dense_rank(setup, tau):
     updates = build(setup)
-    result = aggregate("florist", updates, threshold=tau)
+    result = aggregate("florist", updates, value=tau)
     for name in ("q", "v"):
         delta = exact_delta(updates, name)
         module = result.modules[name]
@@ -172,12 +164,15 @@ def test_flexlora_gives_each_client_its_own_best_truncation(setup):
 @given(client_setups, st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4))
 def test_sweep_matches_separate_runs(setup, taus):
     updates = build(setup)
-    swept = sweep(updates, normalized_weights(updates, None), taus)
+    weights = normalized_weights(updates, None)
+    swept = thresholded(updates, weights, taus)
+    results = get_method("florist").aggregate_sweep(updates, weights, taus)
     for tau in taus:
-        alone = aggregate("florist", updates, threshold=tau)
+        alone = aggregate("florist", updates, value=tau)
         for name in ("q", "v"):
-            assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
-            assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+            for adapter in (swept[tau], results[tau].modules):
+                assert torch.equal(adapter[name].B, alone.modules[name].B)
+                assert torch.equal(adapter[name].A, alone.modules[name].A)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -193,13 +188,13 @@ def test_every_method_is_deterministic_and_keeps_dtype(method, dtype):
 
 def test_float32_is_accurate_to_single_precision():
     updates = make_updates(4, [16] * 8, 256, 192, dtype=torch.float32)
-    result = aggregate("florist", updates, threshold=1.0)
+    result = aggregate("florist", updates, value=1.0)
     assert rel_err(result.modules["q"].delta().double(), exact_delta(updates, "q").double()) < 1e-5
 
 
 def test_bfloat16_inputs_are_computed_in_float32():
     updates = make_updates(5, [4, 4], 16, 16, dtype=torch.bfloat16)
-    result = aggregate("florist", updates, threshold=1.0)
+    result = aggregate("florist", updates, value=1.0)
     assert result.modules["q"].B.dtype == torch.float32
 
 
@@ -211,12 +206,12 @@ def test_florist_never_forms_the_dense_update():
         ClientUpdate({"w": LoraFactors(torch.randn(2, big, generator=g), torch.randn(big, 2, generator=g))}, 1)
         for _ in range(3)
     ]
-    module = aggregate("florist", updates, threshold=1.0).modules["w"]
+    module = aggregate("florist", updates, value=1.0).modules["w"]
     assert module.rank == 6 and module.B.shape == (big, 6) and module.A.shape == (6, big)
 
 
 def test_singular_values_go_to_b_and_a_is_orthonormal():
-    module = aggregate("florist", make_updates(6, [3, 5], 20, 15), threshold=0.9).modules["q"]
+    module = aggregate("florist", make_updates(6, [3, 5], 20, 15), value=0.9).modules["q"]
     eye = torch.eye(module.rank, dtype=module.A.dtype)
     torch.testing.assert_close(module.A @ module.A.T, eye)
     torch.testing.assert_close(module.B.norm(dim=0), module.singular_values[: module.rank])
@@ -302,7 +297,7 @@ def test_bad_updates_are_named(corrupt, pattern):
 @pytest.mark.parametrize("tau", [0.0, -0.5, 1.01, float("nan")])
 def test_threshold_outside_unit_interval_is_refused(tau):
     with pytest.raises(ValueError, match="threshold must be in"):
-        aggregate("florist", make_updates(0, [2, 2], 4, 4), threshold=tau)
+        aggregate("florist", make_updates(0, [2, 2], 4, 4), value=tau)
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,7 @@ def test_embedded_model_learns_the_facts_it_is_taught():
 def test_heldout_answers_ask_the_test_questions_and_score_only_the_answers():
     from florist.config import load_config
     from florist.models import tiny_llama
-    from florist.run import _heldout
+    from florist.setup import _heldout
 
     answers = builtin_heldout_answers()
     trained = set(builtin_train()["instruction"])

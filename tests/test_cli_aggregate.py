@@ -297,10 +297,10 @@ def test_refuses_ffa_clients_whose_a_differ(clients, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "florist", "--threshold", "0"], "--threshold must be in (0, 1], got 0.0"),
-        (["--method", "florist", "--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
-        (["--method", "florist", "--threshold", "-0.2"], "--threshold must be in (0, 1]"),
-        (["--method", "flora", "--threshold", "0.9"], "--threshold applies to --method florist only"),
+        (["--method", "florist", "--threshold", "0"], "--threshold 0: florist's τ must hold taus in (0, 1]"),
+        (["--method", "florist", "--threshold", "1.5"], "--threshold 1.5: florist's τ must hold taus in (0, 1]"),
+        (["--method", "florist", "--threshold", "-0.2"], "--threshold -0.2: florist's τ must hold taus in (0, 1]"),
+        (["--method", "flora", "--threshold", "0.9"], "--threshold applies to methods with a swept parameter (florist), not flora"),
         (["--method", "fedavg"], "unknown method 'fedavg'; choose from florist"),
         (["--method", "fedit", "--weights", "1,2"], "--weights gives 2 weights for 3 clients"),
         (["--method", "fedit", "--weights", "1,-1,2"], "weight -1.0 for"),

@@ -12,8 +12,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import florist.client as client_module
 import florist.loss as loss_module
-from florist.client import ClientStart, FastDropout, LocalTrainer, length_grouped_batches
+from florist.client import FastDropout, LocalTrainer, length_grouped_batches
 from florist.config import LoraConfig, TrainConfig
+from florist.jobs import ClientStart
 from florist.loss import LinearCrossEntropy
 from florist.models import tiny_llama
 
@@ -37,15 +38,20 @@ def trainer(model, dtype: str) -> LocalTrainer:
     )
 
 
+def delta(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One module's uploaded B @ A (scaling left out: both sides of every comparison share it)."""
+    return factors["B"] @ factors["A"]
+
+
 def test_training_leaves_the_shared_base_as_it_was():
     model, _ = tiny_llama(0, vocab_size=256)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    update, log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1), client_id="c0")
-    assert log.steps == 3 and len(log.losses) == 3 and update.num_examples == 12
+    upload, log, _ = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1), client_id="c0")
+    assert log.steps == 3 and len(log.losses) == 3 and upload.num_examples == 12
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert {f.B.abs().sum().item() > 0 for f in update.modules.values()} == {True}  # B moved off its zero init
+    assert {f["B"].abs().sum().item() > 0 for f in upload.factors.values()} == {True}  # B moved off its zero init
 
 
 def test_bf16_attention_switch_is_restored_and_learns_the_same(monkeypatch):
@@ -55,20 +61,19 @@ def test_bf16_attention_switch_is_restored_and_learns_the_same(monkeypatch):
     original = model.set_attn_implementation
     monkeypatch.setattr(model, "set_attn_implementation", lambda impl: (seen.append(impl), original(impl)))
 
-    eager, eager_log = trainer(model, "bfloat16").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    eager, eager_log, _ = trainer(model, "bfloat16").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert "eager" in seen and model.config._attn_implementation == "sdpa"  # switched for training, then restored
 
     seen.clear()
     monkeypatch.setattr(client_module, "EAGER_ATTENTION_BUDGET", 0)  # nothing fits: SDPA throughout
-    sdpa, sdpa_log = trainer(model, "bfloat16").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    sdpa, sdpa_log, _ = trainer(model, "bfloat16").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert "eager" not in seen
     # The same losses and updates up to bfloat16 rounding. Eager attention rounds the probabilities to bfloat16
     # before multiplying by V, and Adam magnifies that in modules whose gradients are tiny (this random model's
     # deeper queries), so updates are compared loosely; a wrong mask or position would change the losses.
     assert eager_log.losses == pytest.approx(sdpa_log.losses, rel=1e-3)
-    for name, f in eager.modules.items():
-        g = sdpa.modules[name]
-        delta_eager, delta_sdpa = f.B @ f.A, g.B @ g.A
+    for name, f in eager.factors.items():
+        delta_eager, delta_sdpa = delta(f), delta(sdpa.factors[name])
         assert (delta_eager - delta_sdpa).norm() <= 0.25 * delta_sdpa.norm(), name
 
 
@@ -77,15 +82,15 @@ def test_training_with_the_fused_loss_learns_what_the_models_own_loss_teaches(mo
     calls = []
     original = LinearCrossEntropy.apply
     monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: (calls.append(1), original(*a))[1])
-    fused, fused_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    fused, fused_log, _ = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert len(calls) == 6  # 3 steps of 2 micro-batches
 
     monkeypatch.setattr(loss_module, "FUSED_LOSS_MODEL_TYPES", frozenset())
-    own, own_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    own, own_log, _ = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert len(calls) == 6
     assert fused_log.losses == pytest.approx(own_log.losses, rel=1e-5)
-    for name, f in fused.modules.items():
-        torch.testing.assert_close(f.B @ f.A, own.modules[name].B @ own.modules[name].A, rtol=1e-3, atol=1e-6)
+    for name, f in fused.factors.items():
+        torch.testing.assert_close(delta(f), delta(own.factors[name]), rtol=1e-3, atol=1e-6)
 
 
 def test_gradient_checkpointing_changes_memory_not_what_a_client_learns(monkeypatch):
@@ -93,16 +98,16 @@ def test_gradient_checkpointing_changes_memory_not_what_a_client_learns(monkeypa
     mlp_calls, mlp_forward = [], LlamaMLP.forward
     # Counted in the class: the recomputation in the backward pass does not run module hooks.
     monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: (mlp_calls.append(1), mlp_forward(self, x))[1])
-    plain, plain_log = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    plain, plain_log, _ = trainer(model, "float32").train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert len(mlp_calls) == 6 * 2  # 3 steps of 2 micro-batches, 2 layers
     checkpointed = trainer(model, "float32")
     checkpointed.gradient_checkpointing = True
-    ckpt, ckpt_log = checkpointed.train(examples(), ClientStart(rank=4, alpha=8, seed=1))
+    ckpt, ckpt_log, _ = checkpointed.train(examples(), ClientStart(rank=4, alpha=8, seed=1))
     assert len(mlp_calls) == 12 + 24  # each layer's forward ran again in the backward pass
     assert not model.is_gradient_checkpointing  # switched off again for the next client
     assert ckpt_log.losses == pytest.approx(plain_log.losses, rel=1e-5)
-    for name, f in plain.modules.items():
-        torch.testing.assert_close(ckpt.modules[name].B @ ckpt.modules[name].A, f.B @ f.A, rtol=1e-3, atol=1e-6)
+    for name, f in plain.factors.items():
+        torch.testing.assert_close(delta(ckpt.factors[name]), delta(f), rtol=1e-3, atol=1e-6)
 
 
 def test_float32_training_keeps_the_models_attention():
@@ -179,8 +184,8 @@ def test_training_with_dropout_is_deterministic_under_the_seed_and_uses_the_fast
             dtype="float32",
         ).train(examples(), ClientStart(rank=4, alpha=8, seed=seed))
 
-    (first, first_log), (again, again_log), (other, other_log) = train(1), train(1), train(2)
+    (first, first_log, _), (again, again_log, _), (other, other_log, _) = train(1), train(1), train(2)
     assert calls and all(calls)  # the LoRA layers dropped through FastDropout, in training mode
     assert first_log.losses == again_log.losses and first_log.losses != other_log.losses
-    assert all(torch.equal(first.modules[k].B, again.modules[k].B) for k in first.modules)
-    assert not all(torch.equal(first.modules[k].B, other.modules[k].B) for k in first.modules)
+    assert all(torch.equal(first.factors[k]["B"], again.factors[k]["B"]) for k in first.factors)
+    assert not all(torch.equal(first.factors[k]["B"], other.factors[k]["B"]) for k in first.factors)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from florist.aggregation import ClientUpdate, LoraFactors, aggregate, get_method
+from florist.aggregation import ClientUpdate, LoraFactors
 from florist.communication import round_communication
+from florist.methods import aggregate, get_method
 
 # (layers, hidden, v_proj out): q_proj is hidden x hidden, v_proj is (kv heads x head dim) x hidden
 MODELS = {"tinyllama": (22, 2048, 256), "llama-3.2-1b": (16, 2048, 512), "llama-7b": (32, 4096, 4096)}
@@ -34,9 +35,9 @@ def model_updates(model, ranks, shared_a=False, seed=0):
     return updates
 
 
-def eff_e4(method, updates, threshold=0.9):
-    m = get_method(method, threshold)
-    return round_communication(m, updates, aggregate(m, updates)).eff * 1e4
+def eff_e4(method, updates, tau=0.9):
+    m = get_method(method)
+    return round_communication(m, 1, updates, aggregate(m, updates, value=tau)).eff * 1e4
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,9 @@ def test_paper_eff_for_tinyllama(tinyllama_updates):
 
 
 def test_florist_eff_grows_as_tau_falls(tinyllama_updates):
-    exact = eff_e4("florist", tinyllama_updates, threshold=1.0)
+    exact = eff_e4("florist", tinyllama_updates, tau=1.0)
     assert round(exact, 2) == 1.78  # random factors are full rank: tau=1 keeps all 128 components
-    assert eff_e4("florist", tinyllama_updates, threshold=0.8) > 1.5 * exact
+    assert eff_e4("florist", tinyllama_updates, tau=0.8) > 1.5 * exact
 
 
 def test_paper_eff_for_llama_3_2_1b_by_rank_arithmetic():
@@ -77,7 +78,7 @@ def test_parameters_and_bytes_follow_the_tensor_shapes(tinyllama_updates):
     r = 16
     per_client = layers * (r * hidden + hidden * r + r * hidden + v_out * r)
     method = get_method("fedit")
-    comm = round_communication(method, tinyllama_updates, aggregate(method, tinyllama_updates))
+    comm = round_communication(method, 1, tinyllama_updates, aggregate(method, tinyllama_updates))
     assert comm.upload_params == [per_client] * 8
     assert comm.download_params == [per_client] * 8
     assert comm.upload_bytes == [4 * per_client] * 8
@@ -88,7 +89,7 @@ def test_parameters_and_bytes_follow_the_tensor_shapes(tinyllama_updates):
 def test_ffa_moves_only_b():
     updates = model_updates("tinyllama", [16] * 2, shared_a=True)
     method = get_method("ffa")
-    comm = round_communication(method, updates, aggregate(method, updates))
+    comm = round_communication(method, 1, updates, aggregate(method, updates))
     b_params = sum(f.B.numel() for f in updates[0].modules.values())
     assert comm.upload_params == [b_params, b_params]
     assert comm.download_params == [b_params, b_params]
@@ -97,7 +98,7 @@ def test_ffa_moves_only_b():
 def test_flexlora_download_is_per_client_rank():
     updates = [ClientUpdate({"w": LoraFactors(torch.randn(r, 20), torch.randn(30, r))}, 1) for r in (8, 4, 2)]
     method = get_method("flexlora")
-    comm = round_communication(method, updates, aggregate(method, updates))
+    comm = round_communication(method, 1, updates, aggregate(method, updates))
     assert comm.download_params == [r * (20 + 30) for r in (8, 4, 2)]
     assert comm.down_rank == pytest.approx((8 + 4 + 2) / 3)
 
@@ -105,5 +106,5 @@ def test_flexlora_download_is_per_client_rank():
 def test_bytes_follow_the_wire_dtype():
     updates = [ClientUpdate({"w": LoraFactors(torch.randn(2, 5), torch.randn(3, 2))}, 1)]
     method = get_method("flora")
-    comm = round_communication(method, updates, aggregate(method, updates), bytes_per_param=2)
+    comm = round_communication(method, 1, updates, aggregate(method, updates), bytes_per_param=2)
     assert comm.upload_bytes == [2 * (10 + 6)]

@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from florist.config import load_config, parse_thresholds
+from florist.config import load_config
+from florist.methods import get_method
 from florist.models import MODEL_ALIASES
 from florist.server import make_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.toml"))
 CPU = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
+
+
+def florist_taus(config) -> list[float]:
+    """FLoRIST's τ as a run reads them from ``config`` (its sweep's config key)."""
+    return get_method("florist").values(config)
 
 
 def _generator():
@@ -61,7 +67,7 @@ def test_paper_configs_carry_the_authors_hyperparameters(path):
     )
     assert (c.lora.alpha_per_rank, c.lora.dropout, c.lora.target_modules) == (2.0, 0.05, ["q_proj", "v_proj"])
     assert c.model.dtype == "float32"
-    assert parse_thresholds(c.federation.thresholds) == pytest.approx([0.80 + 0.01 * i for i in range(21)])
+    assert florist_taus(c) == pytest.approx([0.80 + 0.01 * i for i in range(21)])
     assert (c.eval.questions, c.eval.mode, c.eval.limit) == ("../shared/data/mmlu/mmlu_1444.json", "letter", 0)
 
 
@@ -78,13 +84,13 @@ def test_cpu_grid_reads_the_shared_data(path, shared_data):
     for relative in (c.data.train, c.eval.heldout, c.eval.questions):
         assert (ROOT / relative).resolve().is_relative_to(shared_data.resolve())
         assert (ROOT / relative).exists()
-    assert len(parse_thresholds(c.federation.thresholds)) > 1 and c.eval.mode == "letter" and c.eval.limit > 0
+    assert len(florist_taus(c)) > 1 and c.eval.mode == "letter" and c.eval.limit > 0
 
 
 @pytest.mark.parametrize("path", PAPER + CPU, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_configs_name_their_branches_as_saved_runs_do(path):
     c = load_config(path)
-    taus = parse_thresholds(c.federation.thresholds)
+    taus = florist_taus(c)
     labels = [b.label for b in make_branches(c.federation.methods, taus)]
     expected = [f"florist@{t:.2f}" for t in taus] + sorted(set(c.federation.methods) - {"florist"})
     assert sorted(labels) == sorted(expected) and len(set(labels)) == len(labels)

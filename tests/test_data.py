@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from florist.data import (
     COLUMNS,
-    IGNORE_INDEX,
     DataError,
     build_prompt,
     client_files,
@@ -24,6 +23,7 @@ from florist.data import (
     summary_table,
     tokenize_dataset,
 )
+from florist.jobs import LOSS_IGNORED
 from florist.models import load_tokenizer
 
 ALPACA_ROWS = [
@@ -269,8 +269,8 @@ def test_train_on_inputs_false_masks_the_prompt(tokenizer):
     ds = instructions.from_rows(ALPACA_ROWS, "rows")
     out = tokenize_dataset(ds, tokenizer, train_on_inputs=False)
     for row, source in zip(out, ALPACA_ROWS, strict=True):
-        learned = [t for t in row["labels"] if t != IGNORE_INDEX]
-        assert row["labels"][: len(row["labels"]) - len(learned)] == [IGNORE_INDEX] * (
+        learned = [t for t in row["labels"] if t != LOSS_IGNORED]
+        assert row["labels"][: len(row["labels"]) - len(learned)] == [LOSS_IGNORED] * (
             len(row["labels"]) - len(learned)
         )
         assert tokenizer.decode(learned) == source["output"] + tokenizer.eos_token
@@ -292,7 +292,7 @@ def test_chat_template_tokenization(tokenizer):
     text = tokenizer.decode(out[0]["input_ids"])
     assert text.startswith("<|im_start|>system") and text.endswith(ALPACA_ROWS[0]["output"] + "<|im_end|>")
     assert (
-        tokenizer.decode([t for t in out[0]["labels"] if t != IGNORE_INDEX]) == ALPACA_ROWS[0]["output"] + "<|im_end|>"
+        tokenizer.decode([t for t in out[0]["labels"] if t != LOSS_IGNORED]) == ALPACA_ROWS[0]["output"] + "<|im_end|>"
     )
 
 
@@ -318,7 +318,7 @@ def test_tokenization_invariants(tokenizer, rows, cutoff, train_on_inputs):
         n = len(row["input_ids"])
         assert 0 < n <= cutoff
         assert len(row["labels"]) == len(row["attention_mask"]) == n
-        learned = [i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX]
+        learned = [i for i, t in enumerate(row["labels"]) if t != LOSS_IGNORED]
         assert learned and learned == list(range(learned[0], n))  # a masked prefix, then the tokens themselves
         assert [row["labels"][i] for i in learned] == row["input_ids"][learned[0] :]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import florist.run as run_module
+import florist.setup as run_setup
 from florist.adapters import read_adapter
 from florist.config import load_config
 from florist.models import tiny_llama
@@ -29,7 +30,7 @@ FAST = [*TINY_RUN, "eval.limit=8", "lora.ranks=[4]", 'federation.thresholds="0.9
 
 @pytest.fixture(autouse=True)
 def tiny_model(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda name, dtype, device: tiny_llama(0))
+    monkeypatch.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
 
 
 def run(tmp_path, name, *overrides, **kw):
@@ -125,9 +126,9 @@ def test_reinit_scheme_starts_clients_from_the_global_adapter(tmp_path, monkeypa
 
     real = LocalTrainer.train
 
-    def spy(self, examples, start, client_id="", on_step=None):
+    def spy(self, examples, start, client_id="", on_step=None, kept=None):
         starts.append(start)
-        return real(self, examples, start, client_id, on_step)
+        return real(self, examples, start, client_id, on_step, kept)
 
     monkeypatch.setattr(LocalTrainer, "train", spy)
     run(tmp_path, "r", 'federation.methods=["florist"]', 'federation.scheme="reinit"', "federation.rounds=2")
@@ -155,7 +156,7 @@ def test_embedded_model_on_the_real_dolly_clients(tmp_path, shared_data, monkeyp
     """The whole pipeline on the real model and data: 8 Dolly clients, every method, MMLU and held-out loss."""
     from florist.models import load_model
 
-    monkeypatch.setattr(run_module, "load_model", load_model)
+    monkeypatch.setattr(run_setup, "load_model", load_model)
     cfg = load_config(
         None,
         [

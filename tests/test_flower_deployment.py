@@ -1,5 +1,7 @@
 """florist on a real Flower deployment, on loopback: a SuperLink with TLS and SuperNode authentication, one
-SuperNode process per client, ``flwr run`` submitting florist's ServerApp and ClientApp.
+SuperNode process per client, ``flwr run`` submitting florist's ServerApp and ClientApp. Beside FedIT the run holds
+a method whose clients keep B between rounds: a SuperNode starts a fresh ClientApp process for every message, and
+the kept B must reach the next round's process through the node's ``context.state``.
 
 Slow (minutes: every Flower message starts a ClientApp process that imports torch), bounded: every wait has a
 timeout, and every process the tests start, with its children, is stopped by its id at the end.
@@ -237,7 +239,7 @@ def federation(tmp_path_factory):
             key = write_node_key(fed.pki, f"node{k}")
             registered = fed.flwr("supernode", "register", str(fed.pki / f"node{k}.pub"), CONNECTION)
             assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
-            config = f"partition-id={k} num-partitions={CLIENTS}"
+            config = f'partition-id={k} num-partitions={CLIENTS} kept-log="{fed.root / "kept.jsonl"}"'
             if k == 2:
                 config += f' stall-marker="{fed.root / "client-2-training"}"'
             fed.nodes[k] = fed.start_supernode(f"node{k}", key, config)
@@ -250,13 +252,39 @@ def federation(tmp_path_factory):
 # --- the app under test ----------------------------------------------------------------------------------------------
 
 APP_MODULE = '''
-"""florist's ServerApp and ClientApp on a tiny random model; client 2 stalls in training when its node says so."""
+"""florist's ServerApp and ClientApp on a tiny random model, with a method whose clients keep B; client 2 stalls in
+training when its node says so, and every node notes which kept factors its state holds at each job."""
 
+import json
 import time
 from pathlib import Path
 
+from florist.aggregation import AggregationResult, ModuleAggregate
+from florist.aggregation.base import zero_pad
 from florist.engines.flower_app import client_app, server_app
+from florist.jobs import ClientMode
+from florist.methods import Method, register
 from florist.models import tiny_llama
+
+
+class LocalB(Method):
+    name = "localb"
+    display = "Local-B"
+    summary = "Averages A; every client keeps its own B."
+
+    def mode(self, round_number):
+        return ClientMode(trains={"A", "B"}, keeps={"B"})
+
+    def aggregate(self, updates, weights, value=None):
+        modules = {}
+        for name in updates[0].modules:
+            rank = max(u.modules[name].rank for u in updates)
+            A = sum(w * zero_pad(u.modules[name].A, rank, dim=0) for u, w in zip(updates, weights))
+            modules[name] = ModuleAggregate(A=A, B=A.new_zeros(updates[0].modules[name].B.shape[0], rank))
+        return AggregationResult(self.name, modules, weights=list(weights))
+
+
+register(LocalB())
 
 
 def tiny(name, dtype, device):
@@ -271,8 +299,18 @@ def stall_when_told(message, context, call_next):
     return call_next(message, context)
 
 
+def note_kept_state(message, context, call_next):
+    if message.metadata.message_type == "train":
+        job = message.content.config_records["job"]
+        held = sorted(k for k in context.state.array_records if k.startswith("florist.kept."))
+        note = {"client": job["client"], "round": job["round"], "group": job["group"], "held": held}
+        with open(context.node_config["kept-log"], "a") as log:
+            log.write(json.dumps(note) + "\\n")
+    return call_next(message, context)
+
+
 server = server_app(load_model=tiny)
-client = client_app(load_model=tiny, mods=[stall_when_told])
+client = client_app(load_model=tiny, mods=[stall_when_told, note_kept_state])
 '''
 
 APP_PYPROJECT = """
@@ -332,7 +370,7 @@ lr = 0.01
 
 [federation]
 rounds = 2
-methods = ["fedit"]
+methods = ["fedit", "localb"]
 min_clients = 2
 
 [eval]
@@ -396,13 +434,20 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(federation)
 
     run_dir = federation.root / "run"
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    assert [r["participants"] for r in records] == [[0, 1], [0, 1]]  # who took part, round by round
+    took_part = {(r["round"], r["branch"]): r["participants"] for r in records}
+    assert took_part == {(n, b): [0, 1] for n in (1, 2) for b in ("fedit", "localb")}  # who took part, round by round
     traffic = [json.loads(x) for x in (run_dir / "flower_traffic.jsonl").read_text().splitlines()]
-    status_of = {(t["round"], c["client"]): c["status"] for t in traffic for c in t["clients"]}
-    assert status_of[(1, 0)] == status_of[(1, 1)] == status_of[(2, 0)] == status_of[(2, 1)] == "replied"
+    status_of = {(t["round"], t["group"], c["client"]): c["status"] for t in traffic for c in t["clients"]}
+    groups = {1: ("shared", "localb"), 2: ("fedit", "localb")}
+    assert all(status_of[(n, g, k)] == "replied" for n in (1, 2) for g in groups[n] for k in (0, 1)), status_of
     # Flower answers the dead node's message with an error once its heartbeats stop, well before the round timeout
-    assert "Node Unavailable" in status_of[(1, 2)], status_of[(1, 2)]
-    assert status_of[(2, 2)] == "no SuperNode online for this client"
+    assert "Node Unavailable" in status_of[(1, "shared", 2)], status_of[(1, "shared", 2)]
+    assert status_of[(1, "localb", 2)] != "replied"
+    assert status_of[(2, "fedit", 2)] == status_of[(2, "localb", 2)] == "no SuperNode online for this client"
+    # a client's kept B went from its round-1 ClientApp process to its round-2 one through the node's state
+    notes = [json.loads(x) for x in (federation.root / "kept.jsonl").read_text().splitlines()]
+    held = {(n["round"], n["client"]): n["held"] for n in notes if n["group"] == "localb"}
+    assert held[(1, 0)] == held[(1, 1)] == [] and held[(2, 0)] == held[(2, 1)] == ["florist.kept.localb"], notes
     # each SuperNode trained on its own client's file
     for k in (0, 1):
         info = json.loads(

@@ -26,15 +26,14 @@ from safetensors.torch import save
 
 from florist.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter
 from florist.aggregation import (
-    METHODS,
     AggregationError,
     AggregationResult,
     ClientUpdate,
     LoraFactors,
-    aggregate,
     prepare,
     screen_updates,
 )
+from florist.methods import METHODS, aggregate
 
 FUZZ = settings(
     deadline=timedelta(seconds=5),  # generous on a loaded machine; a hang is the alarm's to catch
@@ -469,12 +468,12 @@ weight_lists = st.none() | st.none() | st.lists(st.floats(0, 10) | st.sampled_fr
     updates=client_updates(),
     weights=weight_lists,
     method=st.sampled_from(sorted(METHODS)),
-    threshold=st.sampled_from([0.9, 0.9, 0.5, 1.0, 0.0, -1.0, 1.5, math.nan]),
+    value=st.sampled_from([None, 0.9, 0.5, 1.0, 0.0, -1.0, 1.5, math.nan]),
 )
-def test_aggregate_returns_a_finite_adapter_or_names_what_is_wrong(updates, weights, method, threshold):
+def test_aggregate_returns_a_finite_adapter_or_names_what_is_wrong(updates, weights, method, value):
     with no_hang():
         try:
-            result = aggregate(method, updates, weights=weights, threshold=threshold)
+            result = aggregate(method, updates, weights=weights, value=value)
         except ValueError as e:  # AggregationError, or FLoRIST's threshold check
             assert_clear_error(e)
             event(f"refused: {kind_of(str(e))}")
@@ -570,8 +569,8 @@ def flower_arrays(draw):
 @FUZZ
 @given(data=st.data(), frozen=st.booleans(), max_bytes=st.sampled_from([0, 0, 100, 10**6]))
 def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
-    """Whatever a SuperNode replies, ``read_update`` gives tensors the server then screens, or one ``MessageError``."""
-    from florist.client import ClientStart, TrainingLog
+    """Whatever a SuperNode replies, ``read_update`` gives an upload the server then completes and screens (each job
+    accepted or left out with its reason), or one ``MessageError``."""
     from florist.engines.flower_messages import (
         MessageError,
         job_config,
@@ -580,17 +579,20 @@ def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
         update_content,
         uplink_bytes,
     )
-    from florist.server import ClientJob
+    from florist.jobs import BOTH_FACTORS, ClientJob, ClientMode, ClientStart, ClientUpload, RoundReplies, TrainingLog
+    from florist.server import Federation, RoundHooks, RoundSettings, TrainingGroup, UpdateChecks
 
     shapes = {"q": (8, 6), "v": (4, 6)}
-    start = ClientStart(2, 4.0, 1, frozen_a={n: torch.ones(4, i) for n, (o, i) in shapes.items()} if frozen else None)
-    job = ClientJob(1, start)
-    honest = ClientUpdate(
-        {n: LoraFactors(A=torch.ones(2, i), B=torch.ones(o, 2), scaling=2.0) for n, (o, i) in shapes.items()},
+    mode = ClientMode(trains={"B"}, shared={"A"}) if frozen else BOTH_FACTORS
+    shared = {n: {"A": torch.ones(4, i)} for n, (o, i) in shapes.items()} if frozen else None
+    job = ClientJob(1, ClientStart(2, 4.0, 1, mode=mode, shared=shared), group="g")
+    trained = {n: {"A": torch.ones(2, i), "B": torch.ones(o, 2)} for n, (o, i) in shapes.items()}
+    honest = ClientUpload(
+        {n: {f: t for f, t in held.items() if f in mode.uploads} for n, held in trained.items()},
+        {n: 2.0 for n in shapes},
         5,
-        "client 1",
     )
-    content = update_content(job_config(job_content(job, 1, "g", not frozen, "")), honest, TrainingLog(losses=[1.0]))
+    content = update_content(job_config(job_content(job, 1, "")), honest, TrainingLog(losses=[1.0]))
     record, meta = content.array_records["update"], content.config_records["meta"]
     for _ in range(data.draw(st.integers(1, 3))):
         change = data.draw(st.sampled_from(["array", "array", "drop array", "extra array", "meta", "drop meta"]))
@@ -619,9 +621,18 @@ def test_flower_replies_are_read_or_refused(data, frozen, max_bytes):
             assert_clear_error(e)
             event(f"refused: {kind_of(str(e))}")
             return
-        accepted, rejected = screen_updates([result.update], shapes, max_ranks=[2])
+        server = Federation(
+            None,
+            [],
+            RoundSettings(ranks=[2, 2], alpha_per_rank=2.0, scheme="merge", seed=0),
+            UpdateChecks(shapes),
+            RoundHooks(log=lambda message: None),
+        )
+        screened = server.screen(1, TrainingGroup("g", [], [job]), RoundReplies([result]))
         assert uplink_bytes(content)["total"] >= 0  # the traffic record counts any reply it was given
-    event("read, then " + ("accepted" if accepted else f"rejected: {kind_of(rejected[0])}"))
+    assert len(screened.accepted) + len(screened.rejected) == 1
+    assert all(reason and "\n" not in reason for reason in screened.rejected.values()), screened.rejected
+    event("read, then " + ("accepted" if screened.accepted else f"rejected: {kind_of(screened.rejected['1'])}"))
 
 
 # --- Flower descriptions ---------------------------------------------------------------------------------------------
@@ -672,6 +683,9 @@ class DescribingGrid:
 
     def pull_messages(self, message_ids):
         return [r for i in list(message_ids) for r in self._replies.pop(i, [])]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 @st.composite

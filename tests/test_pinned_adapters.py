@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from florist import run as run_module
+from florist import setup as run_setup
 from florist.config import load_config
 from florist.models import tiny_llama
 
@@ -33,7 +34,7 @@ CASES = {
 
 @pytest.fixture(autouse=True)
 def tiny_model(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda name, dtype, device: tiny_llama(0))
+    monkeypatch.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
 
 
 def global_adapters(rundir: Path) -> dict[str, torch.Tensor]:

@@ -19,22 +19,20 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from florist.aggregation import (
-    METHODS,
     AggregationError,
     AggregationResult,
     ClientUpdate,
     LoraFactors,
     ModuleAggregate,
-    aggregate,
     asked_scalings,
     check_result,
     prepare,
     screen_updates,
-    sweep,
 )
 from florist.aggregation.validate import normalized_weights
-from florist.client import TrainingLog
-from florist.server import ClientResult, Federation, RoundFailed, make_branches
+from florist.jobs import ClientReply, ClientUpload, RoundReplies, TrainingLog, seed_for, shared_factors
+from florist.methods import METHODS, aggregate, get_method
+from florist.server import Federation, RoundFailed, RoundHooks, RoundSettings, UpdateChecks, make_branches
 
 POISON = settings(
     deadline=timedelta(seconds=5),
@@ -172,8 +170,8 @@ def test_prepare_passes_only_what_every_method_and_the_sweep_keep_finite(data, t
         assert_names_the_hostile(e)
         return
     for method in ("fedit", "flora", "flexlora"):
-        assert_finite(METHODS[method]().aggregate(prepared, weights))
-    for result in sweep(prepared, weights, taus).values():
+        assert_finite(METHODS[method].aggregate(prepared, weights))
+    for result in METHODS["florist"].aggregate_sweep(prepared, weights, taus).values():
         assert_finite(result)
 
 
@@ -198,7 +196,8 @@ def test_screening_keeps_every_honest_client_and_leaves_the_hostile_out_or_harml
 @POISON
 @given(data=rounds())
 def test_sweep_over_unchecked_updates_is_finite_or_names_the_method(data):
-    """The sweep trusts its caller to have prepared the updates; handed hostile ones it still hands out no NaN."""
+    """The sweep trusts its caller to have prepared the updates; handed hostile ones, its results as the server
+    checks them (``check_result``) still hand out no NaN."""
     updates, _ = data
     as_float32 = [
         ClientUpdate(
@@ -210,11 +209,13 @@ def test_sweep_over_unchecked_updates_is_finite_or_names_the_method(data):
     ]
     weights = normalized_weights(as_float32, None)
     try:
-        results = sweep(as_float32, weights, [0.9, 1.0])
+        results = [
+            check_result(r) for r in METHODS["florist"].aggregate_sweep(as_float32, weights, [0.9, 1.0]).values()
+        ]
     except AggregationError as e:
         assert str(e).startswith("florist, module ") and "\n" not in str(e), str(e)
         return
-    for result in results.values():
+    for result in results:
         assert_finite(result)
 
 
@@ -324,49 +325,49 @@ def test_a_failed_decomposition_is_an_aggregation_error_naming_the_module(method
 # --- a server round --------------------------------------------------------------------------------------------------
 
 RANKS = [2, 4, 3, 4]
-FROZEN = {n: torch.rand(max(RANKS), k, generator=torch.Generator().manual_seed(5)) for n, (_, k) in SHAPES.items()}
+SEED = 0
+FFA_MODE = get_method("ffa").mode(1)
+FROZEN = {n: f["A"] for n, f in shared_factors(SHAPES, FFA_MODE, max(RANKS), seed_for(SEED, "shared", 1)).items()}
 
 
 class ScriptedEngine:
-    """Honest updates from each job (its rank, its alpha, FFA's frozen A), the ``hostile`` client's tampered.
-    ``sent[(client, frozen)]`` keeps what each client sent, per training group (with or without a frozen A)."""
+    """Honest uploads from each job (its rank, its alpha, the shared frozen A it is sent, the factors its mode
+    uploads), the ``hostile`` client's tampered and sent whole (A too, whatever its mode uploads).
+    ``sent[(client, frozen)]`` keeps each client's pair, per training group (with or without a shared A)."""
 
     def __init__(self, hostile: int, tamper):
         self.hostile, self.tamper, self.sent = hostile, tamper, {}
 
     def train(self, round_number, jobs):
-        out = []
+        replies = RoundReplies()
         for job in jobs:
             start, g = job.start, torch.Generator().manual_seed(100 * round_number + job.client)
             modules = {}
             for n, (m, k) in SHAPES.items():
                 fresh = torch.randn(start.rank, k, generator=g)
-                A = start.frozen_a[n][: start.rank].clone() if start.frozen_a else fresh
+                A = start.shared[n]["A"][: start.rank].clone() if start.shared else fresh
                 modules[n] = LoraFactors(A, 0.1 * torch.randn(m, start.rank, generator=g), start.alpha / start.rank)
             update = ClientUpdate(modules, 10 + job.client, "")
+            uploads = start.mode.uploads
             if job.client == self.hostile:
-                update = self.tamper(update)
-            self.sent[job.client, start.frozen_a is not None] = update
-            out.append(ClientResult(job.client, update, TrainingLog()))
-        return out
+                update, uploads = self.tamper(update), {"A", "B"}
+            self.sent[job.client, start.shared is not None] = update
+            upload = ClientUpload(
+                {n: {x: getattr(f, x) for x in uploads} for n, f in update.modules.items()},
+                {n: f.scaling for n, f in update.modules.items()},
+                update.num_examples,
+            )
+            replies.replies.append(ClientReply(job.client, upload, TrainingLog(), group=job.group))
+        return replies
 
 
 def federation(engine, methods, max_update_norm=0.0, on_round=lambda *a: None):
     return Federation(
         engine,
         make_branches(methods, [0.5, 1.0]),
-        ranks=RANKS,
-        alpha_per_rank=2.0,
-        scheme="reinit",
-        seed=0,
-        clients_per_round=0,
-        min_clients=1,
-        frozen_a=lambda round_number, rank: FROZEN,
-        evaluate=lambda branch: {},
-        on_round=on_round,
-        log=lambda message: None,
-        module_shapes=SHAPES,
-        max_update_norm=max_update_norm,
+        RoundSettings(ranks=RANKS, alpha_per_rank=2.0, scheme="reinit", seed=SEED),
+        UpdateChecks(SHAPES, max_update_norm=max_update_norm),
+        RoundHooks(on_round=on_round, log=lambda message: None),
     )
 
 
@@ -400,7 +401,7 @@ def test_a_round_with_one_poisoning_client_gives_the_honest_clients_aggregate(ta
         assert list(record.rejected) == ([] if reason is None else [str(hostile)])
         assert all(why.startswith(f"client {hostile}, module q: {reason}") for why in record.rejected.values())
     for b in fed.branches:
-        frozen = not b.method.sends_a  # under FFA the server's A counts, whatever a client sent
+        frozen = "A" not in b.method.mode(1).uploads  # under FFA the server's A counts, whatever a client sent
         updates = []
         for k in honest:
             sent = engine.sent[k, frozen]
@@ -415,10 +416,7 @@ def test_a_round_with_one_poisoning_client_gives_the_honest_clients_aggregate(ta
                 )
             )
         prepared, weights = prepare(updates)
-        if b.threshold is not None:
-            expected = sweep(prepared, weights, [b.threshold])[b.threshold]
-        else:
-            expected = b.method.aggregate(prepared, weights)
+        expected = b.method.aggregate_sweep(prepared, weights, [b.value])[b.value]
         for name, m in b.history[-1].modules.items():
             assert torch.equal(m.A, expected.modules[name].A), (b.label, name)
             assert torch.equal(m.B, expected.modules[name].B), (b.label, name)

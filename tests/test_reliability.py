@@ -32,14 +32,17 @@ from test_federation import TINY_RUN
 import florist.engines.flower as flower
 import florist.engines.flower_app as flower_app
 import florist.run as run_module
+import florist.setup as run_setup
 from florist.adapters import read_adapter
-from florist.aggregation import ClientUpdate, LoraFactors, aggregate
-from florist.client import ClientStart, LocalTrainer, TrainingLog
+from florist.aggregation import ClientUpdate, LoraFactors
+from florist.client import LocalTrainer
 from florist.config import load_config
 from florist.engines.flower_messages import MessageError, job_config, job_content, read_update, update_content
+from florist.jobs import ClientJob, ClientMode, ClientReply, ClientStart, ClientUpload, RoundReplies, TrainingLog
+from florist.methods import aggregate
 from florist.models import tiny_llama
 from florist.rundir import RunDirectory
-from florist.server import ClientJob, RoundFailed
+from florist.server import Federation, RoundFailed, RoundHooks, RoundSettings, TrainingGroup, UpdateChecks
 
 FAST = [*TINY_RUN, "eval.limit=4", "lora.ranks=[4]", 'federation.thresholds="0.9"']
 Q = "model.layers.0.self_attn.q_proj"  # a module of the tiny model, 64 x 64
@@ -51,8 +54,8 @@ def tiny(name, dtype, device):
 
 @pytest.fixture(autouse=True)
 def tiny_models(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", tiny)  # the server's copy (and the in-process clients')
-    monkeypatch.setattr(flower, "load_model", tiny)  # the Flower ClientApps'
+    monkeypatch.setattr(run_setup, "load_model", tiny)  # the server's copy (and the in-process clients')
+    monkeypatch.setattr(flower_app, "load_model", tiny)  # the Flower ClientApps'
 
 
 def run(tmp_path, name, *overrides, **kw):
@@ -109,13 +112,11 @@ def global_of_accepted(path: Path, label: str, clients: list[int], method: str =
 # --- tampering with an update ----------------------------------------------------------------------------------------
 
 
-def with_module(update: ClientUpdate, name: str, **changes) -> ClientUpdate:
-    f = update.modules[name]
-    return ClientUpdate(
-        {**update.modules, name: LoraFactors(**{"A": f.A, "B": f.B, "scaling": f.scaling, **changes})},
-        update.num_examples,
-        update.client_id,
-    )
+def tampered_upload(upload: ClientUpload, name: str, tamper) -> ClientUpload:
+    """``upload`` with ``tamper``'s changes to module ``name``'s factors (``tamper`` takes the module's pair)."""
+    held = upload.factors[name]
+    changes = tamper(LoraFactors(A=held["A"], B=held["B"], scaling=upload.scalings[name]))
+    return ClientUpload({**upload.factors, name: {**held, **changes}}, upload.scalings, upload.num_examples)
 
 
 def nan_in_b(f: LoraFactors) -> dict:
@@ -142,12 +143,12 @@ def test_hostile_updates_are_rejected_and_the_round_goes_on_in_process(tmp_path,
     hostile = dict(enumerate(TAMPER, start=1))  # clients 1..4; clients 0 and 5 are honest
     real = LocalTrainer.train
 
-    def tampered(self, examples, start, client_id="", on_step=None):
-        update, log = real(self, examples, start, client_id, on_step)
+    def tampered(self, examples, start, client_id="", on_step=None, kept=None):
+        upload, log, kept = real(self, examples, start, client_id, on_step, kept)
         k = int(client_id.split()[-1])
         if k in hostile:
-            update = with_module(update, Q, **TAMPER[hostile[k]][0](update.modules[Q]))
-        return update, log
+            upload = tampered_upload(upload, Q, TAMPER[hostile[k]][0])
+        return upload, log, kept
 
     monkeypatch.setattr(LocalTrainer, "train", tampered)
     args = (
@@ -183,7 +184,7 @@ def test_a_client_that_raises_or_overruns_its_time_is_left_out_in_process(tmp_pa
     real = LocalTrainer.train
     hung = threading.Event()
 
-    def faulty(self, examples, start, client_id="", on_step=None):
+    def faulty(self, examples, start, client_id="", on_step=None, kept=None):
         if client_id == "client 1":
             raise RuntimeError("disk full")
         # every optimizer step takes longer than the client's whole time limit; the limit leaves the honest clients
@@ -195,8 +196,8 @@ def test_a_client_that_raises_or_overruns_its_time_is_left_out_in_process(tmp_pa
                 time.sleep(13)
                 on_step(*args)
 
-            return real(self, examples, start, client_id, slow_step)
-        return real(self, examples, start, client_id, on_step)
+            return real(self, examples, start, client_id, slow_step, kept)
+        return real(self, examples, start, client_id, on_step, kept)
 
     monkeypatch.setattr(LocalTrainer, "train", faulty)
     path = run(
@@ -221,11 +222,11 @@ import sys
 import time
 from pathlib import Path
 
-import florist.run as run_module
+import florist.setup as run_setup
 from florist.models import tiny_llama
 from florist.server import Federation
 
-run_module.load_model = lambda name, dtype, device: tiny_llama(0)
+run_setup.load_model = lambda name, dtype, device: tiny_llama(0)
 hold_at, args = sys.argv[1], sys.argv[2:]
 where, _, n = hold_at.rpartition("-")
 
@@ -411,7 +412,16 @@ class ThreadedGrid(Grid):
             return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
+        """Push, then pull until every message is answered or ``timeout`` s have passed, as Flower's grids do."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = self.pull_messages(pending)
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            time.sleep(0.05)
+        return replies
 
 
 _training = threading.Lock()
@@ -565,18 +575,18 @@ def test_a_flower_server_stopped_mid_write_and_between_rounds_resumes_to_the_sam
     assert completed_rounds(stopped) == 0 and (stopped / "rounds" / "001").exists()
     monkeypatch.setattr(RunDirectory, "append_metrics", real_append)
 
-    real_configure = flower.FloristStrategy.configure_train
+    real_train = flower.FlowerEngine.train
 
-    def dies_before_round_2(self, server_round, *a):
-        if server_round == 2:
+    def dies_before_round_2(self, round_number, jobs):
+        if round_number == 2:  # before any of round 2's messages is sent
             raise Killed
-        return real_configure(self, server_round, *a)
+        return real_train(self, round_number, jobs)
 
-    monkeypatch.setattr(flower.FloristStrategy, "configure_train", dies_before_round_2)
+    monkeypatch.setattr(flower.FlowerEngine, "train", dies_before_round_2)
     with pytest.raises(Killed):
         run(tmp_path, "stopped", *args)
     assert completed_rounds(stopped) == 1
-    monkeypatch.setattr(flower.FloristStrategy, "configure_train", real_configure)
+    monkeypatch.setattr(flower.FlowerEngine, "train", real_train)
 
     run(tmp_path, "stopped", *args)
     assert assert_same_runs(whole, stopped) == (3 + 2) + (2 * 3 + 2)
@@ -588,13 +598,37 @@ def test_a_flower_server_stopped_mid_write_and_between_rounds_resumes_to_the_sam
 # --- reading a reply -------------------------------------------------------------------------------------------------
 
 
+FROZEN_A = ClientMode(trains={"B"}, shared={"A"})  # FFA-LoRA's mode
+
+
+def taken_by_the_server(job: ClientJob, reply: ClientReply) -> ClientUpdate:
+    """The update the server takes from ``reply``: completed from what ``job`` was sent, then screened."""
+    server = Federation(
+        None,
+        [],
+        RoundSettings(ranks=[2, 2], alpha_per_rank=2.0, scheme="merge", seed=0),
+        UpdateChecks({Q: (64, 64)}),
+        RoundHooks(log=lambda message: None),
+    )
+    screened = server.screen(1, TrainingGroup(job.group, [], [job]), RoundReplies([reply]))
+    assert screened.rejected == {}, screened.rejected
+    return screened.accepted[0].update
+
+
 def test_under_ffa_the_server_keeps_its_own_a_whatever_the_reply_holds():
-    frozen = {Q: torch.randn(4, 64, generator=torch.Generator().manual_seed(0))}
-    job = ClientJob(1, ClientStart(2, 4.0, 7, frozen_a=frozen))
-    forged = ClientUpdate({Q: LoraFactors(A=torch.ones(2, 64), B=torch.ones(64, 2), scaling=2.0)}, 5, "client 1")
-    content = update_content(job_config(job_content(job, 1, "ffa", True, "")), forged, TrainingLog())  # A included
+    frozen = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    job = ClientJob(1, ClientStart(2, 4.0, 7, mode=FROZEN_A, shared={Q: {"A": frozen}}))
+    forged = ClientUpload({Q: {"A": torch.ones(2, 64), "B": torch.ones(64, 2)}}, {Q: 2.0}, 5)
+    content = update_content(job_config(job_content(job, 1, "")), forged, TrainingLog())  # A included
     assert f"{Q}.A" in content.array_records["update"]
-    assert torch.equal(read_update(over_the_wire(content), job).update.modules[Q].A, frozen[Q][:2])
+    with pytest.raises(MessageError, match=rf"array '{Q}\.A' is none of the factors its mode uploads \(B per module\)"):
+        read_update(over_the_wire(content), job)
+    # the server's A, whatever else an upload holds: a B-only reply over Flower, a forged A in process
+    honest = ClientUpload({Q: {"B": torch.ones(64, 2)}}, {Q: 2.0}, 5)
+    content = update_content(job_config(job_content(job, 1, "")), honest, TrainingLog())
+    for reply in (read_update(over_the_wire(content), job), ClientReply(1, forged, TrainingLog())):
+        pair = taken_by_the_server(job, reply).modules[Q]
+        assert torch.equal(pair.A, frozen[:2]) and torch.equal(pair.B, torch.ones(64, 2))
 
 
 @pytest.mark.parametrize(
@@ -621,8 +655,8 @@ def test_under_ffa_the_server_keeps_its_own_a_whatever_the_reply_holds():
 )
 def test_a_malformed_reply_is_one_message_error(change, message):
     job = ClientJob(1, ClientStart(2, 4.0, 7))
-    update = ClientUpdate({Q: LoraFactors(A=torch.ones(2, 64), B=torch.ones(64, 2), scaling=2.0)}, 5, "client 1")
-    content = update_content(job_config(job_content(job, 1, "fedit", True, "")), update, TrainingLog(losses=[1.0]))
+    upload = ClientUpload({Q: {"A": torch.ones(2, 64), "B": torch.ones(64, 2)}}, {Q: 2.0}, 5)
+    content = update_content(job_config(job_content(job, 1, "")), upload, TrainingLog(losses=[1.0]))
     change(content)
     with pytest.raises(MessageError, match=message):
         read_update(content, job)

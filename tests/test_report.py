@@ -1,4 +1,5 @@
-"""The report: its table (marks, FLoRIST-O/E), its files and its errors, on run directories written by hand."""
+"""The report: its table (marks, FLoRIST-O/E), its files and its errors, on run directories written by hand; and a
+method registered here, which the report draws and tables from its declaration alone."""
 
 from __future__ import annotations
 
@@ -6,23 +7,29 @@ import itertools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from matplotlib.colors import to_rgba
 from typer.testing import CliRunner
 
 from florist.cli import app
 from florist.communication import RoundCommunication
+from florist.methods import Method, Style, Sweep, register, unregister
 from florist.report import (
     ReportError,
-    cut_taus,
+    cut_values,
     load_run,
+    load_spectra,
     pareto_front,
+    plot_ranks,
+    plot_tradeoff,
     round_series,
     spectra_modules,
     split_module,
     write_report,
 )
-from florist.results import ResultRow, pick_florist, ranks_in_column
+from florist.results import ResultRow, is_pick, paper_table, ranks_in_column
 from florist.server import RoundRecord
 
 LAYERS = 3
@@ -75,18 +82,22 @@ def _record(round_number: int, branch: str, scores: tuple[float, float], accurac
     ).to_dict()
 
 
-def make_run(path: Path, rounds: int = 1, accuracy: bool = True, spectra: bool = True) -> Path:
-    """A run directory as ``florist run`` writes it, by hand: config.toml, metrics.jsonl, spectra, client.json."""
+def make_run(
+    path: Path, rounds: int = 1, accuracy: bool = True, spectra: bool = True, scores: dict = SCORES, settings: str = ""
+) -> Path:
+    """A run directory as ``florist run`` writes it, by hand: config.toml, metrics.jsonl, spectra, client.json.
+
+    ``scores``: (accuracy, held-out loss) per branch; ``settings``: more lines of config.toml's [federation]."""
     path.mkdir(parents=True)
     (path / "config.toml").write_text(
         'seed = 0\noutput = "x"\n[data]\ntrain = "../shared/data/dolly"\nclients = 4\n[lora]\nranks = [16]\n'
         '[federation]\nthresholds = "0.80,0.90,1.00"\nflorist_e_tolerance = 0.01\n'
-        f"rounds = {rounds}\n"
+        f"rounds = {rounds}\n{settings}"
     )
     base = {"heldout_loss": 2.5, **({"accuracy": 0.25, "micro_accuracy": 0.25, "n_questions": 400} if accuracy else {})}
     lines = [RoundRecord(0, "base", "base", None, [], {}, {}, base, {}, 0.0).to_dict()]
     for r in range(1, rounds + 1):
-        lines += [_record(r, branch, scores, accuracy) for branch, scores in SCORES.items()]
+        lines += [_record(r, branch, branch_scores, accuracy) for branch, branch_scores in scores.items()]
         if spectra:
             d = path / "rounds" / f"{r:03d}" / "florist@0.80"
             d.mkdir(parents=True)
@@ -236,11 +247,18 @@ def test_module_helpers():
     assert split_module("base_model.model.model.layers.12.self_attn.v_proj") == (12, "v_proj")
     assert split_module("lm_head") == (None, "lm_head")
     assert spectra_modules(MODULES) == [MODULES[0], MODULES[-2], MODULES[1], MODULES[-1]]
-    assert cut_taus([0.8 + 0.01 * i for i in range(21)]) == pytest.approx([0.80, 0.90, 0.95, 0.99, 1.00])
+    assert cut_values([0.8 + 0.01 * i for i in range(21)]) == pytest.approx([0.80, 0.85, 0.90, 0.95, 1.00])
+    assert cut_values([0.9, 0.5, 1.0]) == [0.5, 0.9, 1.0]
 
 
 def _row(tau, accuracy, loss, eff):
     return ResultRow("florist", tau, accuracy, loss, eff, 0.0, 0, 0, 0, 0, f"florist@{tau:.2f}")
+
+
+def _picks(rows, tolerance=0.01) -> dict[str, float]:
+    """The picks paper_table names among ``rows``, by label, as their tau."""
+    config = SimpleNamespace(federation=SimpleNamespace(florist_e_tolerance=tolerance))
+    return {r.label: r.threshold for r in paper_table(rows, config) if is_pick(r)}
 
 
 def test_picks_break_accuracy_ties_by_loss_and_trade_accuracy_for_download():
@@ -250,11 +268,123 @@ def test_picks_break_accuracy_ties_by_loss_and_trade_accuracy_for_download():
         _row(0.8, 0.295, 2.30, 9.0),
         _row(0.7, 0.25, 2.0, 20.0),
     ]
-    best, efficient = pick_florist(rows, tolerance=0.01)
-    assert best.threshold == 1.0  # tied on accuracy with 0.9, lower loss
-    assert efficient.threshold == 0.8  # within 0.01 of the best accuracy, the most Eff; 0.7 is too far off
+    # O: tied on accuracy with 0.9, lower loss; E: within 0.01 of the best accuracy, the most Eff (0.7 is too far off)
+    assert _picks(rows) == {"FLoRIST-O": 1.0, "FLoRIST-E": 0.8}
     no_questions = [
         _row(t, None, loss, eff) for t, _, loss, eff in [(1.0, 0, 2.1, 1.0), (0.9, 0, 2.105, 5.0), (0.8, 0, 2.5, 9.0)]
     ]
-    best, efficient = pick_florist(no_questions, tolerance=0.01)
-    assert (best.threshold, efficient.threshold) == (1.0, 0.9)  # on loss alone, lower is better
+    assert _picks(no_questions) == {"FLoRIST-O": 1.0, "FLoRIST-E": 0.9}  # on loss alone, lower is better
+
+
+def test_a_tolerance_the_picks_cannot_use_is_a_config_error(tmp_path):
+    run = make_run(tmp_path / "run")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("florist_e_tolerance = 0.01", 'florist_e_tolerance = "wide"'))
+    with pytest.raises(ReportError, match=re.escape(f"{config}: FLoRIST cannot pick rows under these settings")):
+        load_run(run)
+
+
+# --- a method the report knows from its declaration alone ------------------------------------------------------------
+
+
+def _positive_values(spec: str) -> tuple[list[float], str]:
+    values = [float(x) for x in spec.split(",")]
+    return (sorted(values), "") if all(v > 0 for v in values) else ([], "must hold positive values")
+
+
+class Sharpened(Method):
+    """Swept over ρ; its one pick is the best accuracy."""
+
+    name = "sharp"
+    display = "Sharp-LoRA"
+    order = 5  # between the baselines and FLoRIST
+    style = Style(marker="p", colour="#123456", colour_map="plasma")
+    sweep = Sweep("ρ", "federation.rho", _positive_values, "--rho", 2.0, "sharpness ρ")
+
+    def picks(self, rows, config):
+        own = [r for r in rows if r.method == self.name and r.accuracy is not None]
+        return [("Sharp-best", max(own, key=lambda r: r.accuracy))] if own else []
+
+    def describe_picks(self, config):
+        return f"Sharp-best (best ρ of {config.federation.rho})"
+
+
+class Plain(Method):
+    """No sweep; ordered before every built-in method."""
+
+    name = "plain"
+    display = "Plain-LoRA"
+    order = -1
+    style = Style(marker="s", colour="#abcdef")
+
+
+TEST_SCORES = {**SCORES, "plain": (0.29, 2.25), "sharp@2.00": (0.27, 2.30), "sharp@4.00": (0.32, 2.00)}
+
+
+@pytest.fixture
+def declared():
+    """The two test methods, registered for one test."""
+    methods = [register(Sharpened()), register(Plain())]
+    yield methods
+    for m in methods:
+        unregister(m.name)
+
+
+def _declared_run(path: Path, **kwargs) -> Path:
+    return make_run(path, scores=TEST_SCORES, settings='rho = "2.0,4.0"\n', **kwargs)
+
+
+def test_a_declared_method_takes_its_place_name_and_sweep_in_the_tables(tmp_path, declared):
+    report = write_report([_declared_run(tmp_path / "run")], plots=False).read_text()
+    rows = _table_rows(report, "### Results")
+    names = ["Plain-LoRA", "FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "Sharp-best", "FLoRIST-O", "FLoRIST-E"]
+    assert [r[0] for r in rows] == names
+    assert rows[5][1:3] == ["4.00", "**32.00**"]  # its pick, marked against the others
+    assert "| method | ρ / τ | accuracy (%) |" in report  # the value column is headed by both sweeps' parameters
+    sweep = _table_rows(report, "### Sharp-LoRA ρ sweep")
+    assert [r[:2] for r in sweep] == [["Sharp-LoRA", "4.00"], ["Sharp-LoRA", "2.00"]]
+    assert "- methods: ; ρ = 2.0,4.0; τ = 0.80,0.90,1.00" in report
+    assert "\nBaselines, then Sharp-best (best ρ of 2.0,4.0) and " in report  # in the method's own words
+    # the summary compares its pick with the best baseline, and Eff with the first method without a sweep
+    line = next(x for x in report.splitlines() if x.startswith("- accuracy: Sharp-best (ρ=4.00) 32"))
+    assert "vs best baseline FedIT 30" in line and "× Plain-LoRA's" in line
+
+
+def test_a_declared_method_is_drawn_in_its_style_and_its_sweep_by_value(tmp_path, declared):
+    run = load_run(_declared_run(tmp_path / "run"))
+    fig = plot_tradeoff(run)
+    panel = fig.axes[0]
+    points = {c.get_label(): c for c in panel.collections}
+    assert tuple(points["Plain-LoRA"].get_facecolor()[0]) == to_rgba("#abcdef")
+    swept = points["Sharp-LoRA (colour: ρ)"]
+    assert swept.get_cmap().name == "plasma" and sorted(swept.get_array()) == [2.0, 4.0]
+    assert {"Sharp-LoRA ρ", "FLoRIST τ"} <= {ax.get_ylabel() for ax in fig.axes}  # a colour bar per sweep
+    assert any(t.get_text() == "Sharp-best (ρ=4.00)" for t in panel.texts)  # its pick, ringed and labelled
+    titles = {ax.get_title() for ax in plot_ranks(run).axes}
+    assert {"Sharp-LoRA q_proj: rank kept", "FLoRIST q_proj: rank kept"} <= titles
+    assert "Sharp-best (ρ=4.00)" in round_series(run, "accuracy")
+
+
+def test_spectra_are_read_from_whichever_branch_saved_them(tmp_path, declared):
+    path = _declared_run(tmp_path / "run", spectra=False)
+    (path / "rounds" / "001" / "sharp@2.00").mkdir()
+    (path / "rounds" / "001" / "sharp@2.00" / "spectra.json").write_text(json.dumps({MODULES[0]: SPECTRUM}))
+    assert load_spectra(load_run(path)) == {MODULES[0]: SPECTRUM}
+
+
+def test_a_record_off_its_method_s_sweep_names_its_line(tmp_path, declared):
+    path = _declared_run(tmp_path / "run")
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    k = next(i for i, line in enumerate(lines) if '"sharp@2.00"' in line)
+    lines[k] = json.dumps({**json.loads(lines[k]), "threshold": -2.0})
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ReportError) as e:
+        load_run(path)
+    problem = "threshold -2.0 is not a Sharp-LoRA ρ: must hold positive values"
+    assert str(e.value) == f"{path / 'metrics.jsonl'}:{k + 1}: {problem}"
+
+
+def test_a_method_not_registered_follows_the_registered_baselines_by_its_key(tmp_path):
+    path = make_run(tmp_path / "run", scores={**SCORES, "mystery": (0.2, 2.6)})
+    names = [r[0] for r in _table_rows(write_report([path], plots=False).read_text(), "### Results")]
+    assert names == ["FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "mystery", "FLoRIST-O", "FLoRIST-E"]

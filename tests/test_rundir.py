@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 import florist.adapters as adapters
 import florist.run as run_module
+import florist.setup as run_setup
 from florist.adapters import AdapterError, read_adapter, write_adapter
 from florist.aggregation import ModuleAggregate
 from florist.cli import app
-from florist.config import load_config, parse_thresholds
+from florist.config import load_config
 from florist.files import WriteError, atomic_write_bytes
 from florist.models import tiny_llama
 from florist.rundir import RunDirectory, RunDirError
@@ -61,7 +62,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def tiny_model(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda name, dtype, device: tiny_llama(0))
+    monkeypatch.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
 
 
 def config_toml(output: Path, *overrides: str) -> str:
@@ -116,7 +117,7 @@ def metric_rounds(path: Path) -> list[int]:
 def finished(tmp_path_factory) -> Path:
     """A finished two-round run (FedIT, two clients); tests work on copies of it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "load_model", lambda name, dtype, device: tiny_llama(0))
+        mp.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
         return run(tmp_path_factory.mktemp("finished") / "run")
 
 
@@ -254,9 +255,9 @@ def test_a_run_that_fails_releases_the_directory(tmp_path, monkeypatch):
 
 TINY_CLI = """
 import sys
-import florist.run as run_module
+import florist.setup as run_setup
 from florist.models import tiny_llama
-run_module.load_model = lambda name, dtype, device: tiny_llama(0)
+run_setup.load_model = lambda name, dtype, device: tiny_llama(0)
 from florist.cli import app
 app(sys.argv[1:], prog_name="florist")
 """
@@ -419,7 +420,7 @@ def test_a_damaged_saved_adapter_stops_the_resume_naming_it(finished, tmp_path, 
         (saved / "adapter_config.json").write_text("{")
     rundir = RunDirectory(path, None)
     done = rundir.open(config_toml(path))
-    branches = make_branches(["fedit"], parse_thresholds("0.9"))
+    branches = make_branches(["fedit"])
     with pytest.raises(RunDirError) as refused:
         rundir.restore_history(branches, done, 2)
     message = str(refused.value)

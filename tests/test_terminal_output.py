@@ -21,9 +21,9 @@ from florist.results import ResultRow, TableColumn, fitted_table
 TINY_CLI = """
 import sys
 import florist.models as models
-import florist.run as run_module
+import florist.setup as run_setup
 tiny = lambda name=None, dtype="float32", device="cpu": models.tiny_llama(0)
-run_module.load_model = models.load_model = tiny
+run_setup.load_model = models.load_model = tiny
 from florist.cli import app
 app(sys.argv[1:], prog_name="florist")
 """
@@ -101,10 +101,11 @@ def test_a_log_gets_one_plain_line_per_client_trained_and_per_evaluation(runs):
     for client in (0, 1):
         tokenized = [line for line in lines if line.startswith(f"tokenizing client {client}:")]
         assert len(tokenized) == 1 and re.fullmatch(r"tokenizing client \d: 4/4 examples, \d+\.\d s", tokenized[0])
-        trained = [line for line in lines if line.startswith(f"round 1 client {client} (r=2):")]
+        trained = [line for line in lines if line.startswith(f"round 1 client {client} (shared, r=2):")]
         assert len(trained) == len(groups), lines
         assert all(
-            re.fullmatch(r"round 1 client \d \(r=2\): 1/1 steps, loss \d+\.\d{3}, \d+\.\d s", t) for t in trained
+            re.fullmatch(r"round 1 client \d \(shared, r=2\): 1/1 steps, loss \d+\.\d{3}, \d+\.\d s", t)
+            for t in trained
         )
     scored = [line for line in lines if " scored in " in line]
     assert len(scored) == 1 + 4, lines  # the base model and each branch: fedit, flora, two taus

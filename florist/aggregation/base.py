@@ -7,8 +7,7 @@ Everything here is pure tensors: no models, no files, no engine.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -94,22 +93,6 @@ class AggregationResult:
     @property
     def ranks(self) -> dict[str, int]:
         return {name: m.rank for name, m in self.modules.items()}
-
-
-class AggregationMethod(ABC):
-    """A server-side aggregation rule. A new method is one subclass in one file, registered in ``__init__``.
-
-    Class attributes describe what travels, for the communication accounting:
-    ``sends_a``: whether clients upload A and the server sends A down (False for FFA-LoRA,
-    whose A is frozen at a shared seeded init and never moves).
-    """
-
-    name: str = ""
-    sends_a: bool = True
-
-    @abstractmethod
-    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
-        """Combine validated updates; ``weights`` are non-negative and sum to 1."""
 
 
 @contextmanager

@@ -1,8 +1,7 @@
-"""FFA-LoRA: A is frozen at a shared seeded init on every client; only B trains and travels.
+"""FFA-LoRA's rule: A is frozen at one shared draw on every client; only B trains, and averaging B is exact.
 
-With A shared, sum_k w_k s_k B_k A = (sum_k w_k s_k B_k) A, so averaging B is exact.
-With heterogeneous ranks each client's A must be the leading rows of the shared A
-(the largest client's); B is zero-padded to match.
+With A shared, sum_k w_k s_k B_k A = (sum_k w_k s_k B_k) A. With heterogeneous ranks each client's A must be the
+leading rows of the shared A (the largest client's); B is zero-padded to match.
 """
 
 from __future__ import annotations
@@ -11,32 +10,20 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import (
-    AggregationError,
-    AggregationMethod,
-    AggregationResult,
-    ClientUpdate,
-    LoraFactors,
-    ModuleAggregate,
-    fold_scaling,
-    zero_pad,
-)
+from .base import Adapter, AggregationError, ClientUpdate, LoraFactors, ModuleAggregate, fold_scaling, zero_pad
 
 
-class FFALoRA(AggregationMethod):
-    name = "ffa"
-    sends_a = False
-
-    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
-        modules = {}
-        for name in updates[0].modules:
-            factors = [u.modules[name] for u in updates]
-            shared_A = most_common_a(factors)
-            check_shared_a(updates, name, shared_A)
-            r = shared_A.shape[0]
-            B = sum(w * zero_pad(fold_scaling(f), r, dim=1) for f, w in zip(factors, weights))
-            modules[name] = ModuleAggregate(A=shared_A, B=B)
-        return AggregationResult(self.name, modules, weights=list(weights))
+def average_b(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> Adapter:
+    """Per module, the shared A and the weighted mean of the clients' B (scaling folded in)."""
+    modules = {}
+    for name in updates[0].modules:
+        factors = [u.modules[name] for u in updates]
+        shared_A = most_common_a(factors)
+        check_shared_a(updates, name, shared_A)
+        r = shared_A.shape[0]
+        B = sum(w * zero_pad(fold_scaling(f), r, dim=1) for f, w in zip(factors, weights))
+        modules[name] = ModuleAggregate(A=shared_A, B=B)
+    return modules
 
 
 def most_common_a(factors: Sequence[LoraFactors]) -> torch.Tensor:
@@ -60,6 +47,4 @@ def check_shared_a(updates: Sequence[ClientUpdate], name: str, shared_A: torch.T
         A = u.modules[name].A
         if not torch.equal(A, shared_A[: A.shape[0]]):
             who = u.client_id or f"client {k}"
-            raise AggregationError(
-                f"{who}, module {name}: FFA-LoRA needs every client's frozen A to equal the shared A, but it differs"
-            )
+            raise AggregationError(f"{who}, module {name}: a shared frozen A is needed, but this client's A differs")

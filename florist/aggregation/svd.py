@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import ModuleAggregate
+
 
 def stacked_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``B @ A`` (B: m x R, A: R x n) without ever forming the m x n product.
@@ -56,3 +58,9 @@ def energy_rank(S: Tensor, threshold: float, rtol: float | None = None) -> int:
     energy = cumulative / cumulative[-1]
     p = int(torch.searchsorted(energy, torch.tensor([threshold], dtype=energy.dtype)).item()) + 1
     return min(p, r)
+
+
+def truncation(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> ModuleAggregate:
+    """The top-``rank`` components as a pair, singular values in B (B = U_r diag(S_r), A = V_r^T), with the whole
+    spectrum kept for reports. Copies, so the full U and Vh can be freed."""
+    return ModuleAggregate(A=Vh[:rank].clone(), B=U[:, :rank] * S[:rank], singular_values=S)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import warnings
 
 # typer 0.20 imports two click helpers that click 8.2 deprecates, a DeprecationWarning on every start under
-# PYTHONWARNINGS=default; the import is typer's (later typer releases carry their own click), not florist's.
+# PYTHONWARNINGS=default; the import is typer's (later typer releases carry their own click), not florist's. The
+# filter is set here, in the package, before any command module imports typer.
 warnings.filterwarnings(
     "ignore",
     message=r"'click\.utils\.get_(binary|text)_stream' is deprecated",
@@ -13,23 +14,15 @@ warnings.filterwarnings(
     module="typer",
 )
 
-import typer  # noqa: E402
-
-app = typer.Typer(
-    name="florist",
-    help="Federated LoRA fine-tuning of LLMs: FLoRIST and its baselines.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
 # Each module registers its command(s) on `app` when imported (one line per module, keep sorted).
 from . import aggregate as _aggregate  # noqa: E402,F401
 from . import data as _data  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import eval as _eval  # noqa: E402,F401
+from . import methods as _methods  # noqa: E402,F401
 from . import report as _report  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
+from .app import app  # noqa: E402
 
 
 def main() -> None:

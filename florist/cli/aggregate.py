@@ -11,14 +11,14 @@ from rich.console import Console
 from rich.text import Text
 
 from florist.adapters import AdapterError, AdapterInfo, check_output, read_adapter, write_adapter, write_adapters
-from florist.aggregation import METHODS, AggregationError, AggregationResult, ClientUpdate, aggregate, get_method
-from florist.cli import app
+from florist.aggregation import AggregationError, AggregationResult, ClientUpdate
+from florist.cli.app import app
 from florist.cli.errors import UserError, user_errors
 from florist.communication import RoundCommunication, round_communication
+from florist.methods import METHODS, Method, aggregate, format_value, get_method
 from florist.progress import track
-from florist.results import TableColumn, fitted_table
+from florist.tables import TableColumn, fitted_table
 
-DEFAULT_THRESHOLD = 0.9
 REPORT_NAME = "aggregation.json"
 BYTES_PER_PARAM = 4  # adapters are written in float32
 
@@ -40,7 +40,10 @@ def aggregate_command(
         None,
         "--threshold",
         "-t",
-        help=f"FLoRIST's energy threshold tau in (0, 1] (florist only; default {DEFAULT_THRESHOLD}).",
+        "--value",
+        help="The method's swept parameter, for a method that has one: "
+        + "; ".join(f"{m.name}: {m.sweep.help} (default {m.sweep.default:g})" for m in METHODS.values() if m.sweep)
+        + ".",
     ),
     weights: str | None = typer.Option(
         None, "--weights", "-w", help="Comma-separated client weights (e.g. example counts), normalised; default equal."
@@ -52,8 +55,8 @@ def aggregate_command(
     """Aggregate client LoRA adapters into the global update (FlexLoRA: one adapter per client)."""
     console = Console()
     with user_errors(AdapterError, AggregationError):
-        check_method(method)
-        tau = check_threshold(method, threshold)
+        chosen = check_method(method)
+        tau = check_value(chosen, threshold)
         client_weights = parse_weights(weights, clients)
         check_distinct(clients)
         if not output:
@@ -62,10 +65,9 @@ def aggregate_command(
         check_output_apart(out, clients)
         check_output(out, overwrite)
         updates, infos = read_clients(clients, console)
-        aggregation = get_method(method, DEFAULT_THRESHOLD if tau is None else tau)
         with console.status(f"aggregating {len(updates)} clients with {method}"):
-            result = aggregate(aggregation, updates, client_weights)
-        comm = round_communication(aggregation, updates, result, BYTES_PER_PARAM)
+            result = aggregate(chosen, updates, client_weights, tau)
+        comm = round_communication(chosen, 1, updates, result, BYTES_PER_PARAM)
         base_model = common_value(infos, "base_model", console)
         task_type = common_value(infos, "task_type", console)
         report = aggregation_report(method, tau, client_weights, clients, result, comm)
@@ -73,21 +75,25 @@ def aggregate_command(
     print_summary(console, method, tau, clients, result, comm, out)
 
 
-def check_method(method: str) -> None:
+def check_method(method: str) -> Method:
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return get_method(method)
 
 
-def check_threshold(method: str, threshold: float | None) -> float | None:
-    """tau for florist (default 0.9); refused for the other methods, where it would be silently ignored."""
-    if method != "florist":
-        if threshold is not None:
-            raise UserError(f"--threshold applies to --method florist only, not {method}")
+def check_value(method: Method, value: float | None) -> float | None:
+    """The swept parameter's value (its default when not given), checked by the method's own parser; refused for a
+    method without one, where it would be silently ignored."""
+    if method.sweep is None:
+        if value is not None:
+            swept = ", ".join(m.name for m in METHODS.values() if m.sweep)
+            raise UserError(f"--threshold applies to methods with a swept parameter ({swept}), not {method.name}")
         return None
-    tau = DEFAULT_THRESHOLD if threshold is None else threshold
-    if not (0.0 < tau <= 1.0):
-        raise UserError(f"--threshold must be in (0, 1], got {tau}")
-    return tau
+    value = method.sweep.default if value is None else value
+    _, problem = method.sweep.parse(format_value(value) if math.isfinite(value) else str(value))
+    if problem:
+        raise UserError(f"--threshold {value:g}: {method.name}'s {method.sweep.name} {problem}")
+    return value
 
 
 def parse_weights(text: str | None, clients: list[Path]) -> list[float] | None:
@@ -224,7 +230,8 @@ def print_summary(
     output: Path,
 ) -> None:
     ranks = [m.rank for k in range(len(clients)) for m in result.for_client(k).values()]
-    title = f"florist aggregate: {method}" + (f" (tau = {tau:g})" if tau is not None else "")
+    swept = get_method(method).sweep
+    title = f"florist aggregate: {method}" + (f" ({swept.name} = {tau:g})" if swept and tau is not None else "")
     rows = [
         ("clients", str(len(clients))),
         ("modules", str(len(result.modules))),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from . import app
+from .app import app
 from .errors import UserError, user_errors
 
 data_app = typer.Typer(help="Inspect instruction data and its split over clients.", no_args_is_help=True)

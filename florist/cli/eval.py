@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from ..adapters import AdapterError, check_finite, read_adapter
-from ..results import TableColumn, fitted_table
-from . import app
+from ..tables import TableColumn, fitted_table
+from .app import app
 from .errors import UserError, user_errors
 
 if TYPE_CHECKING:

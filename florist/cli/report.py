@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from . import app
+from .app import app
 from .errors import user_errors
 
 console = Console()
@@ -22,7 +22,7 @@ def report_command(
     title: str = typer.Option(None, help="the report's heading"),
     plots: bool = typer.Option(True, help="render the PNG plots (--no-plots: tables only, much faster)"),
 ) -> None:
-    """Results table in the paper's layout, quality against download, FLoRIST's ranks and spectra, rounds."""
+    """Results table in the paper's layout, quality against download, swept methods' ranks and spectra, rounds."""
     from ..report import ReportError, write_report
 
     with user_errors(ReportError):

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from . import app
+from .app import app
 from .errors import user_errors
 
 console = Console()
@@ -56,9 +56,10 @@ def run_command(
     from ..evaluation import EvalDataError
     from ..models import ModelLoadError
     from ..results import terminal_table
-    from ..run import results, run
+    from ..run import run
     from ..rundir import RunDirectory, RunDirError
     from ..server import RoundFailed
+    from ..setup import results
 
     errors = (ConfigError, DataError, EvalDataError, ModelLoadError, RunDirError, AdapterError, RoundFailed)
     with user_errors(*errors):

@@ -9,9 +9,7 @@ from __future__ import annotations
 from .builtin import builtin_heldout, builtin_heldout_answers, builtin_train
 from .instructions import (
     BUILTIN,
-    COLUMNS,
     DATASET_ALIASES,
-    IGNORE_INDEX,
     DataError,
     build_prompt,
     client_files,
@@ -22,12 +20,12 @@ from .instructions import (
     tokenize_dataset,
 )
 from .partition import SCHEMES, heterogeneity, load_clients, partition, summary_table
+from .schema import COLUMNS
 
 __all__ = [
     "BUILTIN",
     "COLUMNS",
     "DATASET_ALIASES",
-    "IGNORE_INDEX",
     "SCHEMES",
     "DataError",
     "build_prompt",

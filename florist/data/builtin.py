@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from .instructions import COLUMNS
+from .schema import COLUMNS
 
 LETTERS = "ABCD"
 

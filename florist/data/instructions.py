@@ -25,11 +25,11 @@ import datasets
 
 from ..progress import Counter, Steps, datasets_bars
 from ..reading import TABLE_FORMATS, parse_json, parse_json_lines, path_kind, read_table_file, read_text_file, reason
+from .builtin import builtin_train
+from .schema import COLUMNS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-COLUMNS = ("instruction", "input", "output", "category")
 
 DATASET_ALIASES: dict[str, str] = {
     "dolly": "databricks/databricks-dolly-15k",
@@ -56,8 +56,6 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 TEMPLATES = ("alpaca", "chat")
-
-IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and transformers' loss) skips
 
 
 class DataError(ValueError):
@@ -229,8 +227,6 @@ def load_instructions(spec: str, seed: int = 0) -> datasets.Dataset:
     ``seed`` only matters for ``builtin``, whose invented facts it draws (``builtin_heldout(seed)`` asks about them).
     """
     if spec == BUILTIN:
-        from .builtin import builtin_train
-
         return builtin_train(seed)
     path = Path(spec).expanduser()
     kind = path_kind(path, DataError)
@@ -285,10 +281,14 @@ def tokenize_dataset(
 
     As alpaca-lora (and so FLoRA/FLoRIST) does: prompt and response are tokenized together and cut at ``cutoff``
     tokens; EOS is appended when the text ends within the cutoff; with ``train_on_inputs=False`` the prompt tokens'
-    labels are -100, and rows left with no label to learn (a prompt longer than the cutoff) are dropped.
+    labels are -100 (``florist.jobs.LOSS_IGNORED``), and rows left with no label to learn (a prompt longer than the
+    cutoff) are dropped.
 
     ``progress``: a bar named ``description`` on a terminal, one line when done elsewhere (florist.progress).
     """
+    # Imported here: florist.jobs imports torch, which loading and splitting data need not wait for.
+    from ..jobs import LOSS_IGNORED
+
     if cutoff < 2:
         raise DataError(f"cutoff must be at least 2 tokens, got {cutoff}")
     missing = [c for c in ("instruction", "input", "output") if c not in ds.column_names]
@@ -328,13 +328,13 @@ def tokenize_dataset(
                 ids = [*ids, tokenizer.eos_token_id]
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
-            out["labels"].append([IGNORE_INDEX] * masked + ids[masked:])
+            out["labels"].append([LOSS_IGNORED] * masked + ids[masked:])
         return out
 
     with Steps(progress, transient=True) as steps, datasets_bars(False):  # the step's own bar, not datasets'
         step = steps.add(description, total=len(ds), unit="examples")
         tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, fn_kwargs={"count": Counter(step)})
         if not train_on_inputs:
-            tokenized = tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))
+            tokenized = tokenized.filter(lambda row: any(t != LOSS_IGNORED for t in row["labels"]))
         step.done(completed=len(ds))  # also when datasets found the map in its cache, and counted none
     return tokenized

@@ -19,7 +19,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Part
 from rich.table import Table
 
 from ..progress import datasets_bars
-from ..results import TableColumn, fitted_table
+from ..tables import TableColumn, fitted_table
 from .instructions import DataError, is_client_folder, load_client_folder, load_instructions
 
 SCHEMES = ("iid", "dirichlet", "shards")

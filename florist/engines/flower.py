@@ -1,47 +1,46 @@
-"""florist on Flower: the server side of the Message API, and the simulation engine behind ``--engine flower``.
+"""florist on Flower: the engine behind ``--engine flower`` and florist's ServerApp, over Flower's Message API.
 
-The loop stays florist's (``Federation.plan_round`` / ``finish_round``); Flower carries it:
+The loop is florist's (``Federation.run_round``, the same for every engine); Flower carries it:
 
 - ``NodeDirectory`` asks every SuperNode which client it is (its ``partition-id``) and how many examples it holds;
-- ``FloristStrategy.configure_train`` turns each training group's ``ClientJob``s into one message per client,
-  ``aggregate_train`` turns the replies back into ``ClientResult``s and calls ``Federation.finish_round``, which
-  aggregates with ``florist.aggregation``, scores every branch and writes the round to the run directory;
-- ``serve`` drives the rounds on a ``Grid``: the same code under the simulation engine and in a deployment.
+- ``FlowerEngine.train`` turns a round's ``ClientJob``s into one message per client, sends them all with
+  ``Grid.send_and_receive`` and reads every reply into a ``ClientReply``, saying for every job without one why;
+- ``serve_run`` is the body of every florist ServerApp: the same code under the simulation engine and in a
+  deployment (``florist.engines.flower_app``).
 
 Every round also appends to ``flower_traffic.jsonl`` in the run directory: per client, what went down and came
 up, counted from the arrays in the messages, and whether (and why not) the client replied.
+
+To use a florist aggregation rule inside a Flower app of your own, see ``florist.engines.flower_strategy``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
-from .. import run as run_module
 from ..config import RunConfig
-from ..models import load_model
-from ..progress import Steps
+from ..jobs import ClientJob, ClientReply, RoundReplies
 from ..reading import leading_records
 from ..rundir import RunDirectory, atomic_write_text
-from ..server import ClientResult, Federation, RoundFailed, TrainingGroup
+from ..server import RoundFailed
+from ..setup import build_federation, load_server_model
 from .flower_messages import (
     DESCRIBE,
     JOB,
     MAX_EXAMPLES,
     TRAIN,
     MessageError,
+    check_echo,
     downlink_bytes,
+    error_reason,
     job_content,
     read_description,
-    read_echo,
     read_update,
     uplink_bytes,
 )
@@ -51,40 +50,29 @@ TRAFFIC_FILE = "flower_traffic.jsonl"
 # Two cores are enough: one CPU per virtual SuperNode, as many SuperNodes at once as there are cores.
 SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
-POLL_SECONDS = 0.5
-MAX_REASON = 300  # characters of a SuperNode's error text kept in the log and the traffic record
+NO_REPLY = "no reply within the round's timeout"
+NO_NODE = "no SuperNode online for this client"
 
 
-# --- sending and receiving -------------------------------------------------------------------------------------------
+def answers(messages: Sequence[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """The first reply to each message, by the message's position; a second reply to one, or a reply to none of them,
+    answers nothing. Flower's grids give each message its id as they push it (``Grid.push_messages``)."""
+    position = {m.metadata.message_id: k for k, m in enumerate(messages) if m.metadata.message_id}
+    first: dict[int, Message] = {}
+    for reply in replies:
+        k = position.get(reply.metadata.reply_to_message_id)
+        if k is not None and k not in first:
+            first[k] = reply
+    return first
 
 
-def exchange(
-    grid: Grid, messages: Sequence[Message], timeout: float | None, what: str, progress: bool
-) -> list[Message]:
-    """Push ``messages`` and pull their replies until all arrived or ``timeout`` seconds passed (None: no limit).
-
-    Flower answers a message whose SuperNode went offline with an error reply, so a dead node ends the wait too.
-    """
-    ids = {i for i in grid.push_messages(messages) if i}
-    replies: list[Message] = []
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with Steps(progress) as steps:  # a bar on a terminal; elsewhere one line once the wait is over
-        step = steps.add(what, total=len(messages), unit="replies")
-        while ids and (deadline is None or time.monotonic() < deadline):
-            arrived = list(grid.pull_messages(ids))
-            replies += arrived
-            ids -= {m.metadata.reply_to_message_id for m in arrived}
-            step.update(completed=len(replies))
-            if ids:
-                time.sleep(POLL_SECONDS)
-        step.done()
-    return replies
-
-
-def error_reason(reply: Message) -> str:
-    """An error reply's reason, on one line and cut short: it is the SuperNode's text."""
-    reason = " ".join(str(reply.error.reason).split()) or f"error code {reply.error.code}"
-    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+def check_sender(reply: Message, sent: Message) -> None:
+    """Refuse an error reply (with its reason) and one from another SuperNode than the message went to."""
+    if reply.has_error():  # first: Flower itself answers for a node that went away, from another node id
+        raise MessageError(error_reason(reply))
+    sender, node = reply.metadata.src_node_id, sent.metadata.dst_node_id
+    if sender != node:
+        raise MessageError(f"the reply came from SuperNode {sender}, not from SuperNode {node}")
 
 
 # --- which SuperNode is which client ---------------------------------------------------------------------------------
@@ -106,17 +94,17 @@ class NodeDirectory:
         config_toml: str,
         num_clients: int,
         log: Callable[[str], None],
-        progress: bool = False,
         max_examples: int = MAX_EXAMPLES,
     ):
         self.grid, self.config_toml, self.num_clients = grid, config_toml, num_clients
-        self.log, self.progress, self.max_examples = log, progress, max_examples
+        self.log, self.max_examples = log, max_examples
         self.node_of: dict[int, int] = {}  # client -> node id
         self.sizes = [0] * num_clients  # examples per client, as its first node reported them
         self._described: set[int] = set()  # clients whose size is known
         self._refused: set[int] = set()
 
     def refresh(self, timeout: float | None = None) -> None:
+        """Forget the nodes that went offline and ask the new ones, waiting ``timeout`` s at most (None: no limit)."""
         online = set(self.grid.get_node_ids())
         for client, node in list(self.node_of.items()):
             if node not in online:
@@ -129,15 +117,18 @@ class NodeDirectory:
             Message(RecordDict({JOB: ConfigRecord({"config": self.config_toml})}), dst_node_id=n, message_type=DESCRIBE)
             for n in new
         ]
-        replies = exchange(self.grid, query, timeout, "asking SuperNodes which client they are", self.progress)
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in query if m.metadata.message_id}
+        replies = list(self.grid.send_and_receive(query, timeout=timeout))
+        position = {m.metadata.message_id: k for k, m in enumerate(query) if m.metadata.message_id}
+        answered: set[int] = set()
         for reply in replies:
-            node = asked.pop(reply.metadata.reply_to_message_id, None)
-            if node is None:  # a second reply to one question, or an answer to none asked
+            k = position.get(reply.metadata.reply_to_message_id)
+            if k is None or k in answered:  # a second reply to one question, or an answer to none asked
                 self.log(f"SuperNode {reply.metadata.src_node_id}: a reply to no open question is ignored")
                 continue
+            answered.add(k)
+            node = new[k]
             try:
-                client, size = self._description(reply, node)
+                client, size = self._description(reply, query[k])
             except MessageError as e:
                 self.log(f"SuperNode {node} is refused: {e}")
                 self._refused.add(node)
@@ -146,12 +137,9 @@ class NodeDirectory:
             self._described.add(client)
             self.log(f"client {client}: SuperNode {node}, {size} examples")
 
-    def _description(self, reply: Message, node: int) -> tuple[int, int]:
-        """The client ``node`` is and its example count, from its reply; ``MessageError`` if the run cannot use it."""
-        if reply.has_error():  # first: Flower itself answers for a node that went away, from another node id
-            raise MessageError(error_reason(reply))
-        if reply.metadata.src_node_id != node:
-            raise MessageError(f"the reply to its question came from SuperNode {reply.metadata.src_node_id}")
+    def _description(self, reply: Message, question: Message) -> tuple[int, int]:
+        """The client a node is and its example count, from its reply; ``MessageError`` if the run cannot use it."""
+        check_sender(reply, question)
         client, size = read_description(reply.content, "its description", self.num_clients, self.max_examples)
         if client in self.node_of:  # two online nodes for one client: the first keeps it
             raise MessageError(f"client {client} is SuperNode {self.node_of[client]}")
@@ -208,210 +196,98 @@ def _is_traffic_record(line) -> bool:
     return isinstance(line, dict) and isinstance(line.get("round"), int)
 
 
-# --- the strategy ----------------------------------------------------------------------------------------------------
+# --- the engine ------------------------------------------------------------------------------------------------------
 
 
-NO_REPLY = "no reply within the round's timeout"
-NO_NODE = "no SuperNode online for this client"
+class FlowerEngine:
+    """An ``Engine`` (``florist.server``) whose clients are Flower SuperNodes reached through a ``Grid``.
 
-
-@dataclass
-class _Sent:
-    """One training message and what became of it."""
-
-    group: str
-    index: int  # the job's position in its group
-    message: Message
-    down: dict
-    status: str = NO_REPLY
-    up: dict | None = None
-
-
-@dataclass
-class _Plan:
-    round: int
-    groups: list[TrainingGroup]
-    sent: list[_Sent] = field(default_factory=list)
-
-
-class FloristStrategy(Strategy):
-    """Flower's strategy interface over florist's loop: per-client payloads out, florist aggregation in.
-
-    ``configure_train`` plans the round (``Federation.plan_round``) and builds one message per client and training
-    group, each carrying that client's own start (rank, init adapter, frozen A) and merged base updates.
-    ``aggregate_train`` reads the replies in job order and hands them to ``Federation.finish_round``: below
-    ``federation.min_clients`` replies per group it raises ``RoundFailed`` and the round leaves nothing behind.
-    Evaluation is the server's (``finish_round`` scores every branch), so ``configure_evaluate`` sends nothing.
+    ``train`` first refreshes the node directory (new SuperNodes are asked which client they are, waiting up to
+    ``node_wait`` seconds; offline ones are forgotten), then sends one message per job (``job_content``: the
+    client's start, mode, init adapter, shared factors and merged base updates) with ``Grid.send_and_receive`` and
+    waits ``round_timeout`` seconds for the replies (None: until every message is answered, which Flower does with an
+    error for a SuperNode that stopped sending heartbeats). Each reply is read as untrusted: an error reply, one from
+    another node than the job went to, one whose echo of round, group and client is not the job's, one over
+    ``max_update_bytes`` or claiming another example count than its node described, and every malformed one
+    (``read_update``) is refused with its reason.
     """
 
     def __init__(
         self,
-        federation: Federation,
+        grid: Grid,
         nodes: NodeDirectory,
         config_toml: str,
+        *,
+        round_timeout: float | None = None,
+        node_wait: float | None = None,
+        max_update_bytes: int = 0,
         traffic: TrafficLog | None = None,
         log: Callable[[str], None] = print,
-        max_update_bytes: int = 0,
     ):
-        self.federation, self.nodes, self.config_toml = federation, nodes, config_toml
-        self.traffic, self.log, self.max_update_bytes = traffic, log, max_update_bytes
-        self._plan: _Plan | None = None
+        self.grid, self.nodes, self.config_toml = grid, nodes, config_toml
+        self.round_timeout, self.node_wait, self.max_update_bytes = round_timeout, node_wait, max_update_bytes
+        self.traffic, self.log = traffic, log
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        plan = _Plan(server_round, self.federation.plan_round(server_round))
-        for g in plan.groups:
-            sends_a = g.branches[0].method.sends_a
-            self.log(
-                f"round {server_round}: training {len(g.jobs)} clients for {', '.join(b.label for b in g.branches)}"
-            )
-            for index, job in enumerate(g.jobs):
-                node = self.nodes.node_of.get(job.client)
-                if node is None:
-                    self.log(f"round {server_round}: client {job.client} ({g.name}): {NO_NODE}")
-                    continue
-                content = job_content(job, server_round, g.name, sends_a, self.config_toml)
-                message = Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(server_round))
-                plan.sent.append(_Sent(g.name, index, message, downlink_bytes(content)))
-        self._plan = plan
-        return [s.message for s in plan.sent]
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        plan = self._plan
-        if plan is None or plan.round != server_round:
-            raise RuntimeError(f"round {server_round}: aggregate_train without configure_train")
-        by_id = {s.message.metadata.message_id: s for s in plan.sent}
-        jobs = {g.name: g.jobs for g in plan.groups}
-        results: dict[str, list[tuple[int, ClientResult]]] = {g.name: [] for g in plan.groups}
-        for reply in replies:
-            sent = by_id.pop(reply.metadata.reply_to_message_id, None)
-            if sent is None:
-                continue  # not a reply to this round's messages, or a second reply to one
-            job = jobs[sent.group][sent.index]
-            try:
-                if reply.has_error():  # first: Flower itself answers for a node that went away, from another id
-                    raise MessageError(error_reason(reply))
-                if reply.metadata.src_node_id != sent.message.metadata.dst_node_id:
-                    raise MessageError(
-                        f"the reply came from SuperNode {reply.metadata.src_node_id}, "
-                        f"not from SuperNode {sent.message.metadata.dst_node_id}"
-                    )
-                _check_echo(reply.content, server_round, sent.group, job.client)
-                result = read_update(reply.content, job, self.max_update_bytes, self.nodes.sizes[job.client])
-            except MessageError as e:
-                sent.status = f"error: {e}"
-                continue
-            results[sent.group].append((sent.index, result))
-            sent.status, sent.up = "replied", uplink_bytes(reply.content)
-        for s in plan.sent:
-            if s.status != "replied":
-                self.log(f"round {server_round}: client {jobs[s.group][s.index].client} ({s.group}): {s.status}")
+    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> RoundReplies:
+        """Every job of the round in one ``send_and_receive`` (a client with jobs in several training groups gets a
+        message for each), under one timeout: the round's."""
+        self.nodes.refresh(timeout=self.node_wait)
+        # per job, its line in the traffic record: the node it went to, what became of it, the bytes each way
+        seen = {
+            (job.group, job.client): {"client": job.client, "node": None, "status": NO_NODE, "down": None, "up": None}
+            for job in jobs
+        }
+        began = time.monotonic()
+        got = self._exchange(round_number, jobs, seen)
+        took = time.monotonic() - began
+        self.log(f"round {round_number}: {len(got)} of {len(jobs)} jobs answered in {took:.0f} s")
+        failures = {key: line["status"] for key, line in seen.items() if key not in got}
+        for (group, client), reason in failures.items():
+            self.log(f"round {round_number}: client {client} ({group}): {reason}")
         if self.traffic is not None:
-            self.traffic.append(self._traffic_lines(plan))
-        ordered = {name: [r for _, r in sorted(pairs, key=lambda p: p[0])] for name, pairs in results.items()}
-        failures = {g.name: {} for g in plan.groups}
-        for s in plan.sent:
-            if s.status != "replied":
-                failures[s.group][jobs[s.group][s.index].client] = s.status
-        self.federation.finish_round(server_round, plan.groups, ordered, failures)
-        self._plan = None
-        return None, MetricRecord({"messages-sent": len(plan.sent), "replies": sum(len(v) for v in ordered.values())})
-
-    @staticmethod
-    def _traffic_lines(plan: _Plan) -> list[dict]:
-        lines = []
-        for g in plan.groups:
-            sent = {s.index: s for s in plan.sent if s.group == g.name}
-            clients = []
-            for index, job in enumerate(g.jobs):
-                s = sent.get(index)
-                clients.append(
-                    {
-                        "client": job.client,
-                        "node": s.message.metadata.dst_node_id if s else None,
-                        "status": s.status if s else NO_NODE,
-                        "down": s.down if s else None,
-                        "up": s.up if s else None,
-                    }
-                )
-            lines.append(
-                {"round": plan.round, "group": g.name, "branches": [b.label for b in g.branches], "clients": clients}
+            groups = list(dict.fromkeys(job.group for job in jobs))
+            self.traffic.append(
+                [
+                    {"round": round_number, "group": g, "clients": [seen[(g, j.client)] for j in jobs if j.group == g]}
+                    for g in groups
+                ]
             )
-        return lines
+        return RoundReplies([got[key] for key in seen if key in got], failures)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        return []  # the server scores every branch itself, in Federation.finish_round
+    def _exchange(
+        self, round_number: int, jobs: Sequence[ClientJob], seen: dict[tuple[str, int], dict]
+    ) -> dict[tuple[str, int], ClientReply]:
+        """A message to every job's node, and the replies that pass every check, by (group, client); ``seen`` is
+        updated."""
+        sending, messages = [], []
+        for job in jobs:
+            node = self.nodes.node_of.get(job.client)
+            if node is None:
+                continue
+            content = job_content(job, round_number, self.config_toml)
+            messages.append(Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(round_number)))
+            sending.append(job)
+            seen[(job.group, job.client)].update(node=node, status=NO_REPLY, down=downlink_bytes(content))
+        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []
+        got: dict[tuple[str, int], ClientReply] = {}
+        for k, reply in answers(messages, replies).items():
+            job = sending[k]
+            key = (job.group, job.client)
+            try:
+                got[key] = self._read(round_number, job, reply, messages[k])
+            except MessageError as e:
+                seen[key]["status"] = f"error: {e}"
+                continue
+            seen[key].update(status="replied", up=uplink_bytes(reply.content))
+        return got
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
-
-    def summary(self) -> None:
-        self.log(
-            f"florist strategy: {', '.join(b.label for b in self.federation.branches)}; "
-            f"{len(self.nodes.node_of)} SuperNodes"
-        )
-
-
-def _check_echo(content: RecordDict, round_number: int, group: str, client: int) -> None:
-    """Refuse a reply whose echo of the job (round, training group, client) is not the job's."""
-    echo = read_echo(content)
-    if echo != (round_number, group, client):
-        raise MessageError(
-            f"reply for round {echo[0]} group {echo[1]!r:.60} client {echo[2]} answers the job for "
-            f"round {round_number} group {group!r} client {client}"
-        )
+    def _read(self, round_number: int, job: ClientJob, reply: Message, sent: Message) -> ClientReply:
+        check_sender(reply, sent)
+        check_echo(reply.content, round_number, job.group, job.client)
+        return read_update(reply.content, job, self.max_update_bytes, self.nodes.sizes[job.client])
 
 
 # --- the rounds ------------------------------------------------------------------------------------------------------
-
-
-def serve(
-    grid: Grid,
-    config: RunConfig,
-    done: int,
-    start_federation: Callable[[list[int]], Federation],
-    *,
-    traffic: TrafficLog | None,
-    round_timeout: float | None,
-    node_wait: float,
-    progress: bool,
-    log: Callable[[str], None],
-) -> None:
-    """Rounds ``done + 1`` .. ``config.federation.rounds`` on ``grid``: the body of every florist ServerApp.
-
-    ``start_federation(client_sizes)`` builds the loop once the SuperNodes have said how much data they hold.
-    """
-    config_toml = config.to_toml()
-    nodes = NodeDirectory(
-        grid,
-        config_toml,
-        config.data.clients,
-        log,
-        progress,
-        max_examples=config.data.max_examples_per_client or MAX_EXAMPLES,
-    )
-    nodes.wait(config.federation.min_clients, node_wait)
-    log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
-    strategy = FloristStrategy(
-        start_federation(nodes.sizes),
-        nodes,
-        config_toml,
-        traffic,
-        log,
-        max_update_bytes=config.federation.max_update_bytes,
-    )
-    strategy.summary()
-    for round_number in range(done + 1, config.federation.rounds + 1):
-        nodes.refresh(timeout=node_wait)
-        messages = strategy.configure_train(round_number, ArrayRecord(), ConfigRecord(), grid)
-        replies = exchange(grid, messages, round_timeout, f"round {round_number}: client updates", progress)
-        strategy.aggregate_train(round_number, replies)
-        log(f"round {round_number} finished and saved")
 
 
 def serve_run(
@@ -426,63 +302,29 @@ def serve_run(
     log: Callable[[str], None] = print,
     load_model: Callable | None = None,
 ) -> None:
-    """A florist ServerApp's work on ``grid`` for an opened run directory: the server's model, the rounds, the traffic.
+    """A florist ServerApp's work on ``grid`` for an opened run directory: rounds ``done + 1`` ..
+    ``config.federation.rounds``, each written to the run directory, and the traffic record.
 
-    ``load_model`` replaces ``florist.models.load_model`` for the server's copy of the model (same call).
+    The loop is built once the SuperNodes have said how much data they hold. ``load_model`` replaces
+    ``florist.models.load_model`` for the server's copy of the model (same call).
     """
-    server = run_module.load_server_model(config, log, load_model)
-
-    def start_federation(sizes: list[int]) -> Federation:
-        return run_module.build_federation(config, server, rundir, done, sizes, None, log, progress=progress)
-
-    serve(
+    server = load_server_model(config, log, load_model)
+    config_toml = config.to_toml()
+    max_examples = config.data.max_examples_per_client or MAX_EXAMPLES
+    nodes = NodeDirectory(grid, config_toml, config.data.clients, log, max_examples=max_examples)
+    nodes.wait(config.federation.min_clients, node_wait)
+    log("client sizes: " + ", ".join(str(n) for n in nodes.sizes))
+    engine = FlowerEngine(
         grid,
-        config,
-        done,
-        start_federation,
-        traffic=TrafficLog(rundir.path / TRAFFIC_FILE, done),
+        nodes,
+        config_toml,
         round_timeout=round_timeout,
         node_wait=node_wait,
-        progress=progress,
+        max_update_bytes=config.federation.max_update_bytes,
+        traffic=TrafficLog(rundir.path / TRAFFIC_FILE, done),
         log=log,
     )
-
-
-def run_simulation(
-    config: RunConfig,
-    rundir: RunDirectory,
-    done: int,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    backend_config: dict | None = None,
-) -> None:
-    """The rounds on Flower's simulation engine: one virtual SuperNode per client, each loading its own partition.
-
-    The server loads the base model to score the branches; each ClientApp loads the model (with
-    ``florist.models.load_model``, as this module names it when called) and its own client's data only.
-    """
-    from flwr.simulation import run_simulation as flower_run_simulation
-
-    from .flower_app import client_app
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context) -> None:
-        serve_run(
-            grid,
-            config,
-            rundir,
-            done,
-            round_timeout=config.federation.client_timeout or None,
-            progress=progress,
-            log=log,
-        )
-
-    log(f"starting Flower's simulation engine: {config.data.clients} SuperNodes")
-    flower_run_simulation(
-        app,
-        client_app(load_model),
-        num_supernodes=config.data.clients,
-        backend_config=copy.deepcopy(backend_config or SIMULATION_BACKEND),
-    )
+    federation = build_federation(config, server, rundir, done, nodes.sizes, engine, log, progress=progress)
+    for round_number in range(done + 1, config.federation.rounds + 1):
+        federation.run_round(round_number)
+        log(f"round {round_number} finished and saved")

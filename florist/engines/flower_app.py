@@ -6,7 +6,9 @@
 
 The ClientApp trains one client: the SuperNode's ``partition-id`` (node config) says which, and the node reads
 that client's data only. Every training message carries the run's config, so a ClientApp process needs nothing
-but the message and its node config; it keeps the model and its examples between messages.
+but the message, its node config and the node's state; it keeps the model and its examples between messages.
+The factors a client keeps between rounds (``ClientMode.keeps``) stay on its node, in Flower's ``context.state``,
+and never travel.
 
 The ServerApp reads from the run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 ``config`` (path of the florist TOML on the ServerApp's machine), ``overwrite`` (start the run directory
@@ -17,30 +19,35 @@ stopped sending heartbeats) and ``node-wait`` (seconds to wait for every client'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .. import models
 from ..base_weights import BaseWeights, adapted_module_names
 from ..config import ConfigError, RunConfig, config_from_toml, load_config
-from ..models import DEFAULT_MODEL
-from ..run import check_model_config, load_partition_examples, local_trainer, write_results
+from ..jobs import ClientStart, Factors
+from ..models import DEFAULT_MODEL, load_model
 from ..rundir import RunDirectory
-from .flower import serve_run
+from ..setup import check_model_config, load_partition_examples, local_trainer, write_results
+from .flower import SIMULATION_BACKEND, serve_run
 from .flower_messages import (
     MAX_INDEX,
     MessageError,
     as_bool,
     as_float,
     description_content,
+    factors_record,
     int_field,
     job_config,
+    module_names,
+    read_factors,
     read_job,
     str_field,
     update_content,
@@ -103,7 +110,7 @@ def node_client(context: Context, config: RunConfig) -> int:
 def _run_config(message: Message) -> RunConfig:
     """The run's config that a message carries."""
     toml = str_field(job_config(message.content), "config", "the message", MAX_CONFIG)
-    return config_from_toml(toml, "the run's config")
+    return config_from_toml(toml, "the run's config", client=True)
 
 
 def describe_node(message: Message, context: Context, loader: Callable) -> Message:
@@ -116,7 +123,7 @@ def describe_node(message: Message, context: Context, loader: Callable) -> Messa
 
 
 def train_job(message: Message, context: Context, loader: Callable) -> Message:
-    """Train this node's client on the job in ``message`` and reply with its LoRA factors."""
+    """Train this node's client on the job in ``message`` and reply with the factors its mode uploads."""
     job_record = job_config(message.content)
     config = _run_config(message)
     client = node_client(context, config)
@@ -125,13 +132,37 @@ def train_job(message: Message, context: Context, loader: Callable) -> Message:
         raise MessageError(f"this SuperNode holds client {client}'s data, not client {job.client}'s")
     node = _node_model(config, loader)
     examples = _node_examples(config, node.tokenizer, client, loader)
-    node.base.set_deltas(job.base_deltas)
-    try:
-        trainer = local_trainer(config, node.model, node.tokenizer)
-        update, log = trainer.train(examples, job.start, client_id=f"client {client}")
-    finally:
-        node.base.restore()
-    return Message(update_content(job_record, update, log), reply_to=message)
+    trainer = local_trainer(config, node.model, node.tokenizer)
+    with node.base.holding(job.base_deltas):
+        upload, log, kept = trainer.train(
+            examples, job.start, client_id=f"client {client}", kept=kept_factors(context.state, job.start)
+        )
+    keep_factors(context.state, job.start, kept)
+    return Message(update_content(job_record, upload, log), reply_to=message)
+
+
+# The factors a client keeps live in the node's ``context.state``, one ArrayRecord per name a job stores them under,
+# not in this process: a SuperNode of a deployment starts a fresh ClientApp process for every message (Flower
+# 1.41), and the simulation may hand a node's messages to any of its workers, but both keep each node's context
+# for the whole run and give it to every ClientApp call.
+KEPT_PREFIX = "florist.kept."
+
+
+def kept_factors(state: RecordDict, start: ClientStart) -> Factors | None:
+    """The factors this node's client kept under ``start.keep_from``, or None (a first round, or none kept)."""
+    if start.keep_from is None or KEPT_PREFIX + start.keep_from not in state.array_records:
+        return None
+    record = state.array_records[KEPT_PREFIX + start.keep_from]
+    where = "the factors this node kept"
+    return read_factors(record, module_names(record), start.mode.keeps, where, "the factors its mode keeps")
+
+
+def keep_factors(state: RecordDict, start: ClientStart, kept: Factors) -> None:
+    """Keep what training left to keep under every name of ``start.keep_as`` (the branches that go on from it)."""
+    if not start.mode.keeps:
+        return
+    for name in start.keep_as:
+        state[KEPT_PREFIX + name] = factors_record(kept)
 
 
 def _loader_key(loader: Callable) -> str:
@@ -226,3 +257,45 @@ def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Calla
 
 server = server_app()
 client = client_app()
+
+
+# --- the simulation ---------------------------------------------------------------------------------------------------
+
+
+def run_simulation(
+    config: RunConfig,
+    rundir: RunDirectory,
+    done: int,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    backend_config: dict | None = None,
+) -> None:
+    """The rounds on Flower's simulation engine: one virtual SuperNode per client, each loading its own partition.
+
+    The server loads the base model to score the branches; each ClientApp loads the model (with
+    ``florist.models.load_model``, as this module names it when called) and its own client's data only.
+    It lives here, beside the ClientApp it ships to the simulated SuperNodes.
+    """
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        serve_run(
+            grid,
+            config,
+            rundir,
+            done,
+            round_timeout=config.federation.client_timeout or None,
+            progress=progress,
+            log=log,
+        )
+
+    log(f"starting Flower's simulation engine: {config.data.clients} SuperNodes")
+    flower_run_simulation(
+        app,
+        client_app(load_model),
+        num_supernodes=config.data.clients,
+        backend_config=copy.deepcopy(backend_config or SIMULATION_BACKEND),
+    )

@@ -1,25 +1,29 @@
-"""Flower records <-> florist's jobs and client updates, and the bytes each message carries.
+"""Flower records <-> florist's jobs and client uploads, and the bytes each message carries.
 
 A ``query.describe`` message carries the run's config; the SuperNode answers with ``node`` (its partition-id,
 the client index, and its number of examples). A training message for one client holds:
 
-- ``job`` (ConfigRecord): round, training group, client index, its ``ClientStart`` scalars (rank, alpha,
-  seed), whether the method moves A (``sends-a``, False for FFA-LoRA), and the run's config as TOML;
+- ``job`` (ConfigRecord): round, training group, client index, its ``ClientStart`` scalars (rank, alpha, seed), its
+  ``ClientMode`` (``trains``, ``shared``, ``keeps``: lists of factor names; ``core``), the names its kept factors are
+  looked up under (``keep-from``, "" in a first round) and stored under (``keep-as``), and the run's config as TOML;
 - ``init`` (ArrayRecord): the global adapter the client's LoRA starts from (re-init scheme);
-- ``frozen-a`` (ArrayRecord): FFA-LoRA's shared frozen A;
+- ``shared`` (ArrayRecord): the frozen factors every client holds (``{module}.A`` and/or ``{module}.B``), cut to the
+  client's rank;
 - ``base-0``, ``base-1``, ... (ArrayRecords): the past global updates merged into the client's base (merge scheme).
 
-The reply holds ``update`` (ArrayRecord: each module's B, and A unless the method keeps A frozen) and
-``meta`` (ConfigRecord: example count, scalings, training log). Arrays travel as float32 numpy arrays,
-which Flower serialises with ``allow_pickle=False``: nothing is ever pickled.
+The reply holds ``update`` (ArrayRecord: ``{module}.{factor}`` for exactly the factors its mode uploads, of A, B
+and R, and no other array) and ``meta`` (ConfigRecord: the echo of round, group and client, the example count,
+scalings, training log). Arrays travel as float32 numpy arrays, which Flower serialises with ``allow_pickle=False``:
+nothing is ever pickled.
 
 A reply is untrusted, and a SuperNode reads its job no less carefully: every field of a record is read by one of the
 typed readers below (``int_field``, ``float_field``, ``str_field``, ``bool_field``, ``list_field``), which take a
 value only of the expected type and range (a bool is no integer, NaN no number, a list no longer than its bound)
 and otherwise raise a one-line ``MessageError`` naming the field; a message holding records it should not is refused
-too. ``read_update`` reads an array only after checking its header against its bytes (a header cannot make the
-server allocate more than was sent), and refuses a reply whose arrays hold more than ``max_bytes``. The factors it
-returns are then screened by the server (``florist.aggregation.screen_updates``).
+too, and so is a reply holding another factor than its mode uploads. ``read_update`` reads an array only after
+checking its header against its bytes (a header cannot make the server allocate more than was sent), and refuses a
+reply whose arrays hold more than ``max_bytes``. The upload it returns is then completed from what the server sent
+and screened (``florist.server.Federation.screen``).
 """
 
 from __future__ import annotations
@@ -31,23 +35,40 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from ..aggregation import ClientUpdate, LoraFactors, ModuleAggregate
-from ..base_weights import Delta
-from ..client import ClientStart, TrainingLog
-from ..server import ClientJob, ClientResult
+from ..aggregation import Adapter, LoraFactors, ModuleAggregate
+from ..jobs import (
+    FACTORS,
+    ClientJob,
+    ClientMode,
+    ClientReply,
+    ClientStart,
+    ClientUpload,
+    Factors,
+    TrainingLog,
+    leading,
+)
 
-JOB, INIT, FROZEN_A, UPDATE, META, NODE = "job", "init", "frozen-a", "update", "meta", "node"
+JOB, INIT, SHARED, UPDATE, META, NODE = "job", "init", "shared", "update", "meta", "node"
 BASE_PREFIX = "base-"
 T = TypeVar("T")
 
-TRAIN = "train"  # a ClientJob: train and reply with the update
+TRAIN = "train"  # a ClientJob: train and reply with the upload
 DESCRIBE = "query.describe"  # which client is this SuperNode, and how many examples does it hold
 
 
 class MessageError(ValueError):
     """A record that does not hold what a florist message must; the message names what is missing."""
+
+
+MAX_REASON = 300  # characters of a SuperNode's error text kept in the log and the traffic record
+
+
+def error_reason(reply: Message) -> str:
+    """An error reply's reason, on one line and cut short: it is the SuperNode's text."""
+    reason = " ".join(str(reply.error.reason).split()) or f"error code {reply.error.code}"
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 # --- fields of untrusted records -------------------------------------------------------------------------------------
@@ -58,11 +79,12 @@ MAX_EXAMPLES = 10**12  # the most examples a client may claim: far beyond any cl
 MAX_STEPS = 10**6  # optimizer steps (and losses) one reply may report: about eleven days at a step a second
 MAX_TOKENS = 10**15
 MAX_SECONDS = 10**9  # about 30 years: summed over any number of clients, still a finite float
+MAX_MODULES = 100_000  # adapted modules a reply may name: far beyond any model's linear layers
 MAX_TEXT = 1000  # characters of a name in a record: a module, a training group, a client id
 SHOWN = 40  # characters of a bad value that an error message shows
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A bad value as an error message shows it: short and on one line (repr escapes line breaks)."""
     if isinstance(value, (str, bytes, list, tuple)) and len(value) > SHOWN:
         return f"a {type(value).__name__} of length {len(value)}"
@@ -82,29 +104,29 @@ def field(record: Mapping, key: str, where: str) -> object:
 def as_int(value: object, what: str, lo: int, hi: int) -> int:
     """``value`` if it is an integer (not a bool) in ``[lo, hi]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageError(f"{what} is {_shown(value)}, not an integer")
+        raise MessageError(f"{what} is {shown(value)}, not an integer")
     if not lo <= value <= hi:
-        raise MessageError(f"{what} is {_shown(value)}, outside [{lo}, {hi}]")
+        raise MessageError(f"{what} is {shown(value)}, outside [{lo}, {hi}]")
     return int(value)
 
 
 def as_float(value: object, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     """``value`` as a float if it is a finite number (not a bool) in ``[lo, hi]``; an integer is taken as one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MessageError(f"{what} is {_shown(value)}, not a number")
+        raise MessageError(f"{what} is {shown(value)}, not a number")
     try:
         x = float(value)
     except OverflowError:  # an integer beyond float range
-        raise MessageError(f"{what} is {_shown(value)}, beyond float range") from None
+        raise MessageError(f"{what} is {shown(value)}, beyond float range") from None
     if not (math.isfinite(x) and lo <= x <= hi):
         bounds = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) or math.isfinite(hi) else ""
-        raise MessageError(f"{what} is {_shown(x)}, not a finite number{bounds}")
+        raise MessageError(f"{what} is {shown(x)}, not a finite number{bounds}")
     return x
 
 
 def as_str(value: object, what: str, max_len: int = MAX_TEXT) -> str:
     if not isinstance(value, str):
-        raise MessageError(f"{what} is {_shown(value)}, not a string")
+        raise MessageError(f"{what} is {shown(value)}, not a string")
     if len(value) > max_len:
         raise MessageError(f"{what} is a string of {len(value)} characters, over {max_len}")
     return str(value)
@@ -112,14 +134,14 @@ def as_str(value: object, what: str, max_len: int = MAX_TEXT) -> str:
 
 def as_bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise MessageError(f"{what} is {_shown(value)}, not true or false")
+        raise MessageError(f"{what} is {shown(value)}, not true or false")
     return bool(value)
 
 
 def as_list(value: object, what: str, item: Callable[[object, str], T], max_len: int) -> list[T]:
     """``value``'s items, each read by ``item(x, name)``, if it is a list of at most ``max_len`` items."""
     if not isinstance(value, (list, tuple)):
-        raise MessageError(f"{what} is {_shown(value)}, not a list")
+        raise MessageError(f"{what} is {shown(value)}, not a list")
     if len(value) > max_len:
         raise MessageError(f"{what} has {len(value)} items, over {max_len}")
     return [item(x, f"{what}[{i}]") for i, x in enumerate(value)]
@@ -148,9 +170,9 @@ def list_field(record: Mapping, key: str, where: str, item: Callable[[object, st
 def only_records(content: RecordDict, where: str, configs: Collection[str] = (), arrays: Collection[str] = ()) -> None:
     """Refuse a message holding any record but the config records ``configs`` and array records ``arrays``."""
     extra = (
-        [f"config record {_shown(k)}" for k in content.config_records if k not in configs]
-        + [f"array record {_shown(k)}" for k in content.array_records if k not in arrays]
-        + [f"metric record {_shown(k)}" for k in content.metric_records]
+        [f"config record {shown(k)}" for k in content.config_records if k not in configs]
+        + [f"array record {shown(k)}" for k in content.array_records if k not in arrays]
+        + [f"metric record {shown(k)}" for k in content.metric_records]
     )
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
@@ -168,7 +190,7 @@ def _tensor(a: Array) -> torch.Tensor:
     return torch.from_numpy(a.numpy().copy())
 
 
-def _checked_tensor(a: object, where: str) -> torch.Tensor:
+def checked_tensor(a: object, where: str) -> torch.Tensor:
     """An untrusted array: a floating point .npy whose header's shape accounts for exactly the bytes sent."""
     data = getattr(a, "data", None)
     if not isinstance(a, Array) or not isinstance(data, bytes):
@@ -199,37 +221,50 @@ def arrays_bytes(content: RecordDict) -> int:
     )
 
 
-def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors], with_a: bool = True) -> ArrayRecord:
-    """``{module}.B`` (and ``{module}.A``) for every module, float32, in the adapter's module order."""
+def adapter_record(adapter: Mapping[str, ModuleAggregate | LoraFactors]) -> ArrayRecord:
+    """``{module}.A`` and ``{module}.B`` for every module, float32, in the adapter's module order."""
     record = ArrayRecord()
     for name, m in adapter.items():
-        if with_a:
-            record[f"{name}.A"] = _array(m.A)
+        record[f"{name}.A"] = _array(m.A)
         record[f"{name}.B"] = _array(m.B)
     return record
+
+
+def factors_record(factors: Factors) -> ArrayRecord:
+    """``{module}.{factor}`` for every factor of every module, float32."""
+    return ArrayRecord({f"{name}.{f}": _array(t) for name, held in factors.items() for f, t in sorted(held.items())})
 
 
 def _factor(record: ArrayRecord, name: str, factor: str, where: str, checked: bool = False) -> torch.Tensor:
     key = f"{name}.{factor}"
     if key not in record:
-        raise MessageError(f"{where}: no array {_shown(key)}")
-    return _checked_tensor(record[key], f"{where}, array {_shown(key)}") if checked else _tensor(record[key])
+        raise MessageError(f"{where}: no array {shown(key)}")
+    return checked_tensor(record[key], f"{where}, array {shown(key)}") if checked else _tensor(record[key])
 
 
-def _module_names(record: ArrayRecord) -> list[str]:
+def module_names(record: ArrayRecord) -> list[str]:
+    """The modules an adapter or factors record holds arrays of (``{module}.{factor}``), in its order."""
     return list(dict.fromkeys(key.rsplit(".", 1)[0] for key in record))
 
 
-def read_adapter(record: ArrayRecord, where: str) -> Delta:
+def read_adapter(record: ArrayRecord, where: str) -> Adapter:
     return {
         n: ModuleAggregate(A=_factor(record, n, "A", where, True), B=_factor(record, n, "B", where, True))
-        for n in _module_names(record)
+        for n in module_names(record)
     }
 
 
-def frozen_a_record(frozen_a: Mapping[str, torch.Tensor], rank: int) -> ArrayRecord:
-    """The rows of FFA-LoRA's shared A that a client of ``rank`` uses (the leading ones)."""
-    return ArrayRecord({name: _array(a[:rank]) for name, a in frozen_a.items()})
+def read_factors(
+    record: ArrayRecord, names: Collection[str], factors: Collection[str], where: str, what: str, checked: bool = True
+) -> Factors:
+    """Exactly ``factors`` of every module in ``names``; an array of any other name is refused (``what`` says which
+    factors were expected, for the error)."""
+    expected = {f"{n}.{f}" for n in names for f in factors}
+    extra = [key for key in record if key not in expected]
+    if extra:
+        listed = ", ".join(sorted(factors)) or "none"
+        raise MessageError(f"{where}: array {shown(extra[0])} is none of {what} ({listed} per module)")
+    return {n: {f: _factor(record, n, f, where, checked) for f in sorted(factors)} for n in names}
 
 
 def payload_bytes(record: ArrayRecord, keys=None) -> int:
@@ -265,7 +300,7 @@ def read_description(
     node = content.config_records[NODE]
     extra = [k for k in node if k not in ("partition-id", "num-examples")]
     if extra:
-        raise MessageError(f"{where}: an unexpected field {_shown(extra[0])}")
+        raise MessageError(f"{where}: an unexpected field {shown(extra[0])}")
     return (
         int_field(node, "partition-id", where, 0, num_clients - 1),
         int_field(node, "num-examples", where, 0, max_examples),
@@ -274,20 +309,28 @@ def read_description(
 
 # --- the job (server -> client) --------------------------------------------------------------------------------------
 
+MAX_KEEP_NAMES = 10_000  # branches a client's kept factors may go on under: far beyond any run's
 
-def job_content(job: ClientJob, round_number: int, group: str, sends_a: bool, config_toml: str) -> RecordDict:
-    start = job.start
+
+def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDict:
+    """The training message for ``job``: its start, its mode, the arrays it starts from, and the run's config."""
+    start, mode = job.start, job.start.mode
     content = RecordDict(
         {
             JOB: ConfigRecord(
                 {
                     "round": round_number,
-                    "group": group,
+                    "group": job.group,
                     "client": job.client,
                     "rank": start.rank,
                     "alpha": float(start.alpha),
                     "seed": start.seed,
-                    "sends-a": sends_a,
+                    "trains": sorted(mode.trains),
+                    "shared": sorted(mode.shared),
+                    "keeps": sorted(mode.keeps),
+                    "core": mode.core,
+                    "keep-from": start.keep_from or "",
+                    "keep-as": list(start.keep_as),
                     "base-deltas": len(job.base_deltas),
                     "config": config_toml,
                 }
@@ -296,8 +339,10 @@ def job_content(job: ClientJob, round_number: int, group: str, sends_a: bool, co
     )
     if start.init is not None:
         content[INIT] = adapter_record(start.init)
-    if start.frozen_a is not None:
-        content[FROZEN_A] = frozen_a_record(start.frozen_a, start.rank)
+    if start.shared is not None:
+        content[SHARED] = factors_record(
+            {n: {f: leading(f, t, start.rank) for f, t in held.items()} for n, held in start.shared.items()}
+        )
     for i, delta in enumerate(job.base_deltas):
         content[f"{BASE_PREFIX}{i}"] = adapter_record(delta)
     return content
@@ -309,55 +354,81 @@ def job_config(content: RecordDict) -> ConfigRecord:
     return content.config_records[JOB]
 
 
+def _as_factor(value: object, what: str) -> str:
+    name = as_str(value, what, max_len=1)
+    if name not in FACTORS:
+        raise MessageError(f"{what} is {shown(name)}, not one of {', '.join(FACTORS)}")
+    return name
+
+
+def read_mode(job: ConfigRecord, where: str) -> ClientMode:
+    """The ``ClientMode`` a job record names; one that ``ClientMode`` itself refuses is a ``MessageError`` too."""
+    lists = {
+        key: list_field(job, key, where, _as_factor, max_len=len(FACTORS)) for key in ("trains", "shared", "keeps")
+    }
+    core = bool_field(job, "core", where)
+    try:
+        return ClientMode(trains=lists["trains"], shared=lists["shared"], keeps=lists["keeps"], core=core)
+    except ValueError as e:
+        raise MessageError(f"{where}: {e}") from None
+
+
 def read_job(content: RecordDict) -> ClientJob:
     """The ``ClientJob`` a training message describes (the config TOML stays in ``job_config(content)``)."""
     job = job_config(content)
     client = int_field(job, "client", "the training job", 0, MAX_INDEX)
     where = f"round {int_field(job, 'round', 'the training job', 1, MAX_INDEX)} client {client}'s job"
+    mode = read_mode(job, where)
     arrays = content.array_records
-    init = read_adapter(arrays[INIT], f"{where}, init") if INIT in arrays else None
-    frozen_a = (
-        {n: _checked_tensor(a, f"{where}, frozen A {_shown(n)}") for n, a in arrays[FROZEN_A].items()}
-        if FROZEN_A in arrays
+    merged = [f"{BASE_PREFIX}{i}" for i in range(int_field(job, "base-deltas", where, 0, len(arrays)))]
+    only_records(content, where, configs=[JOB], arrays=[INIT, *([SHARED] if mode.shared else []), *merged])
+    if mode.shared and SHARED not in arrays:
+        raise MessageError(f"{where}: no array record {SHARED!r} for the factors its mode shares")
+    shared = (
+        read_factors(arrays[SHARED], module_names(arrays[SHARED]), mode.shared, where, "the factors its mode shares")
+        if mode.shared
         else None
     )
     deltas = []
-    for i in range(int_field(job, "base-deltas", where, 0, len(arrays))):
-        if f"{BASE_PREFIX}{i}" not in arrays:
-            raise MessageError(f"{where}: no array record '{BASE_PREFIX}{i}'")
-        deltas.append(read_adapter(arrays[f"{BASE_PREFIX}{i}"], f"{where}, base delta {i}"))
+    for name in merged:
+        if name not in arrays:
+            raise MessageError(f"{where}: no array record {name!r}")
+        deltas.append(read_adapter(arrays[name], f"{where}, {name}"))
+    keep_from = str_field(job, "keep-from", where)
     start = ClientStart(
         rank=int_field(job, "rank", where, 1, MAX_INDEX),
         alpha=float_field(job, "alpha", where, 0.0),
         seed=int_field(job, "seed", where, *INT64),
-        init=init,
-        frozen_a=frozen_a,
+        mode=mode,
+        init=read_adapter(arrays[INIT], f"{where}, init") if INIT in arrays else None,
+        shared=shared,
+        keep_from=keep_from or None,
+        keep_as=tuple(list_field(job, "keep-as", where, as_str, max_len=MAX_KEEP_NAMES)),
     )
-    return ClientJob(client, start, tuple(deltas))
+    return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
 
 
-# --- the update (client -> server) -----------------------------------------------------------------------------------
+# --- the upload (client -> server) -----------------------------------------------------------------------------------
 
 
-def update_content(job: ConfigRecord, update: ClientUpdate, log: TrainingLog) -> RecordDict:
-    """The client's factors (B only when the method keeps A frozen), scalings and training log, echoing the job."""
-    names, where = list(update.modules), "the training job"
+def update_content(job: ConfigRecord, upload: ClientUpload, log: TrainingLog) -> RecordDict:
+    """The client's uploaded factors, scalings, example count and training log, echoing the job."""
+    names, where = list(upload.factors), "the training job"
     meta = ConfigRecord(
         {
             "round": int_field(job, "round", where, 1, MAX_INDEX),
             "group": str_field(job, "group", where),
             "client": int_field(job, "client", where, 0, MAX_INDEX),
-            "client-id": update.client_id,
-            "num-examples": update.num_examples,
+            "num-examples": upload.num_examples,
             "modules": names,
-            "scalings": [float(update.modules[n].scaling) for n in names],
+            "scalings": [float(upload.scalings[n]) for n in names],
             "steps": log.steps,
             "tokens": log.tokens,
             "losses": [float(x) for x in log.losses],
             "seconds": float(log.seconds),
         }
     )
-    return RecordDict({UPDATE: adapter_record(update.modules, with_a=bool_field(job, "sends-a", where)), META: meta})
+    return RecordDict({UPDATE: factors_record(upload.factors), META: meta})
 
 
 def read_echo(content: RecordDict) -> tuple[int, str, int]:
@@ -372,13 +443,24 @@ def read_echo(content: RecordDict) -> tuple[int, str, int]:
     )
 
 
+def check_echo(content: RecordDict, round_number: int, group: str, client: int) -> None:
+    """Refuse a reply whose echo of the job (round, training group, client) is not the job's."""
+    echo = read_echo(content)
+    if echo != (round_number, group, client):
+        raise MessageError(
+            f"reply for round {echo[0]} group {echo[1]!r:.60} client {echo[2]} answers the job for "
+            f"round {round_number} group {group!r} client {client}"
+        )
+
+
 def read_update(
     content: RecordDict, job: ClientJob, max_bytes: int = 0, num_examples: int | None = None
-) -> ClientResult:
-    """The client's result; under FFA-LoRA its A is the frozen one the server sent (the client keeps it fixed).
+) -> ClientReply:
+    """The client's reply to ``job``: exactly the factors its mode uploads (``job.start.mode.uploads``), per module.
 
-    Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit)
-    and, when ``num_examples`` is given (what the client's SuperNode said it holds), one that claims another count.
+    Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit),
+    one holding a factor its mode does not upload (a forged shared A, a kept factor) or lacking one it does, and,
+    when ``num_examples`` is given (what the client's SuperNode said it holds), one that claims another count.
     """
     where = f"client {job.client}'s update"
     if UPDATE not in content.array_records or META not in content.config_records:
@@ -388,35 +470,24 @@ def read_update(
         raise MessageError(f"{where}: its arrays hold {size} bytes, over federation.max_update_bytes={max_bytes}")
     only_records(content, where, configs=[META], arrays=[UPDATE])
     record, meta = content.array_records[UPDATE], content.config_records[META]
-    # a module needs at least its B: no reply names more modules than it holds arrays
-    names = list_field(meta, "modules", where, as_str, max_len=len(record))
-    scalings = list_field(meta, "scalings", where, as_float, max_len=len(record))
+    uploads = job.start.mode.uploads
+    names = list_field(meta, "modules", where, as_str, max_len=MAX_MODULES)
+    scalings = list_field(meta, "scalings", where, as_float, max_len=MAX_MODULES)
     if len(names) != len(scalings) or len(set(names)) != len(names):
         raise MessageError(f"{where}: {len(names)} module names (some repeated?) for {len(scalings)} scalings")
-    frozen = job.start.frozen_a
-    modules = {}
-    for name, scaling in zip(names, scalings):
-        B = _factor(record, name, "B", where, checked=True)
-        if frozen is not None:  # the method keeps A fixed: the server's A, whatever the reply holds
-            if name not in frozen:
-                raise MessageError(f"{where}: module {_shown(name)} has no frozen A")
-            A = frozen[name][: job.start.rank].to(torch.float32).clone()
-        else:
-            A = _factor(record, name, "A", where, checked=True)
-        modules[name] = LoraFactors(A=A, B=B, scaling=scaling)
+    factors = read_factors(record, names, uploads, where, "the factors its mode uploads")
     examples = int_field(meta, "num-examples", where, 0, MAX_EXAMPLES)
     if num_examples is not None and examples != num_examples:
         raise MessageError(f"{where}: num-examples is {examples}, but its SuperNode said it holds {num_examples}")
-    update = ClientUpdate(modules, num_examples=examples, client_id=str_field(meta, "client-id", where))
-    steps = int_field(meta, "steps", where, 0, MAX_STEPS)
     losses = list_field(meta, "losses", where, lambda x, what: as_float(x, what, 0.0), max_len=MAX_STEPS)
     log = TrainingLog(
-        steps=steps,
+        steps=int_field(meta, "steps", where, 0, MAX_STEPS),
         tokens=int_field(meta, "tokens", where, 0, MAX_TOKENS),
         losses=losses,
         seconds=float_field(meta, "seconds", where, 0.0, MAX_SECONDS),
     )
-    return ClientResult(job.client, update, log)
+    upload = ClientUpload(factors, dict(zip(names, scalings)), num_examples=examples)
+    return ClientReply(job.client, upload, log, job.group)
 
 
 # --- traffic ---------------------------------------------------------------------------------------------------------
@@ -426,23 +497,32 @@ def downlink_bytes(content: RecordDict) -> dict[str, int]:
     """What a training message carries, by purpose, counted from its arrays.
 
     ``adapter``: the newest global adapter for this client (the init, or the last merged update), counted as
-    ``florist.communication`` counts a download: B, and A only where the method moves A.
-    ``resent_state``: what a stateful client would already hold: the older merged updates, and the A of the
-    newest adapter when the method keeps A frozen (the client was sent it as ``frozen-a`` a round earlier).
-    ``frozen_a``: FFA-LoRA's shared A for this round (one seed would do in a deployment that derives it locally).
+    ``florist.communication`` counts the download of a method that sends its clients the factors they upload
+    (``Method.downloads``' default): the factors of this job's ``mode.uploads``, a core R as rank² numbers.
+    ``resent_state``: what a stateful client would already hold: the older merged updates, and the factors of the
+    newest adapter that its mode does not upload. ``shared``: the round's shared frozen factors (one seed would do
+    in a deployment that draws them on the client).
     """
     job = job_config(content)
     arrays = content.array_records
-    sends_a = bool(job["sends-a"])
+    uploads = read_mode(job, "the training job").uploads
     merged = [f"{BASE_PREFIX}{i}" for i in range(int(job["base-deltas"]))]
     newest = INIT if INIT in arrays else (merged[-1] if merged else None)
-    adapter = 0
-    if newest is not None:
-        record = arrays[newest]
-        adapter = payload_bytes(record, [k for k in record if k.endswith(".B") or sends_a])
+    adapter = _download_bytes(arrays[newest], uploads) if newest is not None else 0
     total = sum(payload_bytes(r) for r in arrays.values())
-    frozen = payload_bytes(arrays[FROZEN_A]) if FROZEN_A in arrays else 0
-    return {"adapter": adapter, "resent_state": total - adapter - frozen, "frozen_a": frozen, "total": total}
+    shared = payload_bytes(arrays[SHARED]) if SHARED in arrays else 0
+    return {"adapter": adapter, "resent_state": total - adapter - shared, "shared": shared, "total": total}
+
+
+def _download_bytes(record: ArrayRecord, factors: frozenset[str]) -> int:
+    """The named factors of an adapter record, as ``florist.communication.factor_params`` counts them, in bytes."""
+    total = 0
+    for name in module_names(record):
+        a, b = record[f"{name}.A"], record[f"{name}.B"]
+        itemsize = np.dtype(a.dtype).itemsize
+        sizes = {"A": _data_bytes(a), "B": _data_bytes(b), "R": int(a.shape[0]) ** 2 * itemsize}
+        total += sum(sizes[f] for f in factors)
+    return total
 
 
 def uplink_bytes(content: RecordDict) -> dict[str, int]:

@@ -1,5 +1,9 @@
 """The in-process simulator: every client trains in turn on the one shared base model.
 
+It is an ``Engine`` of ``florist.server``: it trains a round's jobs and returns their replies, and for each client
+it could not train, why. Factors a client keeps between rounds (``ClientMode.keeps``) stay here, on the client side:
+what reaches the server is only the upload.
+
 A client whose training raises is left out of the round (the server decides whether enough remain). With a
 ``client_timeout``, a client still training after that many seconds is stopped at its next optimizer step and
 left out too: clients share this process, so the limit is checked between steps and cannot cut a step short.
@@ -12,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 from ..base_weights import BaseWeights
 from ..client import LocalTrainer
+from ..jobs import ClientJob, ClientReply, KeptFactors, RoundReplies
 from ..progress import Step, Steps, log_to_stderr
-from ..server import ClientJob, ClientResult
 
 
 class ClientTimeout(RuntimeError):
@@ -33,24 +37,26 @@ class InProcessEngine:
     ):
         self.base, self.trainer, self.client_examples = base, trainer, client_examples
         self.progress, self.client_timeout, self.log = progress, client_timeout, log
-        self.failures: dict[int, str] = {}  # the latest round's clients left out, and why
+        self.kept = KeptFactors()
 
-    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> list[ClientResult]:
-        results, self.failures = [], {}
+    def train(self, round_number: int, jobs: Sequence[ClientJob]) -> RoundReplies:
+        replies = RoundReplies()
         # a bar per client on a terminal; elsewhere a line per client trained: steps, last loss, seconds
         with Steps(self.progress, remaining=True) as steps:
             for job in jobs:
-                step = steps.add(f"round {round_number} client {job.client} (r={job.start.rank})", unit="steps")
+                label = f"round {round_number} client {job.client} ({job.group}, r={job.start.rank})"
+                step = steps.add(label, unit="steps")
                 try:
-                    results.append(self._train_one(job, step))
+                    replies.replies.append(self._train_one(job, step))
                     step.done()
                 except Exception as e:  # a client's failure is its own: the round goes on without it
-                    self.failures[job.client] = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                    self.log(f"round {round_number}: client {job.client} failed: {self.failures[job.client]}")
+                    why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                    replies.failures[(job.group, job.client)] = why
+                    self.log(f"round {round_number}: client {job.client} ({job.group}) failed: {why}")
         self.base.restore()
-        return results
+        return replies
 
-    def _train_one(self, job: ClientJob, progress: Step) -> ClientResult:
+    def _train_one(self, job: ClientJob, progress: Step) -> ClientReply:
         began = time.monotonic()
 
         def on_step(step, total, loss):
@@ -59,7 +65,12 @@ class InProcessEngine:
                 raise ClientTimeout(f"still training after {self.client_timeout:g} s (step {step} of {total})")
 
         self.base.set_deltas(job.base_deltas)
-        update, log = self.trainer.train(
-            self.client_examples[job.client], job.start, client_id=f"client {job.client}", on_step=on_step
+        upload, log, kept = self.trainer.train(
+            self.client_examples[job.client],
+            job.start,
+            client_id=f"client {job.client}",
+            on_step=on_step,
+            kept=self.kept.get(job.client, job.start),
         )
-        return ClientResult(job.client, update, log)
+        self.kept.put(job.client, job.start, kept)
+        return ClientReply(job.client, upload, log, job.group)

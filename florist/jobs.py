@@ -1,0 +1,240 @@
+"""What the server and a client say to each other: a client's mode and start, its job, what it uploads, its result.
+
+Both the server loop and the local trainer import this module, and both engines carry its types: the in-process
+simulator by reference, the Flower engine as records (``florist.engines.flower_messages``).
+
+A LoRA pair stands for the update ``s·B·A``; a method may put a small r × r matrix R between the two (the
+update is then ``s·B·R·A``). A ``ClientMode`` says, for one round, which of A, B and R a client trains, which
+it holds frozen at a draw shared by every client, and which stay on the client and are never uploaded. What a
+client uploads is the trained factors it does not keep; the server completes them into a ``LoraFactors`` from
+what it sent (``completed_factors``), so a client can never change a factor it was told to hold fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .aggregation import Adapter, ClientUpdate, LoraFactors
+
+FACTORS = ("A", "B", "R")
+LOSS_IGNORED = -100  # the label PyTorch's cross entropy skips: prompt tokens and padding
+
+Factors = dict[str, dict[str, Tensor]]  # module name -> {"A": ..., "B": ..., "R": ...}
+
+
+@dataclass(frozen=True)
+class ClientMode:
+    """Which LoRA parameters a client trains in a round, and from what they start.
+
+    ``trains``: the factors that train (of A, B and R; R only with ``core``). ``shared``: the factors every client
+    holds frozen at one draw from the run's seed, which the server sends (FFA-LoRA's A). ``keeps``: the factors that
+    stay on the client, start from its own copy of the round before and are never uploaded. ``core``: an r × r
+    matrix R sits between B and A, starting at zero. Every other factor starts as the run's scheme says: fresh
+    (PEFT's init) under ``merge``, the global adapter under ``reinit``.
+    """
+
+    trains: frozenset[str] = frozenset({"A", "B"})
+    shared: frozenset[str] = frozenset()
+    keeps: frozenset[str] = frozenset()
+    core: bool = False
+
+    def __post_init__(self):
+        for what in ("trains", "shared", "keeps"):
+            object.__setattr__(self, what, frozenset(getattr(self, what)))
+        if not self.trains or not self.trains <= set(FACTORS):
+            raise ValueError(f"a client mode trains some of A, B and R, not {sorted(self.trains)}")
+        if ("R" in self.trains) != self.core:
+            raise ValueError("a client mode trains R exactly when it has a core (core=True)")
+        if not self.shared <= {"A", "B"} or self.shared & self.trains:
+            raise ValueError(f"shared factors are frozen A or B, not {sorted(self.shared)}")
+        if not self.keeps <= {"A", "B"} or self.keeps & self.shared:
+            raise ValueError(f"kept factors are A or B that are not shared, not {sorted(self.keeps)}")
+
+    @property
+    def uploads(self) -> frozenset[str]:
+        """What a client sends up: what it trained, less what it keeps."""
+        return self.trains - self.keeps
+
+    def describe(self) -> str:
+        """ "trains A, B; uploads A, B" """
+        parts = [f"trains {', '.join(sorted(self.trains))}"]
+        if self.shared:
+            parts.append(f"{', '.join(sorted(self.shared))} shared and frozen")
+        if self.keeps:
+            parts.append(f"keeps {', '.join(sorted(self.keeps))} on the client")
+        parts.append(f"uploads {', '.join(sorted(self.uploads))}")
+        return "; ".join(parts)
+
+
+BOTH_FACTORS = ClientMode()
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """How a client's LoRA starts this round.
+
+    ``init``: the global adapter to start from (re-init scheme; scaling folded into B), or None for a fresh LoRA.
+    ``shared``: per module, the frozen factors every client holds (rank >= this client's: it takes the leading
+    rows of A, columns of B). ``keep_from``/``keep_as``: under which names the client's kept factors are looked up
+    (None: the first round, fresh) and stored after training (the branches that go on from this training).
+    """
+
+    rank: int
+    alpha: float
+    seed: int
+    mode: ClientMode = BOTH_FACTORS
+    init: Adapter | None = None
+    shared: Factors | None = None
+    keep_from: str | None = None
+    keep_as: tuple[str, ...] = ()
+
+
+@dataclass
+class TrainingLog:
+    steps: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's training this round: its data index, where its LoRA starts, and the base it trains on."""
+
+    client: int
+    start: ClientStart
+    base_deltas: tuple[Adapter, ...] = ()
+    group: str = ""  # the training group: branches that share this round's client training
+
+
+@dataclass
+class ClientUpload:
+    """What a client sends after training: per module its uploaded factors (``mode.uploads``) and its scaling."""
+
+    factors: Factors
+    scalings: dict[str, float]
+    num_examples: int
+
+
+@dataclass
+class ClientReply:
+    """A client's answer to a job, as an engine hands it to the server: its upload and its training log."""
+
+    client: int
+    upload: ClientUpload
+    log: TrainingLog
+    group: str = ""  # the job's training group
+
+
+@dataclass
+class RoundReplies:
+    """What an engine returns for one round's jobs: the replies it got, and why each other job has none."""
+
+    replies: list[ClientReply] = field(default_factory=list)
+    failures: dict[tuple[str, int], str] = field(default_factory=dict)  # (group, client) -> reason
+
+    def of_group(self, group: str) -> RoundReplies:
+        return RoundReplies(
+            [r for r in self.replies if r.group == group], {k: v for k, v in self.failures.items() if k[0] == group}
+        )
+
+
+@dataclass
+class ClientResult:
+    """A reply as the server keeps it: the upload completed into factors (``completed_factors``), and the log."""
+
+    client: int
+    update: ClientUpdate
+    log: TrainingLog
+
+
+class KeptFactors:
+    """The factors clients keep between rounds (``ClientMode.keeps``), on the client side of an engine.
+
+    Keyed by client and by the name the job gives (``ClientStart.keep_as``): the server never sees them.
+    """
+
+    def __init__(self):
+        self._kept: dict[tuple[int, str], Factors] = {}
+
+    def get(self, client: int, start: ClientStart) -> Factors | None:
+        return None if start.keep_from is None else self._kept.get((client, start.keep_from))
+
+    def put(self, client: int, start: ClientStart, kept: Factors) -> None:
+        for name in start.keep_as:
+            self._kept[(client, name)] = kept
+
+
+def seed_for(run_seed: int, purpose: str, round_number: int = 0, client: int = 0) -> int:
+    """Every seed a run draws, from the run's seed and what it is for: ``sampling`` (a round's clients), ``client``
+    (a client's LoRA init and data order in a round: the same for every branch, so training can be shared),
+    ``shared`` (a round's shared frozen factors)."""
+    if purpose == "sampling":
+        return run_seed * 7919 + round_number
+    if purpose == "client":
+        return run_seed * 1_000_003 + round_number * 1009 + client
+    if purpose == "shared":
+        return run_seed * 7 + round_number
+    raise ValueError(f"no seed is drawn for {purpose!r}")
+
+
+def shared_factors(shapes: Mapping[str, tuple[int, int]], mode: ClientMode, rank: int, seed: int) -> Factors:
+    """The frozen factors a mode shares, drawn from ``seed`` like PEFT's init of A, U(-1/sqrt(n), 1/sqrt(n)).
+
+    A is rank × n, B is m × rank (its bound 1/sqrt(rank)). Clients of smaller rank take the leading rows of A and
+    columns of B, so heterogeneous ranks share one draw.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: Factors = {}
+    for name in sorted(shapes):
+        m, n = shapes[name]
+        out[name] = {}
+        if "A" in mode.shared:
+            out[name]["A"] = (torch.rand(rank, n, generator=g) * 2 - 1) / math.sqrt(n)
+        if "B" in mode.shared:
+            out[name]["B"] = (torch.rand(m, rank, generator=g) * 2 - 1) / math.sqrt(rank)
+    return out
+
+
+def leading(factor: str, t: Tensor, rank: int) -> Tensor:
+    """A shared factor cut to a client's rank: A's leading rows, B's leading columns."""
+    return t[:rank] if factor == "A" else t[:, :rank]
+
+
+def upload_of(mode: ClientMode, trained: Factors) -> Factors:
+    """The factors a client uploads, from everything it trained and holds (A, B, and R with a core)."""
+    return {name: {f: trained[name][f] for f in sorted(mode.uploads)} for name in trained}
+
+
+def completed_factors(
+    start: ClientStart, name: str, sent: Mapping[str, Tensor], scaling: float, shape: tuple[int, int]
+) -> LoraFactors:
+    """One module's pair as the server takes it: the uploaded factors, and for the others what the server sent.
+
+    A shared factor is the server's draw; a frozen factor that started from the global adapter is the global one;
+    with a core, B·R travels as the pair's B over the shared A. A factor the client keeps is unknown to the server
+    and taken as zero at the module's ``shape`` (m, n) (the method's rule must not read it). Raises KeyError for a
+    factor the server cannot supply.
+    """
+    mode, r = start.mode, start.rank
+    shared = (start.shared or {}).get(name, {})
+    known: dict[str, Tensor] = {}
+    for f in ("A", "B"):
+        if f in mode.uploads:
+            known[f] = sent[f]
+        elif f in shared:
+            known[f] = leading(f, shared[f], r).float().clone()
+        elif start.init is not None and name in start.init and f not in mode.keeps:
+            g = start.init[name]
+            known[f] = (g.A[:r] if f == "A" else g.B[:, :r] / scaling).float().clone()
+    if mode.core:
+        known["B"] = known["B"] @ sent["R"]
+    m, n = shape
+    for f in mode.keeps:
+        known[f] = torch.zeros((r, n) if f == "A" else (m, r))
+    return LoraFactors(A=known["A"], B=known["B"], scaling=scaling)
