@@ -19,7 +19,7 @@ from torch import nn
 
 from .aggregation import ModuleAggregate
 from .config import LoraConfig, TrainConfig
-from .jobs import LOSS_IGNORED, ClientStart, ClientUpload, Factors, TrainingLog, leading, upload_of
+from .jobs import LOSS_IGNORED, ClientStart, ClientUpload, Factors, TrainingLog, leading, seed_for, upload_of
 from .loss import causal_lm_loss
 from .models import DTYPES, peft_wrapping, set_activation_checkpointing
 
@@ -252,7 +252,8 @@ class LocalTrainer:
         """Micro-batches epoch after epoch, each epoch reshuffled from the client's seed."""
         epoch = 0
         while True:
-            yield from length_grouped_batches(lengths, self.train_config.micro_batch_size, seed * 1000 + epoch)
+            epoch_seed = seed_for(seed, "epoch", epoch)
+            yield from length_grouped_batches(lengths, self.train_config.micro_batch_size, epoch_seed)
             epoch += 1
 
 

@@ -12,6 +12,7 @@ what it sent (``completed_factors``), so a client can never change a factor it w
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,17 +171,23 @@ class KeptFactors:
             self._kept[(client, name)] = kept
 
 
+SEED_PURPOSES = ("sampling", "client", "shared", "epoch", "fresh components")
+
+
 def seed_for(run_seed: int, purpose: str, round_number: int = 0, client: int = 0) -> int:
     """Every seed a run draws, from the run's seed and what it is for: ``sampling`` (a round's clients), ``client``
-    (a client's LoRA init and data order in a round: the same for every branch, so training can be shared),
-    ``shared`` (a round's shared frozen factors)."""
-    if purpose == "sampling":
-        return run_seed * 7919 + round_number
-    if purpose == "client":
-        return run_seed * 1_000_003 + round_number * 1009 + client
-    if purpose == "shared":
-        return run_seed * 7 + round_number
-    raise ValueError(f"no seed is drawn for {purpose!r}")
+    (a client's LoRA init in a round: the same for every branch, so training can be shared), ``shared`` (a round's
+    shared frozen factors), ``epoch`` (a client's data order in one epoch, from its client seed), ``fresh components``
+    (the new components ``FederatedLoRA`` adds to bring a global adapter up to the clients' rank).
+
+    A 63-bit hash of all four, so seeds of different purposes, rounds or clients do not collide (a linear formula
+    such as ``seed * P + round * Q + client`` repeats once ``client`` reaches ``Q``); any seed torch, numpy's
+    ``SeedSequence`` and ``random.Random`` take.
+    """
+    if purpose not in SEED_PURPOSES:
+        raise ValueError(f"no seed is drawn for {purpose!r}; purposes: {', '.join(SEED_PURPOSES)}")
+    key = f"florist/{purpose}/{run_seed}/{round_number}/{client}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
 
 
 def shared_factors(shapes: Mapping[str, tuple[int, int]], mode: ClientMode, rank: int, seed: int) -> Factors:

@@ -69,15 +69,43 @@ class LocalB(Method):
         return AggregationResult(self.name, modules, weights=list(weights))
 
 
+class Alternate(Method):
+    """B in odd rounds under a shared frozen A, then A in even rounds under the global B: one factor travels a round,
+    and averaging it is exact because the other is the same on every client."""
+
+    name = "alternate"
+    display = "Alternate"
+    order = 7
+    summary = "Trains B, then A, in turn; averages the one that trained."
+    exact = True
+
+    def mode(self, round_number: int) -> ClientMode:
+        return ClientMode(trains={"B"}, shared={"A"}) if round_number % 2 else ClientMode(trains={"A"})
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float], value=None) -> AggregationResult:
+        modules = {}
+        for name in updates[0].modules:
+            factors = [u.modules[name] for u in updates]
+            if all(torch.equal(f.A, factors[0].A) for f in factors):  # a B round
+                modules[name] = ModuleAggregate(
+                    A=factors[0].A, B=sum(w * fold_scaling(f) for f, w in zip(factors, weights))
+                )
+            else:  # an A round: every client holds the global B
+                modules[name] = ModuleAggregate(
+                    A=sum(w * f.A for f, w in zip(factors, weights)), B=fold_scaling(factors[0])
+                )
+        return AggregationResult(self.name, modules, weights=list(weights))
+
+
 @pytest.fixture(autouse=True)
 def plugin_methods(monkeypatch):
     tiny = lambda name, dtype, device: tiny_llama(0)  # noqa: E731
     monkeypatch.setattr(run_setup, "load_model", tiny)  # the server's copy, and the in-process clients'
     monkeypatch.setattr(flower_app, "load_model", tiny)  # the Flower ClientApps'
-    for m in (CoreMean(), LocalB()):
+    for m in (CoreMean(), LocalB(), Alternate()):
         register(m)
     yield
-    for name in ("coremean", "localb"):
+    for name in ("coremean", "localb", "alternate"):
         unregister(name)
 
 
@@ -125,6 +153,27 @@ def test_a_method_from_a_test_module_runs_on_both_engines(tmp_path, engine):
     # the two methods train apart from FedIT (their own modes), each in its own training group
     assert (rundir / "rounds" / "001" / "clients" / "coremean").is_dir()
     assert (rundir / "rounds" / "001" / "clients" / "localb").is_dir()
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+def test_a_mode_that_changes_from_round_to_round(tmp_path, engine):
+    """Round 1 trains and uploads B alone, round 2 A alone, starting from the global adapter: each round's traffic is
+    that one factor, and the round-2 global keeps round 1's B while its A moves."""
+    rundir = run(
+        tmp_path, engine, f'engine="{engine}"', 'federation.scheme="reinit"', 'federation.methods=["alternate"]'
+    )
+    first, second = (r for r in records(rundir) if r["branch"] == "alternate")
+    modules = len(first["ranks"])
+    b_params = sum(m * 4 for m in (64, 32) * (modules // 2))  # q_proj is 64 x 64, v_proj 32 x 64
+    assert first["communication"]["upload_params"] == [b_params] * 3
+    assert second["communication"]["upload_params"] == [modules * 4 * 64] * 3
+    from florist.adapters import read_adapter
+
+    one, _ = read_adapter(rundir / "rounds" / "001" / "alternate")
+    two, _ = read_adapter(rundir / "rounds" / "002" / "alternate")
+    for name in one:
+        torch.testing.assert_close(fold_scaling(two[name]), fold_scaling(one[name]))
+        assert not torch.equal(two[name].A, one[name].A)
 
 
 def test_core_mean_is_exact_over_the_clients_updates(tmp_path):

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_federation import TINY_RUN
 
 from florist import run as run_module
 from florist import setup as run_setup
 from florist.config import load_config
 from florist.models import tiny_llama
-
-from test_federation import TINY_RUN
 
 PINNED = Path(__file__).parent / "data" / "pinned"
 

@@ -280,28 +280,35 @@ def _range(dtype: torch.dtype) -> str:
 
 def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float] | None) -> list[float]:
     """w_k = n_k / N from the example counts, or the given weights normalised to sum 1."""
-    source = "example counts" if weights is None else "weights"
     try:
         given = [u.num_examples for u in updates] if weights is None else list(weights)
     except TypeError:
         raise AggregationError(f"weights must be a sequence of numbers; got {type(weights).__name__}") from None
     if len(given) != len(updates):
         raise AggregationError(f"{len(given)} weights given for {len(updates)} clients")
-    raw = []
-    for k, w in enumerate(given):
-        try:
-            value = float(w)
-        except (TypeError, ValueError, OverflowError):
-            value = math.nan
-        if isinstance(w, bool) or not math.isfinite(value) or value < 0:
-            raise AggregationError(f"{_who(updates[k], k)}: weight {w!r} is not a non-negative finite number")
-        raw.append(value)
-    largest = max(raw, default=0.0)
-    if largest <= 0:
-        raise AggregationError(f"the clients' {source} sum to zero; nothing to weigh the updates by")
+    names = [_who(u, k) for k, u in enumerate(updates)]
+    raw = weight_values(given, names, "example counts" if weights is None else "weights")
+    largest = max(raw)
     relative = [w / largest for w in raw]  # in [0, 1]: their sum cannot overflow, however large the counts
     total = math.fsum(relative)
     return [w / total for w in relative]
+
+
+def weight_values(given: Sequence[object], names: Sequence[str], source: str = "weights") -> list[float]:
+    """The clients' weights as floats, each a non-negative finite number and not all zero: the one check of a weight,
+    for the server's example counts and for weights a user gives alike. ``names`` name the clients in errors."""
+    raw = []
+    for name, w in zip(names, given, strict=True):
+        try:
+            value = float(w)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if isinstance(w, bool) or not math.isfinite(value) or value < 0:
+            raise AggregationError(f"{name}: weight {w!r} is not a non-negative finite number")
+        raw.append(value)
+    if max(raw, default=0.0) <= 0:
+        raise AggregationError(f"the clients' {source} sum to zero; nothing to weigh the updates by")
+    return raw
 
 
 def compute_dtype(updates: Sequence[ClientUpdate]) -> torch.dtype:

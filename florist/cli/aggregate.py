@@ -12,6 +12,7 @@ from rich.text import Text
 
 from florist.adapters import AdapterError, AdapterInfo, check_output, read_adapter, write_adapter, write_adapters
 from florist.aggregation import AggregationError, AggregationResult, ClientUpdate
+from florist.aggregation.validate import weight_values
 from florist.cli.app import app
 from florist.cli.errors import UserError, user_errors
 from florist.communication import RoundCommunication, round_communication
@@ -108,12 +109,10 @@ def parse_weights(text: str | None, clients: list[Path]) -> list[float] | None:
         raise UserError(f"--weights: {bad!r} is not a number") from None
     if len(values) != len(clients):
         raise UserError(f"--weights gives {len(values)} weights for {len(clients)} clients")
-    for value, client in zip(values, clients):
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"--weights: weight {value} for {client} is not a non-negative finite number")
-    if sum(values) <= 0:
-        raise UserError("--weights are all zero; nothing to weigh the clients by")
-    return values
+    try:
+        return weight_values(values, [str(c) for c in clients])
+    except AggregationError as e:
+        raise UserError(f"--weights: {e}") from None
 
 
 def check_distinct(clients: list[Path]) -> None:

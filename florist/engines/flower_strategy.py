@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from ..adapters import LORA_KEY, PEFT_PREFIX
 from ..aggregation import Adapter, AggregationError, ClientUpdate, LoraFactors, screen_updates
 from ..aggregation.svd import stacked_svd, truncation
-from ..jobs import BOTH_FACTORS
+from ..jobs import BOTH_FACTORS, seed_for
 from ..methods import aggregate, get_method
 from .flower_messages import MAX_EXAMPLES, MessageError, as_float, checked_tensor, error_reason, shown
 
@@ -258,7 +258,7 @@ class FederatedLoRA(FedAvg):
     def _peft_arrays(self, server_round: int, adapter: Adapter) -> tuple[ArrayRecord, dict[str, float]]:
         """The aggregate as the PEFT arrays the clients load (each module at its rank, B over PEFT's scaling), and
         the aggregate's mean rank and the least share of a module's energy that bringing it to rank r kept."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + server_round)
+        generator = torch.Generator().manual_seed(seed_for(self.seed, "fresh components", server_round))
         arrays, ranks, energies = ArrayRecord(), [], []
         for module, (key_a, key_b) in self._sent.keys.items():
             m, r = adapter[module], self._sent.ranks[module]
