@@ -284,12 +284,13 @@ class Federation:
         modules and shapes, at most the job's rank, and the scaling PEFT gives the job's alpha and rank.
         """
         start_of = {job.client: job.start for job in group.jobs}
-        results, rejected = [], {}
+        results, rejected, seen = [], {}, set()
         for reply in replies.replies:
-            if reply.client not in start_of or reply.client in {r.client for r in results}:
+            if reply.client not in start_of or reply.client in seen:
                 continue  # the engine names replies by the job they answer: a stray one answers none of this group's
             try:
                 results.append(self._completed(reply, start_of[reply.client]))
+                seen.add(reply.client)
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
                 rejected[reply.client] = f"its upload cannot be completed ({type(e).__name__}: {e})"
         starts = [start_of[r.client] for r in results]
@@ -302,7 +303,7 @@ class Federation:
         )
         for k, reason in reasons.items():
             rejected[results[k].client] = reason
-        answered = {r.client for r in results} | set(rejected)
+        answered = seen | set(rejected)
         for job in group.jobs:
             if job.client not in answered:
                 why = replies.failures.get((group.name, job.client), "no update: the client failed or did not reply")

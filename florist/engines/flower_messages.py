@@ -247,7 +247,7 @@ def module_names(record: ArrayRecord) -> list[str]:
     return list(dict.fromkeys(key.rsplit(".", 1)[0] for key in record))
 
 
-def read_adapter(record: ArrayRecord, where: str) -> Adapter:
+def adapter_from_record(record: ArrayRecord, where: str) -> Adapter:
     return {
         n: ModuleAggregate(A=_factor(record, n, "A", where, True), B=_factor(record, n, "B", where, True))
         for n in module_names(record)
@@ -393,14 +393,14 @@ def read_job(content: RecordDict) -> ClientJob:
     for name in merged:
         if name not in arrays:
             raise MessageError(f"{where}: no array record {name!r}")
-        deltas.append(read_adapter(arrays[name], f"{where}, {name}"))
+        deltas.append(adapter_from_record(arrays[name], f"{where}, {name}"))
     keep_from = str_field(job, "keep-from", where)
     start = ClientStart(
         rank=int_field(job, "rank", where, 1, MAX_INDEX),
         alpha=float_field(job, "alpha", where, 0.0),
         seed=int_field(job, "seed", where, *INT64),
         mode=mode,
-        init=read_adapter(arrays[INIT], f"{where}, init") if INIT in arrays else None,
+        init=adapter_from_record(arrays[INIT], f"{where}, init") if INIT in arrays else None,
         shared=shared,
         keep_from=keep_from or None,
         keep_as=tuple(list_field(job, "keep-as", where, as_str, max_len=MAX_KEEP_NAMES)),
