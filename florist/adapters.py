@@ -300,18 +300,24 @@ def write_adapter(
     base_model: str | None,
     *,
     extra_files: Mapping[str, bytes | str] | None = None,
+    extra_adapters: Mapping[str, Mapping[str, ModuleAggregate]] | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
     task_type: str | None = "CAUSAL_LM",
 ) -> Path:
     """Write ``modules`` (update ``B @ A`` each) as a PEFT LoRA directory at ``path``, atomically.
 
-    ``extra_files`` (name -> content) are written beside the adapter. An existing non-empty
+    ``extra_files`` (name -> content) are written beside the adapter, ``extra_adapters`` (name -> modules) as
+    adapters of their own in ``path/<name>`` (FedEx-LoRA's ``residual``). An existing non-empty
     ``path`` is refused unless ``overwrite``, and even then unless it is an adapter directory florist wrote.
     A write that fails (a full disk, a file-size limit, no permission) is a ``WriteError``; ``path`` stays as it was.
     """
     with atomic_directory(path, overwrite, (extra_files or {}).keys()) as tmp:
         fill_adapter_dir(tmp, modules, base_model, dtype=dtype, task_type=task_type, where=str(path))
+        for name, extra in (extra_adapters or {}).items():
+            check_file_name(name, Path(path))
+            (tmp / name).mkdir()
+            fill_adapter_dir(tmp / name, extra, base_model, dtype=dtype, task_type=task_type, where=f"{path}/{name}")
         write_extra_files(tmp, extra_files or {})
     return Path(path)
 

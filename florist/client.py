@@ -155,7 +155,7 @@ class LocalTrainer:
         log.seconds = time.perf_counter() - began
         mode = start.mode
         keeps = {name: {f: factors[f] for f in sorted(mode.keeps)} for name, factors in trained.items()}
-        return ClientUpload(upload_of(mode, trained), scalings, num_examples=len(examples)), log, keeps
+        return ClientUpload(upload_of(start, trained), scalings, num_examples=len(examples)), log, keeps
 
     def _peft_config(self, start: ClientStart) -> peft.LoraConfig:
         return peft.LoraConfig(

@@ -2,7 +2,8 @@
 
 Counted from the tensors that actually travel, as the method declares them: a client uploads the factors of its
 round's ``ClientMode.uploads`` (A is r × n, B m × r, a core R r × r); the server sends each client the factors of
-``Method.downloads`` of the adapter ``result.for_client(k)``.
+``Method.downloads`` of the adapter ``result.for_client(k)``, and a result's residual (FedEx-LoRA's): dense, m × n
+numbers a module, or as its factors, r (m + n) at its rank r.
 
 The paper's "Eff" is 1 / sum over modules of the rank sent down. It ignores matrix sizes and the
 upload; a one-factor download (FFA-LoRA's B) counts half a rank, which is how the paper arrives at
@@ -25,6 +26,7 @@ class RoundCommunication:
     download_params: list[int]  # per client
     bytes_per_param: int
     down_rank: float  # sum over modules of the rank sent down (mean over clients when it differs)
+    residual: str = ""  # how a residual merged into the base travels down: "dense", "factors", or "" (none)
 
     @property
     def upload_bytes(self) -> list[int]:
@@ -62,9 +64,12 @@ class RoundCommunication:
         return d
 
 
-def factor_params(factors: frozenset[str], pair: LoraFactors | ModuleAggregate) -> int:
-    """How many numbers the named factors of one module's pair are: A r × n, B m × r, a core R r × r."""
-    sizes = {"A": pair.A.numel(), "B": pair.B.numel(), "R": pair.rank**2}
+def factor_params(factors: frozenset[str], pair: LoraFactors | ModuleAggregate, rank: int | None = None) -> int:
+    """How many numbers the named factors of one module's pair are: A r × n, B m × r, a core R r × r; at ``rank``
+    when the pair is sent cut to its leading components (None: its own rank)."""
+    r = pair.rank if rank is None else min(rank, pair.rank)
+    m, n = pair.B.shape[0], pair.A.shape[1]
+    sizes = {"A": r * n, "B": m * r, "R": r**2}
     return sum(sizes[f] for f in factors)
 
 
@@ -77,17 +82,31 @@ def round_communication(
 ) -> RoundCommunication:
     """Traffic of one round; ``bytes_per_param`` is the wire dtype's size (float32 by default)."""
     up, down = method.mode(round_number).uploads, method.downloads(round_number)
-    upload = [sum(factor_params(up, f) for f in u.modules.values()) for u in updates]
+    sent = result.sent_ranks or [None] * len(updates)
+    upload = [sum(factor_params(up, f, r) for f in u.modules.values()) for u, r in zip(updates, sent)]
+    rank_units = 1.0 if {"A", "B"} <= down else 0.5  # the paper counts a one-factor download as half a rank
+    extra_params, extra_rank = residual_traffic(result)
     download, ranks = [], []
     for k in range(len(updates)):
         adapter = result.for_client(k)
-        download.append(sum(factor_params(down, m) for m in adapter.values()))
-        ranks.append(sum(m.rank for m in adapter.values()))
-    rank_units = 1.0 if {"A", "B"} <= down else 0.5  # the paper counts a one-factor download as half a rank
+        download.append(sum(factor_params(down, m) for m in adapter.values()) + extra_params)
+        ranks.append(rank_units * sum(m.rank for m in adapter.values()) + extra_rank)
     return RoundCommunication(
         method=method.name,
         upload_params=upload,
         download_params=download,
         bytes_per_param=bytes_per_param,
-        down_rank=rank_units * sum(ranks) / len(ranks),
+        down_rank=sum(ranks) / len(ranks),
+        residual="" if result.residual is None else "dense" if result.residual_dense else "factors",
     )
+
+
+def residual_traffic(result: AggregationResult) -> tuple[int, int]:
+    """What a result's residual adds to each client's download: its parameters, and its rank for the paper's Eff
+    (a dense m × n module counts at full rank, min(m, n))."""
+    if result.residual is None:
+        return 0, 0
+    modules = result.residual.values()
+    if result.residual_dense:
+        return sum(m.B.shape[0] * m.A.shape[1] for m in modules), sum(min(m.B.shape[0], m.A.shape[1]) for m in modules)
+    return sum(m.A.numel() + m.B.numel() for m in modules), sum(m.rank for m in modules)

@@ -120,6 +120,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # each method's options, [method.<name>] tables of the method's own keys (see ``florist methods``)
+    method: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def client_ranks(self) -> list[int]:
         ranks = self.lora.ranks
@@ -209,13 +211,28 @@ def _build(cls, raw: dict, where: str):
         path = f"{where}{key}"
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; known: {', '.join(fields)}")
-        if dataclasses.is_dataclass(kinds[key]):
+        if typing.get_origin(kinds[key]) is dict:
+            kwargs[key] = _tables(value, path)
+        elif dataclasses.is_dataclass(kinds[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; got {_shown(value)}")
             kwargs[key] = _build(kinds[key], value, f"{path}.")
         else:
             kwargs[key] = _coerce(value, kinds[key], path)
     return cls(**kwargs)
+
+
+def _tables(value: Any, path: str) -> dict[str, dict[str, Any]]:
+    """A table of tables of scalars (``[method.fedex] residual = "factors"``); what each key means is checked later."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {path!r} is a section of tables; got {_shown(value)}")
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config key {path}.{name!r} is a table of options; got {_shown(table)}")
+        for key, v in table.items():
+            if isinstance(v, (dict, list)):
+                raise ConfigError(f"config key '{path}.{name}.{key}' must be a single value; got {_shown(v)}")
+    return {name: dict(table) for name, table in value.items()}
 
 
 # How each scalar type is named in messages, alone and as a list's elements.
@@ -427,11 +444,26 @@ def check_swept_values(c: RunConfig) -> None:
             raise ConfigError(f"config key {method.sweep.config_key!r} {problem}; got {_shown(value)}")
 
 
+def check_method_options(c: RunConfig) -> None:
+    """Each ``[method.<name>]`` table names a registered method and only options it declares, at values it takes."""
+    from .methods import METHODS
+
+    for name, values in c.method.items():
+        if name not in METHODS:
+            raise ConfigError(f"config key 'method.{name}' names no method; methods: {', '.join(METHODS)}")
+        try:
+            METHODS[name].configured(values)
+        except ValueError as e:
+            raise ConfigError(f"config key 'method.{name}': {e}") from None
+
+
 def validate(c: RunConfig, client: bool = False) -> None:
-    """Every field against its rule, then the rules that tie fields together (a ``client`` skips the server's keys)."""
+    """Every field against its rule, then the rules that tie fields together (a ``client`` skips the server's keys:
+    which methods run, their swept values and their options)."""
     check_fields(c, SERVER_KEYS if client else frozenset())
     if not client:
         check_swept_values(c)
+        check_method_options(c)
     taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
         (

@@ -83,6 +83,9 @@ class ClientStart:
     ``shared``: per module, the frozen factors every client holds (rank >= this client's: it takes the leading
     rows of A, columns of B). ``keep_from``/``keep_as``: under which names the client's kept factors are looked up
     (None: the first round, fresh) and stored after training (the branches that go on from this training).
+    ``report_kept``: send the kept factors too, beside the upload, so that the server can score each client's
+    personalised model; they are a measurement of the simulation, not traffic: no rule aggregates them and the
+    accounting leaves them out.
     """
 
     rank: int
@@ -93,6 +96,7 @@ class ClientStart:
     shared: Factors | None = None
     keep_from: str | None = None
     keep_as: tuple[str, ...] = ()
+    report_kept: bool = False
 
 
 @dataclass
@@ -213,9 +217,11 @@ def leading(factor: str, t: Tensor, rank: int) -> Tensor:
     return t[:rank] if factor == "A" else t[:, :rank]
 
 
-def upload_of(mode: ClientMode, trained: Factors) -> Factors:
-    """The factors a client uploads, from everything it trained and holds (A, B, and R with a core)."""
-    return {name: {f: trained[name][f] for f in sorted(mode.uploads)} for name in trained}
+def upload_of(start: ClientStart, trained: Factors) -> Factors:
+    """The factors a client uploads, from everything it trained and holds (A, B, and R with a core): its mode's
+    uploads, and the factors it keeps when the job asks to see them (``ClientStart.report_kept``)."""
+    sent = start.mode.uploads | (start.mode.keeps if start.report_kept else frozenset())
+    return {name: {f: trained[name][f] for f in sorted(sent)} for name in trained}
 
 
 def completed_factors(
@@ -224,8 +230,9 @@ def completed_factors(
     """One module's pair as the server takes it: the uploaded factors, and for the others what the server sent.
 
     A shared factor is the server's draw; a frozen factor that started from the global adapter is the global one;
-    with a core, B·R travels as the pair's B over the shared A. A factor the client keeps is unknown to the server
-    and taken as zero at the module's ``shape`` (m, n) (the method's rule must not read it). Raises KeyError for a
+    with a core, B·R travels as the pair's B over the shared A. A factor the client keeps is the one it reported
+    (``ClientStart.report_kept``), else unknown to the server and taken as zero at the module's ``shape`` (m, n);
+    either way the method's rule may use it only for the client's personalised adapter. Raises KeyError for a
     factor the server cannot supply.
     """
     mode, r = start.mode, start.rank
@@ -243,5 +250,5 @@ def completed_factors(
         known["B"] = known["B"] @ sent["R"]
     m, n = shape
     for f in mode.keeps:
-        known[f] = torch.zeros((r, n) if f == "A" else (m, r))
+        known[f] = sent[f] if start.report_kept else torch.zeros((r, n) if f == "A" else (m, r))
     return LoraFactors(A=known["A"], B=known["B"], scaling=scaling)

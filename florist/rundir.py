@@ -74,6 +74,9 @@ RUN_FILES = frozenset(
 ROUND_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME}) | WRITTEN_EXTRA_FILES
 
 
+RESIDUAL = "residual"  # a round's update merged into the base beside its adapter (FedEx-LoRA's), as its own adapter
+
+
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked."""
 
@@ -309,10 +312,11 @@ class RunDirectory:
     def _load_result(self, branch: Branch, round_number: int, num_clients: int) -> AggregationResult:
         d = self.round_dir(round_number) / branch.label
         try:
+            residual = _load_modules(d / RESIDUAL) if (d / RESIDUAL).exists() else None
             if (d / "client_0").exists():
                 per_client = [_load_modules(d / f"client_{k}") for k in range(num_clients)]
-                return AggregationResult(branch.method.name, _load_modules(d / "global"), per_client)
-            return AggregationResult(branch.method.name, _load_modules(d))
+                return AggregationResult(branch.method.name, _load_modules(d / "global"), per_client, residual=residual)
+            return AggregationResult(branch.method.name, _load_modules(d), residual=residual)
         except AdapterError as e:
             raise RunDirError(
                 f"cannot resume: round {round_number}'s saved adapter is damaged ({e}); restore it, or "
@@ -354,11 +358,14 @@ class RunDirectory:
             }
             extra = {"aggregation.json": record, **({"spectra.json": json.dumps(singular)} if singular else {})}
             target = self.round_dir(round_number) / b.label
+            residual = {RESIDUAL: result.residual} if result.residual is not None else {}
             if result.per_client is not None:
                 adapters = {"global": result.modules} | {f"client_{k}": a for k, a in enumerate(result.per_client)}
-                write_adapters(target, adapters, self.base_model, extra_files=extra, overwrite=True)
+                write_adapters(target, adapters | residual, self.base_model, extra_files=extra, overwrite=True)
             else:
-                write_adapter(target, result.modules, self.base_model, extra_files=extra, overwrite=True)
+                write_adapter(
+                    target, result.modules, self.base_model, extra_files=extra, extra_adapters=residual, overwrite=True
+                )
         self.append_metrics(records)
         atomic_write_text(self.path / STATE, json.dumps({"completed_rounds": round_number}))
 

@@ -18,6 +18,7 @@ updates fails as a whole (``RoundFailed``) before anything of it is written, so 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -51,7 +52,7 @@ from .jobs import (
     seed_for,
     shared_factors,
 )
-from .methods import Method, get_method, in_order
+from .methods import Method, RoundContext, get_method, in_order
 
 
 class Engine(Protocol):
@@ -68,31 +69,46 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class Branch:
-    """One method (at one value of its swept parameter) and the global results of its finished rounds."""
+    """One method (at one value of its swept parameter) and the global results of its finished rounds.
+
+    ``scheme`` says how its next round starts: ``merge`` (every past global update merged into the base, a fresh
+    LoRA) or ``reinit`` (the LoRA starts from the latest global adapter). Either way a result's ``residual`` stays in
+    the base from its round on.
+    """
 
     label: str
     method: Method
     value: float | None = None
     history: list[AggregationResult] = field(default_factory=list)
+    scheme: str = "merge"
 
-    def base_deltas(self, client: int, scheme: str) -> tuple[Adapter, ...]:
-        """Merge scheme: every past global update is merged into this client's base."""
-        return tuple(r.for_client(client) for r in self.history) if scheme == "merge" else ()
+    def base_deltas(self, client: int) -> tuple[Adapter, ...]:
+        """What client ``client``'s frozen base holds beyond W0: the past residuals, and under merge every past
+        global update."""
+        deltas: list[Adapter] = []
+        for r in self.history:
+            if r.residual is not None:
+                deltas.append(r.residual)
+            if self.scheme == "merge":
+                deltas.append(r.for_client(client))
+        return tuple(deltas)
 
-    def init_adapter(self, client: int, scheme: str) -> Adapter | None:
+    def init_adapter(self, client: int) -> Adapter | None:
         """Re-init scheme: the client's LoRA starts from the latest global adapter."""
-        return self.history[-1].for_client(client) if scheme == "reinit" and self.history else None
+        return self.history[-1].for_client(client) if self.scheme == "reinit" and self.history else None
 
-    def model_deltas(self, client: int, scheme: str) -> tuple[Adapter, ...]:
-        """The updates that make up client ``client``'s model now: all merged rounds, or the latest adapter."""
-        if scheme == "merge":
-            return tuple(r.for_client(client) for r in self.history)
-        return (self.history[-1].for_client(client),) if self.history else ()
+    def model_deltas(self, client: int) -> tuple[Adapter, ...]:
+        """The updates that make up client ``client``'s model now: its base's, and under reinit the latest adapter."""
+        latest = self.init_adapter(client)
+        return self.base_deltas(client) + ((latest,) if latest is not None else ())
 
-    def training_key(self, round_number: int) -> tuple:
-        """Branches with equal keys start their clients identically and can share their training."""
-        mode = self.method.mode(round_number)
-        return ("fresh", mode) if not self.history else ("own", self.label)
+    def training_key(self, round_number: int, ranks: Sequence[int]) -> tuple:
+        """Branches with equal keys start their clients identically (fresh, one mode, the same ranks) and can share
+        their training."""
+        if self.history:
+            return ("own", self.label)
+        own = tuple(self.method.client_rank(r, self.history, k) for k, r in enumerate(ranks))
+        return ("fresh", self.method.mode(round_number), own)
 
 
 @dataclass
@@ -105,18 +121,24 @@ class TrainingGroup:
 
 
 def make_branches(
-    methods: Sequence[str], values: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    methods: Sequence[str],
+    values: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    scheme: str = "merge",
+    options: Mapping[str, Mapping[str, object]] | None = None,
 ) -> list[Branch]:
     """A branch per method, a swept method's one per value: ``values`` lists them for every swept method, or maps a
-    method's name to its own (a swept method not named gets its sweep's default). Two branches of one name are
-    refused: they would share a directory and a results row, and one would overwrite the other."""
+    method's name to its own (a swept method not named gets its sweep's default). ``scheme`` is the run's, for the
+    methods that leave it open; ``options`` maps a method's name to its options (``Method.configured``). Two branches
+    of one name are refused: they would share a directory and a results row, and one would overwrite the other."""
     branches = []
-    for m in (get_method(name) for name in methods):
+    for name in methods:
+        m = get_method(name).configured((options or {}).get(name, {}))
+        own = m.scheme or scheme
         if m.sweep is None:
-            branches.append(Branch(m.label(), m))
+            branches.append(Branch(m.label(), m, scheme=own))
             continue
         mine = values.get(m.name) if isinstance(values, Mapping) else values
-        branches += [Branch(m.label(v), m, v) for v in (mine if mine is not None else [m.sweep.default])]
+        branches += [Branch(m.label(v), m, v, scheme=own) for v in (mine if mine is not None else [m.sweep.default])]
     twice = [label for label, n in Counter(b.label for b in branches).items() if n > 1]
     if twice:
         raise ValueError(f"branch {twice[0]!r} is asked for twice (federation.methods or the swept values)")
@@ -160,6 +182,7 @@ class RoundSettings:
     seed: int
     clients_per_round: int = 0  # 0: every client
     min_clients: int = 1
+    report_kept: bool = True  # clients also send the factors they keep, for scoring personalised models only
     rounds: int = 1
     evaluate_every: int = 1  # score every k-th round, and always the last
 
@@ -224,10 +247,12 @@ class Federation:
     ):
         self.engine, self.branches, self.settings, self.checks = engine, branches, settings, checks
         self.hooks = hooks or RoundHooks()
-        self._shared: dict[tuple[int, ClientMode], Factors] = {}
+        self._shared: dict[tuple[int, ClientMode, int], Factors] = {}
+        self._round = 0
 
     def run_round(self, round_number: int) -> list[RoundRecord]:
         """One round, start to end; ``RoundFailed`` (nothing kept, nothing written) if too few clients are usable."""
+        self._round = round_number
         groups = self.plan_round(round_number)
         for g in groups:
             labels = ", ".join(b.label for b in g.branches)
@@ -244,35 +269,45 @@ class Federation:
         sampled = sample_clients(len(s.ranks), s.clients_per_round, s.seed, round_number)
         by_key: dict[tuple, list[Branch]] = {}
         for b in self.branches:
-            by_key.setdefault(b.training_key(round_number), []).append(b)
+            by_key.setdefault(b.training_key(round_number, s.ranks), []).append(b)
         groups = []
         for key, branches in by_key.items():
-            name = key[1] if key[0] == "own" else "shared" if key[1] == BOTH_FACTORS else branches[0].method.name
-            jobs = [self._job(name, branches, k, round_number) for k in sampled]
+            plain = key[0] == "fresh" and key[1] == BOTH_FACTORS and key[2] == tuple(s.ranks)
+            name = key[1] if key[0] == "own" else "shared" if plain else branches[0].method.name
+            top = max(self._rank(branches[0], k) for k in range(len(s.ranks)))
+            jobs = [self._job(name, branches, k, round_number, top) for k in sampled]
             groups.append(TrainingGroup(name, branches, jobs))
         return groups
 
-    def _job(self, group: str, branches: list[Branch], client: int, round_number: int) -> ClientJob:
+    def _job(self, group: str, branches: list[Branch], client: int, round_number: int, top: int) -> ClientJob:
         s, first = self.settings, branches[0]
-        rank, mode = s.ranks[client], first.method.mode(round_number)
+        rank, mode = self._rank(first, client), first.method.mode(round_number)
         start = ClientStart(
             rank=rank,
             alpha=s.alpha_per_rank * rank,
             seed=seed_for(s.seed, "client", round_number, client),
             mode=mode,
-            init=first.init_adapter(client, s.scheme),
-            shared=self._shared_factors(round_number, mode) if mode.shared else None,
+            init=first.init_adapter(client),
+            shared=self._shared_factors(first.method, round_number, mode, top) if mode.shared else None,
             keep_from=first.label if mode.keeps and first.history else None,
             keep_as=tuple(b.label for b in branches) if mode.keeps else (),
+            report_kept=bool(mode.keeps) and s.report_kept,
         )
-        return ClientJob(client, start, first.base_deltas(client, s.scheme), group=group)
+        return ClientJob(client, start, first.base_deltas(client), group=group)
 
-    def _shared_factors(self, round_number: int, mode: ClientMode) -> Factors:
-        """The round's shared frozen factors, one draw at the largest client rank (smaller ranks take the leading)."""
-        key = (round_number, mode)
+    def _rank(self, branch: Branch, client: int) -> int:
+        """The rank a client trains at in ``branch``: the run's for it, unless the method sets its own."""
+        return branch.method.client_rank(self.settings.ranks[client], branch.history, client)
+
+    def _shared_factors(self, method: Method, round_number: int, mode: ClientMode, rank: int) -> Factors:
+        """A round's shared frozen factors, one draw at the group's largest rank (smaller ranks take the leading).
+
+        ``Method.shared_round`` says which round's draw a round uses (the round itself, or 1 for one draw a run)."""
+        drawn = method.shared_round(round_number)
+        key = (drawn, mode, rank)
         if key not in self._shared:
-            seed = seed_for(self.settings.seed, "shared", round_number)
-            self._shared[key] = shared_factors(self.checks.module_shapes, mode, max(self.settings.ranks), seed)
+            seed = seed_for(self.settings.seed, "shared", drawn)
+            self._shared[key] = shared_factors(self.checks.module_shapes, mode, rank, seed)
         return self._shared[key]
 
     # --- screening -----------------------------------------------------------------------------------------------
@@ -369,10 +404,15 @@ class Federation:
         prepared, weights = as_dtype(updates, compute_dtype(updates)), normalized_weights(updates, None)
         clients = [r.client for r in results]
         out = []
-        for method in in_order({b.method.name for b in group.branches}):
-            branches = [b for b in group.branches if b.method is method]
+        for name in [m.name for m in in_order({b.method.name for b in group.branches})]:
+            branches = [b for b in group.branches if b.method.name == name]
+            method = branches[0].method  # configured with the run's options for it
             began = time.perf_counter()
-            swept = method.aggregate_sweep(prepared, weights, [b.value for b in branches])
+            if method.uses_context:  # one branch: a method that reads its own past has no shared sweep
+                context = RoundContext(self._round, [branches[0].init_adapter(c) for c in clients])
+                swept = {b.value: method.aggregate(prepared, weights, b.value, context=context) for b in branches}
+            else:
+                swept = method.aggregate_sweep(prepared, weights, [b.value for b in branches])
             seconds = (time.perf_counter() - began) / len(branches)
             for b in branches:
                 result = check_result(
@@ -435,11 +475,11 @@ def by_client(result: AggregationResult, clients: list[int], num_clients: int) -
     per_client = [result.modules] * num_clients
     for position, client in enumerate(clients):
         per_client[client] = result.per_client[position]
-    return AggregationResult(result.method, result.modules, per_client, result.weights)
+    return dataclasses.replace(result, per_client=per_client)
 
 
 def in_reply_order(result: AggregationResult, clients: list[int]) -> AggregationResult:
     """The inverse of ``by_client``: per-client adapters in reply order, for accounting over the participants."""
     if result.per_client is None:
         return result
-    return AggregationResult(result.method, result.modules, [result.per_client[c] for c in clients], result.weights)
+    return dataclasses.replace(result, per_client=[result.per_client[c] for c in clients])

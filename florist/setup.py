@@ -97,7 +97,8 @@ def load_eval_questions(config: RunConfig):
 class BranchEvaluator:
     """Scores a branch's current model: W0 plus its updates written into the shared base, then restored.
 
-    Heterogeneous FlexLoRA has one model per client; its score is their data-weighted mean, as in the paper.
+    A method that gives each client its own adapter (heterogeneous FlexLoRA's truncations, FedSA-LoRA's global A
+    with each client's own B) has one model per client; its score is their data-weighted mean, as in the papers.
     Identical adapters (FLoRIST taus that keep the same ranks) are scored once.
     """
 
@@ -119,12 +120,11 @@ class BranchEvaluator:
     def __call__(self, branch: Branch | None) -> dict:
         if branch is None:
             return self._metrics([self._score(())])
-        scheme = self.config.federation.scheme
         last = branch.history[-1]
-        per_client = last.per_client is not None and len({tuple(a[n].rank for n in a) for a in last.per_client}) > 1
-        if not per_client:
-            return self._metrics([self._score(branch.model_deltas(0, scheme))])
-        return self._metrics([self._score(branch.model_deltas(k, scheme)) for k in range(len(self.client_sizes))])
+        alike = last.per_client is None or all(_same_deltas((a,), (last.modules,)) for a in last.per_client)
+        if alike:
+            return self._metrics([self._score(branch.model_deltas(0))])
+        return self._metrics([self._score(branch.model_deltas(k)) for k in range(len(self.client_sizes))])
 
     def _metrics(self, scores: list[Scores]) -> dict:
         """One model's metrics, or several models' data-weighted mean with each model's own under ``per_client``."""
@@ -235,6 +235,14 @@ def local_trainer(config: RunConfig, model, tokenizer) -> LocalTrainer:
     )
 
 
+def check_branches(branches: Sequence[Branch], ranks: Sequence[int], shapes) -> None:
+    """Refuse, before any training, a run that asks a method for what it cannot do (``Method.check``)."""
+    for b in branches:
+        problem = b.method.check(ranks, shapes)
+        if problem:
+            raise ConfigError(f"federation.methods: {b.method.name} {problem}")
+
+
 def build_federation(
     config: RunConfig,
     server: ServerModel,
@@ -261,8 +269,12 @@ def build_federation(
         client_sizes,
     )
     branches = make_branches(
-        config.federation.methods, {name: get_method(name).values(config) for name in config.federation.methods}
+        config.federation.methods,
+        {name: get_method(name).values(config) for name in config.federation.methods},
+        config.federation.scheme,
+        config.method,
     )
+    check_branches(branches, config.client_ranks(), shapes)
     rundir.restore_history(branches, done, len(client_sizes))
     if done == 0:
         log("evaluating the base model (round 0)")

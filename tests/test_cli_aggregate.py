@@ -304,7 +304,7 @@ def test_refuses_ffa_clients_whose_a_differ(clients, tmp_path):
             ["--method", "flora", "--threshold", "0.9"],
             "--threshold applies to methods with a swept parameter (florist), not flora",
         ),
-        (["--method", "fedavg"], "unknown method 'fedavg'; choose from florist"),
+        (["--method", "fedavg"], "unknown method 'fedavg'; choose from fedit, flora"),
         (["--method", "fedit", "--weights", "1,2"], "--weights gives 2 weights for 3 clients"),
         (["--method", "fedit", "--weights", "1,-1,2"], "weight -1.0 is not a non-negative finite number"),
         (["--method", "fedit", "--weights", "1,nan,2"], "weight nan is not a non-negative finite number"),

@@ -181,9 +181,9 @@ def test_a_job_crosses_the_wire_bit_for_bit(rank, mode, init, merged, keep_from,
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.describe())
 def test_an_upload_crosses_the_wire_holding_exactly_what_its_mode_uploads(mode):
     g = torch.Generator().manual_seed(0)
-    upload = ClientUpload(upload_of(mode, _trained(g, mode, SHAPES, 2)), {n: 2.0 for n in SHAPES}, 17)
-    log = TrainingLog(steps=3, tokens=90, losses=[1.5, 1.25, 1.0], seconds=0.5)
     job = ClientJob(1, ClientStart(2, 4.0, 7, mode=mode), group="g")
+    upload = ClientUpload(upload_of(job.start, _trained(g, mode, SHAPES, 2)), {n: 2.0 for n in SHAPES}, 17)
+    log = TrainingLog(steps=3, tokens=90, losses=[1.5, 1.25, 1.0], seconds=0.5)
     content = over_the_wire(update_content(job_config(job_content(job, 1, "")), upload, log))
     assert sorted(content.array_records["update"]) == sorted(f"{n}.{f}" for n in SHAPES for f in mode.uploads)
     reply = read_update(content, job)
@@ -209,7 +209,7 @@ def test_a_reply_whose_factors_are_not_its_modes_is_refused_in_one_line(mode, ch
     """A forged shared factor, a factor the client was to keep, a missing one: the reply is refused, never read."""
     g = torch.Generator().manual_seed(0)
     job = ClientJob(1, ClientStart(2, 4.0, 7, mode=mode), group="g")
-    upload = ClientUpload(upload_of(mode, _trained(g, mode, {"q": (8, 8)}, 2)), {"q": 2.0}, 5)
+    upload = ClientUpload(upload_of(job.start, _trained(g, mode, {"q": (8, 8)}, 2)), {"q": 2.0}, 5)
     content = update_content(job_config(job_content(job, 1, "")), upload, TrainingLog())
     change(content.array_records["update"])
     with pytest.raises(MessageError) as refused:
@@ -299,7 +299,7 @@ def test_bytes_counted_from_the_messages_equal_florist_communication(method):
         shared = {n: {"A": f.A} for n, f in updates[0].modules.items()} if mode.shared else None
         start = ClientStart(rank, 8.0, 0, mode=mode, shared=shared)
         trained = {n: {"A": f.A, "B": f.B} for n, f in u.modules.items()}
-        upload = ClientUpload(upload_of(mode, trained), {n: f.scaling for n, f in u.modules.items()}, u.num_examples)
+        upload = ClientUpload(upload_of(start, trained), {n: f.scaling for n, f in u.modules.items()}, u.num_examples)
         config = job_config(job_content(ClientJob(k, start), 1, ""))
         assert uplink_bytes(update_content(config, upload, TrainingLog()))["adapter"] == comm.upload_bytes[k]
         # the next round ships the result to the client: as its init (re-init) or as the newest merged update
@@ -866,6 +866,12 @@ def test_the_strategy_refuses_what_it_cannot_run_in_one_line():
         FederatedLoRA("ffa", lora_alpha=ALPHA)
     with pytest.raises(ValueError, match="method 'fedit' has no swept parameter"):
         FederatedLoRA("fedit", 0.9, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match="method 'fedex' adds a residual to every client's base weights"):
+        FederatedLoRA("fedex", lora_alpha=ALPHA)
+    for kept_or_core in ("fedsa", "fedsb", "rolora"):
+        with pytest.raises(ValueError, match="but a flowertune-llm ClientApp trains and sends both A and B"):
+            FederatedLoRA(kept_or_core, lora_alpha=ALPHA)
+    FederatedLoRA("hetlora", lora_alpha=ALPHA)  # both factors, each round from the global adapter: FedAvg's shape
     with pytest.raises(ValueError, match="value 1.5 as τ must hold taus in"):
         FederatedLoRA("florist", 1.5, lora_alpha=ALPHA)
     with pytest.raises(ValueError, match="value is '0.9', not a number"):

@@ -79,12 +79,20 @@ class AggregationResult:
 
     ``modules`` is the global adapter. ``per_client`` is set when clients receive
     different adapters (FlexLoRA's per-client truncations); otherwise every client gets ``modules``.
+    ``residual`` is an update the server adds to every client's frozen base weights from the next round on, beside
+    the adapter (FedEx-LoRA's exact-minus-averaged term); ``residual_dense`` says whether it travels as the dense
+    m × n matrix of each module or as its factors (the accounting reads it, the model is the same either way).
+    ``sent_ranks`` (per update, in their order) is the rank each client's upload counts at when the rule cut it
+    (HetLoRA's self-pruning); None: as uploaded.
     """
 
     method: str
     modules: Adapter
     per_client: list[Adapter] | None = None
     weights: list[float] = field(default_factory=list)
+    residual: Adapter | None = None
+    residual_dense: bool = True
+    sent_ranks: list[int] | None = None
 
     def for_client(self, k: int) -> Adapter:
         """The adapter client ``k`` receives."""

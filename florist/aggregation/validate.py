@@ -124,11 +124,16 @@ def check_result(
     can exceed it, through the cross terms of one client's rescaled pair (c B, A / c) with the others' factors.
     """
     seen: set[int] = set()
-    for k, adapter in enumerate([result.modules, *(result.per_client or [])]):
+    adapters = [result.modules, *(result.per_client or [])]
+    for k, adapter in enumerate(adapters + ([result.residual] if result.residual is not None else [])):
         if id(adapter) in seen:  # a client that gets the global adapter itself
             continue
         seen.add(id(adapter))
-        whose = "global adapter" if k == 0 else f"adapter for {clients[k - 1] if clients else f'client {k - 1}'}"
+        if k == len(adapters):
+            whose, bounded = "residual", False  # the residual is exact minus the adapter: the sum is what is bounded
+        else:
+            bounded = True
+            whose = "global adapter" if k == 0 else f"adapter for {clients[k - 1] if clients else f'client {k - 1}'}"
         for name, m in adapter.items():
             for label, t in (("A", m.A), ("B", m.B), ("singular values", m.singular_values)):
                 if t is not None and t.numel() and not float(t.abs().amax()) <= FLOAT32_MAX:  # False for NaN too
@@ -136,7 +141,7 @@ def check_result(
                         f"{result.method}, module {name}: the aggregated {whose} has {label} that are NaN, Inf or "
                         f"beyond float32; nothing of this aggregation is kept"
                     )
-            norm = factored_frobenius(m.B.double(), m.A.double()) if max_norm else 0.0
+            norm = factored_frobenius(m.B.double(), m.A.double()) if max_norm and bounded else 0.0
             if not norm <= max_norm * (1 + NORM_RTOL):
                 raise AggregationError(
                     f"{result.method}, module {name}: the aggregated {whose} has norm ||B A|| = {norm:.4g}, over the "

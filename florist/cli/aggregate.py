@@ -16,11 +16,12 @@ from florist.aggregation.validate import weight_values
 from florist.cli.app import app
 from florist.cli.errors import UserError, user_errors
 from florist.communication import RoundCommunication, round_communication
-from florist.methods import METHODS, Method, aggregate, format_value, get_method
+from florist.methods import METHODS, Method, aggregate, format_value, get_method, in_order
 from florist.progress import track
 from florist.tables import TableColumn, fitted_table
 
 REPORT_NAME = "aggregation.json"
+RESIDUAL = "residual"
 BYTES_PER_PARAM = 4  # adapters are written in float32
 
 
@@ -52,11 +53,14 @@ def aggregate_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUT if it exists and holds an aggregate florist wrote."
     ),
+    options: list[str] = typer.Option(
+        [], "--option", "-O", metavar="KEY=VALUE", help="One of the method's options (see florist methods)."
+    ),
 ) -> None:
     """Aggregate client LoRA adapters into the global update (FlexLoRA: one adapter per client)."""
     console = Console()
     with user_errors(AdapterError, AggregationError):
-        chosen = check_method(method)
+        chosen = configured(check_method(method), options)
         tau = check_value(chosen, threshold)
         client_weights = parse_weights(weights, clients)
         check_distinct(clients)
@@ -78,8 +82,27 @@ def aggregate_command(
 
 def check_method(method: str) -> Method:
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(m.name for m in in_order())}")
     return get_method(method)
+
+
+def configured(method: Method, options: list[str]) -> Method:
+    """The method with each --option KEY=VALUE set, the value read as TOML reads it (a bare word is a string)."""
+    import tomllib
+
+    values = {}
+    for item in options:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = text
+    try:
+        return method.configured(values)
+    except ValueError as e:
+        raise UserError(f"--option: {e}") from None
 
 
 def check_value(method: Method, value: float | None) -> float | None:
@@ -212,10 +235,20 @@ def write_result(
     overwrite: bool,
 ) -> None:
     extra = {REPORT_NAME: json.dumps(report, indent=2) + "\n"}
+    # FedEx-LoRA's residual is a second adapter, OUT/residual: loading it beside OUT gives the exact update
+    residual = {RESIDUAL: result.residual} if result.residual is not None else {}
     if result.per_client is None:
-        write_adapter(output, result.modules, base_model, extra_files=extra, overwrite=overwrite, task_type=task_type)
+        write_adapter(
+            output,
+            result.modules,
+            base_model,
+            extra_files=extra,
+            extra_adapters=residual,
+            overwrite=overwrite,
+            task_type=task_type,
+        )
     else:
-        adapters = {f"client_{k}": adapter for k, adapter in enumerate(result.per_client)}
+        adapters = {f"client_{k}": adapter for k, adapter in enumerate(result.per_client)} | residual
         write_adapters(output, adapters, base_model, extra_files=extra, overwrite=overwrite, task_type=task_type)
 
 

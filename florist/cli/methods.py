@@ -25,3 +25,15 @@ def methods() -> None:
         TableColumn("server", justify="left"),
     ]
     console.print(fitted_table(columns, rows, console.width, drop=[[4], [2]]))
+    settings = [(m, o) for m in in_order() for o in m.options]
+    if settings:
+        console.print("\nOptions, set as method.<key>.<option>=VALUE in a run's config (florist aggregate: --option):")
+    for m, o in settings:
+        console.print(f"  method.{m.name}.{o.name} = {o.default!r}: {o.help}", highlight=False)
+    fixed_schemes = [f"{m.name} ({m.scheme})" for m in in_order() if m.scheme]
+    if fixed_schemes:
+        console.print(
+            "\nHow the next round starts is fixed by the paper for " + ", ".join(fixed_schemes) + "; "
+            "federation.scheme chooses for the others.",
+            highlight=False,
+        )

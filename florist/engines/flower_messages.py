@@ -331,6 +331,7 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
                     "core": mode.core,
                     "keep-from": start.keep_from or "",
                     "keep-as": list(start.keep_as),
+                    "report-kept": start.report_kept,
                     "base-deltas": len(job.base_deltas),
                     "config": config_toml,
                 }
@@ -404,6 +405,7 @@ def read_job(content: RecordDict) -> ClientJob:
         shared=shared,
         keep_from=keep_from or None,
         keep_as=tuple(list_field(job, "keep-as", where, as_str, max_len=MAX_KEEP_NAMES)),
+        report_kept=bool_field(job, "report-kept", where),
     )
     return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
 
@@ -470,7 +472,8 @@ def read_update(
         raise MessageError(f"{where}: its arrays hold {size} bytes, over federation.max_update_bytes={max_bytes}")
     only_records(content, where, configs=[META], arrays=[UPDATE])
     record, meta = content.array_records[UPDATE], content.config_records[META]
-    uploads = job.start.mode.uploads
+    start = job.start
+    uploads = start.mode.uploads | (start.mode.keeps if start.report_kept else frozenset())
     names = list_field(meta, "modules", where, as_str, max_len=MAX_MODULES)
     scalings = list_field(meta, "scalings", where, as_float, max_len=MAX_MODULES)
     if len(names) != len(scalings) or len(set(names)) != len(names):

@@ -149,6 +149,7 @@ class FederatedLoRA(FedAvg):
             raise ValueError(f"lora_alpha is {lora_alpha!r}: the clients' LoRA alpha is a positive number")
         self.use_rslora, self.max_update_norm, self.seed = use_rslora, max_update_norm, seed
         self._check_mode(1)
+        self._check_no_residual()
         self._sent: PeftLayout | None = None
 
     def _checked_value(self, value: float | None) -> float | None:
@@ -171,6 +172,25 @@ class FederatedLoRA(FedAvg):
             raise ValueError(
                 f"method {self.method.name!r} in round {server_round}: {mode.describe()}, but a flowertune-llm "
                 "ClientApp trains and sends both A and B"
+            )
+
+    def _check_no_residual(self) -> None:
+        """Refuse a method whose result carries a residual for the clients' base weights (FedEx-LoRA's): FedAvg's
+        messages hold one adapter, so the clients would train from a model that lacks it. Found by aggregating two
+        small pairs, so that no method needs naming here."""
+        g = torch.Generator().manual_seed(0)
+        probe = [
+            ClientUpdate({"probe": LoraFactors(torch.randn(1, 3, generator=g), torch.randn(3, 1, generator=g))}, 1)
+            for _ in range(2)
+        ]
+        try:
+            result = aggregate(self.method, probe, value=self.value)
+        except AggregationError:
+            return  # a rule that needs more than two free pairs (a shared A): it has modes the check above refuses
+        if result.residual is not None:
+            raise ValueError(
+                f"method {self.method.name!r} adds a residual to every client's base weights, which FedAvg's messages "
+                'cannot carry; run it with florist\'s own Flower app (florist run, engine = "flower")'
             )
 
     def scaling(self, rank: int) -> float:

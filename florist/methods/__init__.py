@@ -4,25 +4,39 @@
     >>> result = aggregate("florist", updates, value=0.9)  # value: the swept parameter, FLoRIST's τ
     >>> result.modules["model.layers.0.self_attn.q_proj"].rank
 
-To add a method, subclass ``Method`` in a new file and register it: a file here is listed in ``BUILTIN``;
-a package of your own declares an entry point in the group ``florist.methods`` (``name = "pkg.module:Class"``),
-or calls ``register(MyMethod())`` before the run. docs/architecture.md walks through one.
+To add a method, subclass ``Method`` in a new file: a file in this package is found by itself (``BUILTIN``); a
+package of your own declares an entry point in the group ``florist.methods`` (``name = "pkg.module:Class"``), or
+calls ``register(MyMethod())`` before the run. docs/architecture.md walks through one.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from ..aggregation import AggregationError, AggregationResult, ClientUpdate, check_result, prepare
-from .base import Method, Style, Sweep, branch_label, format_value
-from .fedit import FedIT
-from .ffa import FFALoRA
-from .flexlora import FlexLoRA
-from .flora import FLoRA
-from .florist import FLoRIST
+from .base import Method, Option, RoundContext, Style, Sweep, branch_label, format_value
 
-BUILTIN: tuple[type[Method], ...] = (FLoRIST, FLoRA, FedIT, FlexLoRA, FFALoRA)
+
+def builtin_methods() -> tuple[type[Method], ...]:
+    """Every ``Method`` subclass declared in a module of this package (but ``base``), in module order."""
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, Method) and cls.__module__ == module.__name__ and cls.name
+        ]
+    return tuple(found)
+
+
+BUILTIN: tuple[type[Method], ...] = builtin_methods()
 ENTRY_POINTS = "florist.methods"
 
 METHODS: dict[str, Method] = {}
@@ -51,7 +65,7 @@ for _entry in entry_points(group=ENTRY_POINTS):
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise AggregationError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise AggregationError(f"unknown method {name!r}; choose from {', '.join(m.name for m in in_order())}")
     return METHODS[name]
 
 
@@ -75,12 +89,16 @@ def aggregate(
     m = get_method(method) if isinstance(method, str) else method
     prepared, w = prepare(updates, weights)
     names = [u.client_id or f"client {k}" for k, u in enumerate(prepared)]
-    return check_result(m.aggregate(prepared, w, value), clients=names)
+    result = m.aggregate(prepared, w, value, context=None) if m.uses_context else m.aggregate(prepared, w, value)
+    return check_result(result, clients=names)
 
 
 __all__ = [
+    "BUILTIN",
     "METHODS",
     "Method",
+    "Option",
+    "RoundContext",
     "Style",
     "Sweep",
     "aggregate",
@@ -90,9 +108,4 @@ __all__ = [
     "in_order",
     "register",
     "unregister",
-    "FLoRIST",
-    "FLoRA",
-    "FedIT",
-    "FlexLoRA",
-    "FFALoRA",
 ]

@@ -7,7 +7,8 @@ else in florist (the round loop, the engines, the accounting, the results table,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy as _copy
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -57,12 +58,50 @@ class Sweep:
     help: str
 
 
+@dataclass(frozen=True)
+class Option:
+    """A setting of one method, read from the run's ``[method.<name>]`` table (``method.fedex.residual="factors"``).
+
+    ``default`` fixes its type (bool, int, float or str); ``choices`` lists the values a string may take, ``low`` is
+    the least a number may be. The method reads it as the attribute of the option's name.
+    """
+
+    name: str
+    default: bool | int | float | str
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+
+    def problem(self, value: Any) -> str:
+        """What is wrong with ``value`` for this option, or ""."""
+        kind = type(self.default)
+        fits = isinstance(value, bool) == (kind is bool) and isinstance(value, (int, float) if kind is float else kind)
+        if not fits:
+            return f"must be {'true or false' if kind is bool else 'a number' if kind is float else kind.__name__}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}"
+        if self.low is not None and value < self.low:
+            return f"must be at least {self.low:g}"
+        return ""
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a server rule that reads more than the uploads gets (``Method.uses_context``): the round, and per update
+    the adapter its client started the round from (None: a fresh LoRA)."""
+
+    round_number: int
+    received: Sequence[Any]  # per update, an Adapter or None
+
+
 class Method:
     """A federated LoRA method. Subclasses set the class attributes and implement ``aggregate``.
 
     ``name`` is its key (``federation.methods``, ``--method``, the branch directory); ``display`` the name tables
     show; ``order`` its place among the methods in tables; ``summary`` the line ``florist methods`` prints;
-    ``exact`` whether the global update equals the clients' weighted sum of updates.
+    ``exact`` whether the global update equals the clients' weighted sum of updates; ``scheme`` how its next round
+    starts where its paper fixes it ("reinit": from the global adapter; "merge": the global update merged into the
+    base, a fresh LoRA), None where the run's ``federation.scheme`` chooses; ``options`` its settings.
     """
 
     name: str = ""
@@ -72,6 +111,44 @@ class Method:
     exact: bool = False
     style: Style = Style()
     sweep: Sweep | None = None
+    scheme: str | None = None
+    options: tuple[Option, ...] = ()
+    paper: str = ""  # the paper that states the rule, as the methods page cites it
+    uses_context: bool = False  # aggregate takes context=RoundContext (the round, what each client started from)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for option in cls.__dict__.get("options", ()):  # an option's default is the attribute the method reads
+            setattr(cls, option.name, option.default)
+
+    def configured(self, values: Mapping[str, Any]) -> Method:
+        """A copy of this method with ``values`` for its options (the rest at their defaults); ``ValueError`` naming
+        the option for one it does not have or a value it cannot take."""
+        known = {o.name: o for o in self.options}
+        copy = _copy.copy(self)
+        for key, value in values.items():
+            if key not in known:
+                have = ", ".join(known) or "none"
+                raise ValueError(f"{self.name} has no option {key!r}; its options: {have}")
+            problem = known[key].problem(value)
+            if problem:
+                raise ValueError(f"option {key!r} of {self.name} {problem}; got {value!r:.60}")
+            setattr(copy, key, value)
+        return copy
+
+    def check(self, ranks: Sequence[int], module_shapes: Mapping[str, tuple[int, int]]) -> str:
+        """What in a run this method cannot do (the clients' ``ranks``, the adapted modules' (m, n)), or "": a run
+        that asks for it is refused before training."""
+        return ""
+
+    def client_rank(self, rank: int, history: Sequence[AggregationResult], client: int) -> int:
+        """The rank client ``client`` trains at next, given the run's ``rank`` for it and the branch's past results."""
+        return rank
+
+    def shared_round(self, round_number: int) -> int:
+        """Which round's draw of the shared frozen factors round ``round_number`` uses: its own (a new draw each
+        round), or 1 for one draw the whole run holds."""
+        return round_number
 
     def mode(self, round_number: int) -> ClientMode:
         """What each client trains, holds shared and keeps in ``round_number`` (1-based); both factors by default."""
@@ -84,8 +161,9 @@ class Method:
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float], value: float | None = None):
         """The server step, on validated updates (cast to the compute dtype) and weights summing to 1.
 
-        ``value``: the swept parameter's value (None for a method without one). Returns an ``AggregationResult``;
-        raise ``AggregationError`` for input the method cannot combine.
+        ``value``: the swept parameter's value (None for a method without one). A method with ``uses_context`` also
+        takes ``context``, a ``RoundContext``, or None where there is no run (``florist aggregate``). Returns an
+        ``AggregationResult``; raise ``AggregationError`` for input the method cannot combine.
         """
         raise NotImplementedError
 
