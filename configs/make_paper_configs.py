@@ -69,7 +69,7 @@ def paper_config(model: str, checkpointing: bool, data: str, ranks: list[int], o
             "rounds": 1,
             "clients_per_round": 0,
             "scheme": "merge",
-            "methods": ["florist", "flora", "fedit", "flexlora", "ffa"],
+            "methods": ["florist", "flora", "fedit", "flexlora", "ffa", "fedex", "rolora", "fedsb", "fedsa", "hetlora"],
             "thresholds": "0.80:1.00:0.01",
             "florist_e_tolerance": 0.01,
         },

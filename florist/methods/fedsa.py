@@ -1,0 +1,51 @@
+"""FedSA-LoRA: every client trains A and B, shares only A; the server averages A, each client keeps its own B.
+
+Guo, Zeng, Wang, Fan, Wang, Qu, "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025
+(arXiv 2410.01463). A learns what the clients have in common and is averaged, Ā = Σ w_k A_k (data weights); B learns
+what is each client's own and never leaves it. Each round a client starts from the global Ā and its own B of the round
+before (B = 0 in round 1). Its model is personal, W0 + s B_k Ā, so the method's quality is the data-weighted mean of
+the clients' personalised models, each scored on the same test set (the paper scores each on its own slice; florist's
+test set is shared).
+
+Choices the paper leaves open, made here: heterogeneous ranks (the paper has one) zero-pad A, and a client of rank r_k
+takes Ā's leading r_k rows; round 1 starts as every florist method does (each client a fresh PEFT draw). The global
+adapter written for the run is (Ā, 0): with no B of its own it is the base model. To score personalised models the
+server needs each B_k, which clients send beside their upload (``ClientStart.report_kept``) for scoring only: no rule
+here averages them and the accounting leaves them out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..aggregation import AggregationResult, ModuleAggregate
+from ..aggregation.base import fold_scaling, zero_pad
+from ..jobs import ClientMode
+from .base import Method, Style
+
+LOCAL_B = ClientMode(trains={"A", "B"}, keeps={"B"})
+
+
+class FedSALoRA(Method):
+    name = "fedsa"
+    display = "FedSA-LoRA"
+    order = 7
+    summary = "Shares and averages A; each client keeps its own B: one personalised model per client."
+    exact = False
+    scheme = "reinit"  # the global A with the client's own B
+    style = Style(marker="p", colour="#17becf")
+    paper = "Guo, Zeng, Wang, Fan, Wang, Qu, ICLR 2025 (arXiv 2410.01463)"
+
+    def mode(self, round_number: int) -> ClientMode:
+        return LOCAL_B
+
+    def aggregate(self, updates, weights, value=None) -> AggregationResult:
+        shared, personal = {}, [{} for _ in updates]
+        for name in updates[0].modules:
+            factors = [u.modules[name] for u in updates]
+            r = max(f.rank for f in factors)
+            A = sum(w * zero_pad(f.A, r, dim=0) for f, w in zip(factors, weights))
+            shared[name] = ModuleAggregate(A=A, B=torch.zeros(factors[0].B.shape[0], r, dtype=A.dtype))
+            for k, f in enumerate(factors):  # B is each client's own (zero where it was not reported)
+                personal[k][name] = ModuleAggregate(A=A[: f.rank], B=fold_scaling(f))
+        return AggregationResult(self.name, shared, per_client=personal, weights=list(weights))
