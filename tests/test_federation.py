@@ -57,10 +57,8 @@ def test_a_method_alone_equals_the_same_method_inside_the_sweep(tmp_path):
     assert [p.name for p in (swept / "rounds" / "001" / "clients").iterdir()] == ["shared"]
 
 
-def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    args = ('federation.methods=["florist","fedit"]', "federation.rounds=2")
-    whole = run(tmp_path, "whole", *args)
-
+def killed_in_round_two(run, tmp_path, monkeypatch, *args):
+    """A run killed as its round 2 starts, then resumed: the resumed run directory."""
     real = Federation.run_round
 
     def die_in_round_two(self, round_number):
@@ -73,7 +71,13 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         run(tmp_path, "killed", *args)
     assert json.loads((tmp_path / "killed" / "state.json").read_text())["completed_rounds"] == 1
     monkeypatch.setattr(Federation, "run_round", real)
-    resumed = run(tmp_path, "killed", *args)
+    return run(tmp_path, "killed", *args)
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    args = ('federation.methods=["florist","fedit"]', "federation.rounds=2")
+    whole = run(tmp_path, "whole", *args)
+    resumed = killed_in_round_two(run, tmp_path, monkeypatch, *args)
     for label in ("florist@0.90", "fedit"):
         assert_same_adapters(global_factors(whole, 2, label), global_factors(resumed, 2, label))
     lines = (resumed / "metrics.jsonl").read_text().splitlines()

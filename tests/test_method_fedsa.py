@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 from test_client import examples, trainer
-from test_method_fedsb import record_factors
+from test_method_fedsb import record_factors, three_clients
 
 from florist.aggregation import AggregationError, ClientUpdate, LoraFactors, ModuleAggregate
 from florist.communication import round_communication
@@ -55,15 +53,7 @@ def assert_shared_a_and_own_b(result, pairs, ranks, scalings, weights):
             np.testing.assert_allclose(own.delta().numpy(), s * p[name][1] @ A_bar[:r], rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    ranks=st.lists(st.integers(2, 3), min_size=3, max_size=3),
-    scalings=st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0]), min_size=3, max_size=3),
-    counts=st.lists(st.integers(1, 50), min_size=3, max_size=3),
-)
-@example(seed=1, ranks=[3, 3, 3], scalings=[2.0, 2.0, 2.0], counts=[5, 10, 20])
-@example(seed=2, ranks=[2, 3, 2], scalings=[0.5, 4.0, 1.0], counts=[7, 1, 30])
+@three_clients
 def test_a_is_the_data_weighted_mean_and_each_client_keeps_its_own_b(seed, ranks, scalings, counts):
     pairs, updates = fedsa_round(seed, ranks, scalings, counts)
     result = aggregate("fedsa", updates)

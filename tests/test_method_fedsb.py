@@ -63,15 +63,21 @@ def assert_exact_core_average(result, shared, cores, ranks, scalings, weights):
         np.testing.assert_allclose(recovered, R_bar, rtol=1e-9, atol=1e-10)  # ... and its B is B R̄: R̄ is what is sent
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    ranks=st.lists(st.integers(2, 3), min_size=3, max_size=3),
-    scalings=st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0]), min_size=3, max_size=3),
-    counts=st.lists(st.integers(1, 50), min_size=3, max_size=3),
-)
-@example(seed=1, ranks=[3, 3, 3], scalings=[2.0, 2.0, 2.0], counts=[5, 10, 20])
-@example(seed=2, ranks=[2, 3, 2], scalings=[0.5, 4.0, 1.0], counts=[7, 1, 30])
+def three_clients(test):
+    """Three clients' seeds, ranks (equal and not), scalings and example counts, random and two fixed cases."""
+    test = example(seed=2, ranks=[2, 3, 2], scalings=[0.5, 4.0, 1.0], counts=[7, 1, 30])(test)
+    test = example(seed=1, ranks=[3, 3, 3], scalings=[2.0, 2.0, 2.0], counts=[5, 10, 20])(test)
+    return settings(max_examples=25, deadline=None)(
+        given(
+            seed=st.integers(0, 2**16),
+            ranks=st.lists(st.integers(2, 3), min_size=3, max_size=3),
+            scalings=st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0]), min_size=3, max_size=3),
+            counts=st.lists(st.integers(1, 50), min_size=3, max_size=3),
+        )(test)
+    )
+
+
+@three_clients
 def test_averaged_core_is_the_exact_data_weighted_mean_update(seed, ranks, scalings, counts):
     shared, cores, updates = fedsb_round(seed, ranks, scalings, counts)
     result = aggregate("fedsb", updates)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_federation import TINY_RUN, assert_same_adapters
+from test_federation import TINY_RUN, assert_same_adapters, killed_in_round_two
 from typer.testing import CliRunner
 
 import florist.engines.flower_app as flower_app
@@ -19,7 +19,6 @@ from florist.cli import app
 from florist.config import ConfigError, load_config
 from florist.methods import METHODS
 from florist.models import tiny_llama
-from florist.server import Federation
 
 NEW = ["fedex", "rolora", "fedsb", "fedsa", "hetlora"]
 RANKS = "lora.ranks=[2,4,4]"
@@ -124,18 +123,7 @@ def test_the_flower_engine_gives_every_method_the_in_process_result(inprocess, t
 def test_a_killed_run_resumes_with_the_residual_and_the_kept_factors(tmp_path, monkeypatch):
     args = ('federation.methods=["fedex","fedsa"]', "federation.rounds=2")
     whole = run(tmp_path, "whole", *args)
-    real = Federation.run_round
-
-    def die_in_round_two(self, round_number):
-        if round_number == 2:
-            raise KeyboardInterrupt
-        return real(self, round_number)
-
-    monkeypatch.setattr(Federation, "run_round", die_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "killed", *args)
-    monkeypatch.setattr(Federation, "run_round", real)
-    resumed = run(tmp_path, "killed", *args)
+    resumed = killed_in_round_two(run, tmp_path, monkeypatch, *args)
     assert_same_adapters(adapter_of(whole, 2, "fedex"), adapter_of(resumed, 2, "fedex"))
     # FedSA-LoRA's clients kept their B in the process that died; the B each reported, saved with its personalised
     # adapter, is where a resumed client's B starts
