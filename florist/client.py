@@ -139,9 +139,12 @@ class LocalTrainer:
         if len(examples) == 0:
             raise ValueError(f"{client_id or 'client'}: no training examples")
         began = time.perf_counter()
-        torch.manual_seed(start.seed)  # PEFT draws A's init from the global generator
+        common = start.init_seed is not None
+        torch.manual_seed(start.init_seed if common else start.seed)  # PEFT draws A's init from the global generator
         with peft_wrapping():
             peft_model = peft.get_peft_model(self.model, self._peft_config(start))
+        if common:
+            torch.manual_seed(start.seed)  # one common draw; the dropout masks are still the client's own
         attention = getattr(self.model.config, "_attn_implementation", None)
         try:
             self._initialise(start, kept)

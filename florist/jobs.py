@@ -36,13 +36,15 @@ class ClientMode:
     holds frozen at one draw from the run's seed, which the server sends (FFA-LoRA's A). ``keeps``: the factors that
     stay on the client, start from its own copy of the round before and are never uploaded. ``core``: an r × r
     matrix R sits between B and A, starting at zero. Every other factor starts as the run's scheme says: fresh
-    (PEFT's init) under ``merge``, the global adapter under ``reinit``.
+    (PEFT's init) under ``merge``, the global adapter under ``reinit``. ``common_init``: a fresh LoRA is one draw for
+    every client of the round (as when a server sends its model out), where by default each client draws its own.
     """
 
     trains: frozenset[str] = frozenset({"A", "B"})
     shared: frozenset[str] = frozenset()
     keeps: frozenset[str] = frozenset()
     core: bool = False
+    common_init: bool = False
 
     def __post_init__(self):
         for what in ("trains", "shared", "keeps"):
@@ -68,6 +70,8 @@ class ClientMode:
             parts.append(f"{', '.join(sorted(self.shared))} shared and frozen")
         if self.keeps:
             parts.append(f"keeps {', '.join(sorted(self.keeps))} on the client")
+        if self.common_init:
+            parts.append("starts from one common draw")
         parts.append(f"uploads {', '.join(sorted(self.uploads))}")
         return "; ".join(parts)
 
@@ -83,9 +87,10 @@ class ClientStart:
     ``shared``: per module, the frozen factors every client holds (rank >= this client's: it takes the leading
     rows of A, columns of B). ``keep_from``/``keep_as``: under which names the client's kept factors are looked up
     (None: the first round, fresh) and stored after training (the branches that go on from this training).
-    ``report_kept``: send the kept factors too, beside the upload, so that the server can score each client's
-    personalised model; they are a measurement of the simulation, not traffic: no rule aggregates them and the
-    accounting leaves them out.
+    ``init_seed``: the seed of a fresh LoRA's draw when it is common to every client (``ClientMode.common_init``);
+    None: ``seed``, the client's own. ``report_kept``: send the kept factors too, beside the upload, so that the
+    server can score each client's personalised model; they are a measurement of the simulation, not traffic: no
+    rule aggregates them and the accounting leaves them out.
     """
 
     rank: int
@@ -97,6 +102,7 @@ class ClientStart:
     keep_from: str | None = None
     keep_as: tuple[str, ...] = ()
     report_kept: bool = False
+    init_seed: int | None = None
 
 
 @dataclass
@@ -175,14 +181,15 @@ class KeptFactors:
             self._kept[(client, name)] = kept
 
 
-SEED_PURPOSES = ("sampling", "client", "shared", "epoch", "fresh components")
+SEED_PURPOSES = ("sampling", "client", "shared", "epoch", "fresh components", "common init")
 
 
 def seed_for(run_seed: int, purpose: str, round_number: int = 0, client: int = 0) -> int:
     """Every seed a run draws, from the run's seed and what it is for: ``sampling`` (a round's clients), ``client``
     (a client's LoRA init in a round: the same for every branch, so training can be shared), ``shared`` (a round's
     shared frozen factors), ``epoch`` (a client's data order in one epoch, from its client seed), ``fresh components``
-    (the new components ``FederatedLoRA`` adds to bring a global adapter up to the clients' rank).
+    (the new components ``FederatedLoRA`` adds to bring a global adapter up to the clients' rank), ``common init``
+    (a round's one fresh LoRA draw for every client, ``ClientMode.common_init``).
 
     A 63-bit hash of all four, so seeds of different purposes, rounds or clients do not collide (a linear formula
     such as ``seed * P + round * Q + client`` repeats once ``client`` reaches ``Q``); any seed torch, numpy's

@@ -292,6 +292,7 @@ class Federation:
             keep_from=first.label if mode.keeps and first.history else None,
             keep_as=tuple(b.label for b in branches) if mode.keeps else (),
             report_kept=bool(mode.keeps) and s.report_kept,
+            init_seed=seed_for(s.seed, "common init", round_number) if mode.common_init else None,
         )
         return ClientJob(client, start, first.base_deltas(client), group=group)
 

@@ -3,6 +3,8 @@ is (Ā, 0) and each client's personalised adapter is Ā with its own s_k B_k."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,19 @@ def test_a_client_whose_a_has_another_width_is_named():
     updates[2] = ClientUpdate(wider, 10, "client 2")
     with pytest.raises(AggregationError, match=r"^client 2, module v: adapts a 4x7 weight"):
         aggregate("fedsa", updates)
+
+
+def test_round_one_clients_start_from_one_common_draw_of_a():
+    """Two clients with their own seeds but the round's common init seed start from the same A (lr 0: nothing
+    moves), as the paper's clients start from the server's model; without it each draws its own."""
+    model, _ = tiny_llama(0, vocab_size=256)
+    still = trainer(model, "float32")
+    still.train_config = dataclasses.replace(still.train_config, lr=0.0)
+    mode = get_method("fedsa").mode(1)
+    assert mode.common_init
+    starts = [ClientStart(4, 8.0, seed, mode=mode, report_kept=True, init_seed=99) for seed in (1, 2)]
+    uploads = [still.train(examples(), start)[0] for start in starts]
+    for name in uploads[0].factors:
+        assert torch.equal(uploads[0].factors[name]["A"], uploads[1].factors[name]["A"])
+    own = [still.train(examples(), dataclasses.replace(start, init_seed=None))[0] for start in starts]
+    assert not torch.equal(own[0].factors[name]["A"], own[1].factors[name]["A"])

@@ -329,9 +329,11 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
                     "shared": sorted(mode.shared),
                     "keeps": sorted(mode.keeps),
                     "core": mode.core,
+                    "common-init": mode.common_init,
                     "keep-from": start.keep_from or "",
                     "keep-as": list(start.keep_as),
                     "report-kept": start.report_kept,
+                    "init-seed": -1 if start.init_seed is None else start.init_seed,
                     "base-deltas": len(job.base_deltas),
                     "config": config_toml,
                 }
@@ -367,9 +369,11 @@ def read_mode(job: ConfigRecord, where: str) -> ClientMode:
     lists = {
         key: list_field(job, key, where, _as_factor, max_len=len(FACTORS)) for key in ("trains", "shared", "keeps")
     }
-    core = bool_field(job, "core", where)
+    core, common = bool_field(job, "core", where), bool_field(job, "common-init", where)
     try:
-        return ClientMode(trains=lists["trains"], shared=lists["shared"], keeps=lists["keeps"], core=core)
+        return ClientMode(
+            trains=lists["trains"], shared=lists["shared"], keeps=lists["keeps"], core=core, common_init=common
+        )
     except ValueError as e:
         raise MessageError(f"{where}: {e}") from None
 
@@ -406,6 +410,7 @@ def read_job(content: RecordDict) -> ClientJob:
         keep_from=keep_from or None,
         keep_as=tuple(list_field(job, "keep-as", where, as_str, max_len=MAX_KEEP_NAMES)),
         report_kept=bool_field(job, "report-kept", where),
+        init_seed=None if (init_seed := int_field(job, "init-seed", where, -1, INT64[1])) < 0 else init_seed,
     )
     return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
 

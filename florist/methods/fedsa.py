@@ -3,12 +3,14 @@
 Guo, Zeng, Wang, Fan, Wang, Qu, "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025
 (arXiv 2410.01463). A learns what the clients have in common and is averaged, Ā = Σ w_k A_k (data weights); B learns
 what is each client's own and never leaves it. Each round a client starts from the global Ā and its own B of the round
-before (B = 0 in round 1). Its model is personal, W0 + s B_k Ā, so the method's quality is the data-weighted mean of
+before; in round 1 every client starts from one common draw of A, B = 0 (the paper's server sends its model out).
+Its model is personal, W0 + s B_k Ā, so the method's quality is the data-weighted mean of
 the clients' personalised models, each scored on the same test set (the paper scores each on its own slice; florist's
 test set is shared).
 
 Choices the paper leaves open, made here: heterogeneous ranks (the paper has one) zero-pad A, and a client of rank r_k
-takes Ā's leading r_k rows; round 1 starts as every florist method does (each client a fresh PEFT draw). The global
+takes Ā's leading r_k rows (the common draw is made at each client's rank from one seed, so a smaller rank's A is
+not the leading rows of a larger one's). The global
 adapter written for the run is (Ā, 0): with no B of its own it is the base model. To score personalised models the
 server needs each B_k, which clients send beside their upload (``ClientStart.report_kept``) for scoring only: no rule
 here averages them and the accounting leaves them out.
@@ -23,7 +25,7 @@ from ..aggregation.base import fold_scaling, zero_pad
 from ..jobs import ClientMode
 from .base import Method, Style
 
-LOCAL_B = ClientMode(trains={"A", "B"}, keeps={"B"})
+LOCAL_B = ClientMode(trains={"A", "B"}, keeps={"B"}, common_init=True)
 
 
 class FedSALoRA(Method):
