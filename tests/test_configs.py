@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from florist.config import load_config
-from florist.methods import get_method
+from florist.methods import BUILTIN, get_method
 from florist.models import MODEL_ALIASES
 from florist.server import make_branches
 
@@ -33,7 +33,7 @@ def _generator():
 def test_every_shipped_config_loads(path):
     config = load_config(path)
     assert config.output.startswith("runs/")
-    assert set(config.federation.methods) == {"florist", "flora", "fedit", "flexlora", "ffa"}
+    assert set(config.federation.methods) == {m.name for m in BUILTIN}  # every built-in method, the 2025 ones too
 
 
 def test_paper_grid_is_every_model_dataset_and_rank_setting():
