@@ -248,11 +248,9 @@ class Federation:
         self.engine, self.branches, self.settings, self.checks = engine, branches, settings, checks
         self.hooks = hooks or RoundHooks()
         self._shared: dict[tuple[int, ClientMode, int], Factors] = {}
-        self._round = 0
 
     def run_round(self, round_number: int) -> list[RoundRecord]:
         """One round, start to end; ``RoundFailed`` (nothing kept, nothing written) if too few clients are usable."""
-        self._round = round_number
         groups = self.plan_round(round_number)
         for g in groups:
             labels = ", ".join(b.label for b in g.branches)
@@ -372,7 +370,7 @@ class Federation:
         for g in groups:
             self._check_enough(round_number, g, screened[g.name])
         try:
-            aggregated = [a for g in groups for a in self.aggregate(g, screened[g.name].accepted)]
+            aggregated = [a for g in groups for a in self.aggregate(round_number, g, screened[g.name].accepted)]
         except AggregationError as e:
             raise RoundFailed(f"round {round_number}: {e}") from None
         kept = {b.label: len(b.history) for b in self.branches}
@@ -399,7 +397,7 @@ class Federation:
             f"min_clients={self.settings.min_clients}" + (f" ({why})" if why else "")
         )
 
-    def aggregate(self, group: TrainingGroup, results: list[ClientResult]) -> list[Aggregated]:
+    def aggregate(self, round_number: int, group: TrainingGroup, results: list[ClientResult]) -> list[Aggregated]:
         """Every branch of the group aggregated from the same accepted updates, each result checked; nothing kept."""
         updates = [r.update for r in results]  # screened already: validated once, here only weighed and cast
         prepared, weights = as_dtype(updates, compute_dtype(updates)), normalized_weights(updates, None)
@@ -410,7 +408,7 @@ class Federation:
             method = branches[0].method  # configured with the run's options for it
             began = time.perf_counter()
             if method.uses_context:  # one branch: a method that reads its own past has no shared sweep
-                context = RoundContext(self._round, [branches[0].init_adapter(c) for c in clients])
+                context = RoundContext(round_number, [branches[0].init_adapter(c) for c in clients])
                 swept = {b.value: method.aggregate(prepared, weights, b.value, context=context) for b in branches}
             else:
                 swept = method.aggregate_sweep(prepared, weights, [b.value for b in branches])

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..aggregation import AggregationError, AggregationResult, ClientUpdate, ModuleAggregate
+from ..aggregation import AggregationError, AggregationResult, ClientUpdate, LoraFactors, ModuleAggregate
 from ..aggregation.base import Adapter, fold_scaling, zero_pad
 from ..aggregation.ffa import average_b
 from ..jobs import ClientMode
@@ -38,15 +38,23 @@ def average_a(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> Adap
     for name in updates[0].modules:
         factors = [u.modules[name] for u in updates]
         widest = max(factors, key=lambda f: f.rank)
-        B = fold_scaling(widest)
         for u, f in zip(updates, factors):
-            if not fold_scaling(f).allclose(B[:, : f.rank], rtol=1e-5, atol=1e-7):
+            if not holds_common(f, widest, "B"):
                 raise AggregationError(
                     f"rolora, module {name}: {u.client_id or 'a client'} holds another B than the global one"
                 )
         A = sum(w * zero_pad(f.A, widest.rank, dim=0) for f, w in zip(factors, weights))
-        modules[name] = ModuleAggregate(A=A, B=B)
+        modules[name] = ModuleAggregate(A=A, B=fold_scaling(widest))
     return modules
+
+
+def holds_common(pair: LoraFactors, widest: LoraFactors, factor: str) -> bool:
+    """Whether ``pair`` holds the widest client's ``factor`` cut to its rank: A's leading rows, exactly (one draw or
+    the global A), or B's leading columns with the scaling folded in (equal up to the round-off of each client's
+    division by its own scaling)."""
+    if factor == "A":
+        return torch.equal(pair.A, widest.A[: pair.rank])
+    return fold_scaling(pair).allclose(fold_scaling(widest)[:, : pair.rank], rtol=1e-5, atol=1e-7)
 
 
 class RoLoRA(Method):
@@ -88,9 +96,5 @@ def common(updates: Sequence[ClientUpdate], factor: str) -> list[bool]:
     for name in updates[0].modules:
         factors = [u.modules[name] for u in updates]
         widest = max(factors, key=lambda f: f.rank)
-        if factor == "A":
-            out.append(all(torch.equal(f.A, widest.A[: f.rank]) for f in factors))
-        else:
-            B = fold_scaling(widest)
-            out.append(all(fold_scaling(f).allclose(B[:, : f.rank], rtol=1e-5, atol=1e-7) for f in factors))
+        out.append(all(holds_common(f, widest, factor) for f in factors))
     return out
