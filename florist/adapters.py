@@ -40,6 +40,7 @@ from .reading import reason
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+RESIDUAL_NAME = "residual"  # an update for the base weights written beside an adapter, as its own (FedEx-LoRA's)
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_MAX_BYTES = 16 * 2**30  # a full-rank-ish adapter of a 7B model is well under this

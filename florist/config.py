@@ -182,16 +182,26 @@ def _validated(raw: dict, prefix: str, client: bool = False) -> RunConfig:
     return config
 
 
+def override_value(text: str) -> Any:
+    """A value as an override writes it: TOML (1, 0.5, true, "s", [1, 2]), or a bare string such as a path or a
+    model id; a ConfigError for text holding more than one value."""
+    try:
+        document = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    if list(document) != ["v"]:
+        raise ConfigError("expected one value after '='")
+    return document["v"]
+
+
 def _apply_override(raw: dict, item: str) -> None:
-    key, sep, value = item.partition("=")
+    key, sep, text = item.partition("=")
     if not sep:
         raise ConfigError(f"override {item!r}: expected section.key=value")
     try:
-        document = tomllib.loads(f"v = {value}")
-    except tomllib.TOMLDecodeError:
-        document = {"v": value}  # a bare string such as a path or a model id
-    if list(document) != ["v"]:
-        raise ConfigError(f"override {item!r}: expected one value after '='")
+        value = override_value(text)
+    except ConfigError as e:
+        raise ConfigError(f"override {item!r}: {e}") from None
     *sections, leaf = key.strip().split(".")
     node, where = raw, []
     for s in sections:
@@ -199,7 +209,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(s, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: config key {'.'.join(where)!r} is a value, not a section")
-    node[leaf] = document["v"]
+    node[leaf] = value
 
 
 def _build(cls, raw: dict, where: str):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .adapters import (
     CONFIG_NAME,
+    RESIDUAL_NAME,
     WEIGHTS_NAME,
     WRITTEN_EXTRA_FILES,
     AdapterError,
@@ -72,9 +73,6 @@ RUN_FILES = frozenset(
     }
 )
 ROUND_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME}) | WRITTEN_EXTRA_FILES
-
-
-RESIDUAL = "residual"  # a round's update merged into the base beside its adapter (FedEx-LoRA's), as its own adapter
 
 
 class RunDirError(ValueError):
@@ -312,7 +310,7 @@ class RunDirectory:
     def _load_result(self, branch: Branch, round_number: int, num_clients: int) -> AggregationResult:
         d = self.round_dir(round_number) / branch.label
         try:
-            residual = _load_modules(d / RESIDUAL) if (d / RESIDUAL).exists() else None
+            residual = _load_modules(d / RESIDUAL_NAME) if (d / RESIDUAL_NAME).exists() else None
             if (d / "client_0").exists():
                 per_client = [_load_modules(d / f"client_{k}") for k in range(num_clients)]
                 return AggregationResult(branch.method.name, _load_modules(d / "global"), per_client, residual=residual)
@@ -358,7 +356,7 @@ class RunDirectory:
             }
             extra = {"aggregation.json": record, **({"spectra.json": json.dumps(singular)} if singular else {})}
             target = self.round_dir(round_number) / b.label
-            residual = {RESIDUAL: result.residual} if result.residual is not None else {}
+            residual = {RESIDUAL_NAME: result.residual} if result.residual is not None else {}
             if result.per_client is not None:
                 adapters = {"global": result.modules} | {f"client_{k}": a for k, a in enumerate(result.per_client)}
                 write_adapters(target, adapters | residual, self.base_model, extra_files=extra, overwrite=True)

@@ -10,18 +10,26 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from florist.adapters import AdapterError, AdapterInfo, check_output, read_adapter, write_adapter, write_adapters
+from florist.adapters import (
+    RESIDUAL_NAME,
+    AdapterError,
+    AdapterInfo,
+    check_output,
+    read_adapter,
+    write_adapter,
+    write_adapters,
+)
 from florist.aggregation import AggregationError, AggregationResult, ClientUpdate
 from florist.aggregation.validate import weight_values
 from florist.cli.app import app
 from florist.cli.errors import UserError, user_errors
 from florist.communication import RoundCommunication, round_communication
-from florist.methods import METHODS, Method, aggregate, format_value, get_method, in_order
+from florist.config import ConfigError, override_value
+from florist.methods import METHODS, Method, aggregate, format_value, get_method
 from florist.progress import track
 from florist.tables import TableColumn, fitted_table
 
 REPORT_NAME = "aggregation.json"
-RESIDUAL = "residual"
 BYTES_PER_PARAM = 4  # adapters are written in float32
 
 
@@ -60,7 +68,7 @@ def aggregate_command(
     """Aggregate client LoRA adapters into the global update (FlexLoRA: one adapter per client)."""
     console = Console()
     with user_errors(AdapterError, AggregationError):
-        chosen = configured(check_method(method), options)
+        chosen = configured(get_method(method), options)  # an unknown one: AggregationError
         tau = check_value(chosen, threshold)
         client_weights = parse_weights(weights, clients)
         check_distinct(clients)
@@ -80,25 +88,17 @@ def aggregate_command(
     print_summary(console, method, tau, clients, result, comm, out)
 
 
-def check_method(method: str) -> Method:
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(m.name for m in in_order())}")
-    return get_method(method)
-
-
 def configured(method: Method, options: list[str]) -> Method:
-    """The method with each --option KEY=VALUE set, the value read as TOML reads it (a bare word is a string)."""
-    import tomllib
-
+    """The method with each --option KEY=VALUE set, the value read as a config override's (a bare word is a string)."""
     values = {}
     for item in options:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option {item!r}: expected KEY=VALUE")
         try:
-            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = text
+            values[key.strip()] = override_value(text)
+        except ConfigError as e:
+            raise UserError(f"--option {item!r}: {e}") from None
     try:
         return method.configured(values)
     except ValueError as e:
@@ -236,7 +236,7 @@ def write_result(
 ) -> None:
     extra = {REPORT_NAME: json.dumps(report, indent=2) + "\n"}
     # FedEx-LoRA's residual is a second adapter, OUT/residual: loading it beside OUT gives the exact update
-    residual = {RESIDUAL: result.residual} if result.residual is not None else {}
+    residual = {RESIDUAL_NAME: result.residual} if result.residual is not None else {}
     if result.per_client is None:
         write_adapter(
             output,
