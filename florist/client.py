@@ -19,7 +19,17 @@ from torch import nn
 
 from .aggregation import ModuleAggregate
 from .config import LoraConfig, TrainConfig
-from .jobs import LOSS_IGNORED, ClientStart, ClientUpload, Factors, TrainingLog, leading, seed_for, upload_of
+from .jobs import (
+    GRADIENT,
+    LOSS_IGNORED,
+    ClientStart,
+    ClientUpload,
+    Factors,
+    TrainingLog,
+    leading,
+    seed_for,
+    upload_of,
+)
 from .loss import causal_lm_loss
 from .models import DTYPES, peft_wrapping, set_activation_checkpointing
 
@@ -138,6 +148,9 @@ class LocalTrainer:
         """
         if len(examples) == 0:
             raise ValueError(f"{client_id or 'client'}: no training examples")
+        if start.gradient_examples:
+            upload, log = self.gradient(examples, start, on_step)
+            return upload, log, {}
         began = time.perf_counter()
         common = start.init_seed is not None
         torch.manual_seed(start.init_seed if common else start.seed)  # PEFT draws A's init from the global generator
@@ -160,6 +173,45 @@ class LocalTrainer:
         keeps = {name: {f: factors[f] for f in sorted(mode.keeps)} for name, factors in trained.items()}
         return ClientUpload(upload_of(start, trained), scalings, num_examples=len(examples)), log, keeps
 
+    def gradient(
+        self, examples: Sequence[dict], start: ClientStart, on_step: Callable[[int, int, float], None] | None = None
+    ) -> tuple[ClientUpload, TrainingLog]:
+        """The gradient of the loss with respect to every adapted base weight (m × n), summed over the first
+        ``start.gradient_examples`` of ``examples``; the upload's example count is the client's, as for training.
+
+        Each micro-batch contributes its token-mean loss times its number of examples, so the sum weighs examples
+        alike, as a sum of per-example gradients would. No dropout (the estimate is deterministic) and no update:
+        a fresh LoRA (B = 0) is injected only to name the adapted weights as training does, then removed.
+        """
+        began, log, held = time.perf_counter(), TrainingLog(), len(examples)
+        examples = examples[: start.gradient_examples]
+        with peft_wrapping():
+            peft_model = peft.get_peft_model(self.model, self._peft_config(start))
+        layers = lora_layers(self.model)
+        try:
+            for _, layer in layers:
+                layer.base_layer.weight.requires_grad_(True)
+            peft_model.eval()
+            size = self.train_config.micro_batch_size
+            batches = [list(examples[i : i + size]) for i in range(0, len(examples), size)]
+            for k, batch in enumerate(batches):
+                labelled = sum(sum(1 for t in e["labels"][1:] if t != LOSS_IGNORED) for e in batch)
+                inputs = collate(batch, self.pad_token_id, self.device)
+                loss = causal_lm_loss(peft_model, inputs, num_items=max(labelled, 1))
+                (loss * len(batch)).backward()
+                log.steps, log.tokens = k + 1, log.tokens + int(inputs["attention_mask"].sum())
+                log.losses.append(float(loss.detach()))
+                if on_step:
+                    on_step(k + 1, len(batches), log.losses[-1])
+            grads = {name: {GRADIENT: layer.base_layer.weight.grad.detach().float().cpu()} for name, layer in layers}
+        finally:
+            for _, layer in layers:
+                layer.base_layer.weight.grad = None
+                layer.base_layer.weight.requires_grad_(False)
+            peft_model.unload()
+        log.seconds = time.perf_counter() - began
+        return ClientUpload(grads, {name: 1.0 for name in grads}, num_examples=held), log
+
     def _peft_config(self, start: ClientStart) -> peft.LoraConfig:
         return peft.LoraConfig(
             r=start.rank,
@@ -181,7 +233,8 @@ class LocalTrainer:
             if start.init is not None:
                 load_global(A, B, start.init[name], layer.scaling["default"])
             for f, t in ((start.shared or {}).get(name, {})).items():
-                (A if f == "A" else B).copy_(leading(f, t, start.rank))
+                if f != "R":  # a core's start is set once the core is in place
+                    (A if f == "A" else B).copy_(leading(f, t, start.rank))
             if kept is not None:
                 for f, t in kept.get(name, {}).items():
                     (A if f == "A" else B).copy_(t)
@@ -189,6 +242,9 @@ class LocalTrainer:
             B.requires_grad_("B" in mode.trains)
             if mode.core:
                 insert_core(layer, start.rank)
+                core = (start.shared or {}).get(name, {}).get("R")
+                if core is not None:  # the update's core, scaling folded in, as B is in a global adapter
+                    layer.lora_A["default"].R.weight.copy_(leading("R", core, start.rank) / layer.scaling["default"])
 
     def _fit(self, peft_model, examples, seed: int, on_step, attention: str | None) -> TrainingLog:
         cfg = self.train_config

@@ -3,7 +3,10 @@
 Counted from the tensors that actually travel, as the method declares them: a client uploads the factors of its
 round's ``ClientMode.uploads`` (A is r × n, B m × r, a core R r × r); the server sends each client the factors of
 ``Method.downloads`` of the adapter ``result.for_client(k)``, and a result's residual (FedEx-LoRA's): dense, m × n
-numbers a module, or as its factors, r (m + n) at its rank r.
+numbers a module, or as its factors, r (m + n) at its rank r. A method whose shared factors start from the first
+full-gradient step (Fed-SB's LoRA-SB start) adds, in that round, each client's dense m × n gradient up and the
+shared factors with the core's start down (``with_start_traffic``). Shared factors drawn from a seed cost nothing:
+the seed would do.
 
 The paper's "Eff" is 1 / sum over modules of the rank sent down. It ignores matrix sizes and the
 upload; a one-factor download (FFA-LoRA's B) counts half a rank, which is how the paper arrives at
@@ -13,7 +16,7 @@ twice FedIT's figure. It is reported beside the parameter and byte counts, never
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from .aggregation import AggregationResult, ClientUpdate, LoraFactors, ModuleAggregate
 from .methods import Method
@@ -27,6 +30,10 @@ class RoundCommunication:
     bytes_per_param: int
     down_rank: float  # sum over modules of the rank sent down (mean over clients when it differs)
     residual: str = ""  # how a residual merged into the base travels down: "dense", "factors", or "" (none)
+    # of upload_params and download_params, what a first-step start took (Method.gradient_examples): each client's
+    # dense gradient up, the shared factors and the core's start down; empty for other rounds and methods
+    start_upload_params: list[int] = field(default_factory=list)
+    start_download_params: list[int] = field(default_factory=list)
 
     @property
     def upload_bytes(self) -> list[int]:
@@ -98,6 +105,18 @@ def round_communication(
         bytes_per_param=bytes_per_param,
         down_rank=sum(ranks) / len(ranks),
         residual="" if result.residual is None else "dense" if result.residual_dense else "factors",
+    )
+
+
+def with_start_traffic(comm: RoundCommunication, start: Sequence[tuple[int, int]]) -> RoundCommunication:
+    """``comm`` with each client's first-step traffic added, (parameters up, parameters down) in reply order."""
+    up, down = [u for u, _ in start], [d for _, d in start]
+    return replace(
+        comm,
+        upload_params=[p + u for p, u in zip(comm.upload_params, up)],
+        download_params=[p + d for p, d in zip(comm.download_params, down)],
+        start_upload_params=up,
+        start_download_params=down,
     )
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from .aggregation import Adapter, ClientUpdate, LoraFactors
 
 FACTORS = ("A", "B", "R")
+GRADIENT = "G"  # a gradient job's upload: per module, the summed gradient of the frozen base weight (m × n)
 LOSS_IGNORED = -100  # the label PyTorch's cross entropy skips: prompt tokens and padding
 
 Factors = dict[str, dict[str, Tensor]]  # module name -> {"A": ..., "B": ..., "R": ...}
@@ -35,9 +36,10 @@ class ClientMode:
     ``trains``: the factors that train (of A, B and R; R only with ``core``). ``shared``: the factors every client
     holds frozen at one draw from the run's seed, which the server sends (FFA-LoRA's A). ``keeps``: the factors that
     stay on the client, start from its own copy of the round before and are never uploaded. ``core``: an r × r
-    matrix R sits between B and A, starting at zero. Every other factor starts as the run's scheme says: fresh
-    (PEFT's init) under ``merge``, the global adapter under ``reinit``. ``common_init``: a fresh LoRA is one draw for
-    every client of the round (as when a server sends its model out), where by default each client draws its own.
+    matrix R sits between B and A, starting at zero (or at the job's shared R). Every other factor starts as the
+    run's scheme says: fresh (PEFT's init) under ``merge``, the global adapter under ``reinit``. ``common_init``: a
+    fresh LoRA is one draw for every client of the round (as when a server sends its model out), where by default
+    each client draws its own.
     """
 
     trains: frozenset[str] = frozenset({"A", "B"})
@@ -90,7 +92,10 @@ class ClientStart:
     ``init_seed``: the seed of a fresh LoRA's draw when it is common to every client (``ClientMode.common_init``);
     None: ``seed``, the client's own. ``report_kept``: send the kept factors too, beside the upload, so that the
     server can score each client's personalised model; they are a measurement of the simulation, not traffic: no
-    rule aggregates them and the accounting leaves them out.
+    rule aggregates them and the accounting leaves them out. ``gradient_examples``: above 0, the job trains nothing
+    and uploads, per module, the gradient of the base weight summed over the client's first that many examples
+    (``Method.gradient_examples``, a method that starts its shared factors from the first full-gradient step).
+    A shared ``R`` holds a core's start as the update's core (scaling folded in): the client divides it by its own.
     """
 
     rank: int
@@ -103,6 +108,7 @@ class ClientStart:
     keep_as: tuple[str, ...] = ()
     report_kept: bool = False
     init_seed: int | None = None
+    gradient_examples: int = 0
 
 
 @dataclass
@@ -220,8 +226,8 @@ def shared_factors(shapes: Mapping[str, tuple[int, int]], mode: ClientMode, rank
 
 
 def leading(factor: str, t: Tensor, rank: int) -> Tensor:
-    """A shared factor cut to a client's rank: A's leading rows, B's leading columns."""
-    return t[:rank] if factor == "A" else t[:, :rank]
+    """A shared factor cut to a client's rank: A's leading rows, B's leading columns, R's leading block."""
+    return t[:rank] if factor == "A" else t[:, :rank] if factor == "B" else t[:rank, :rank]
 
 
 def upload_of(start: ClientStart, trained: Factors) -> Factors:

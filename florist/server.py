@@ -26,6 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+from torch import Tensor
+
 from .aggregation import (
     AggregationError,
     AggregationResult,
@@ -37,9 +40,10 @@ from .aggregation import (
     normalized_weights,
     screen_updates,
 )
-from .communication import round_communication
+from .communication import round_communication, with_start_traffic
 from .jobs import (
     BOTH_FACTORS,
+    GRADIENT,
     Adapter,
     ClientJob,
     ClientMode,
@@ -49,6 +53,7 @@ from .jobs import (
     Factors,
     RoundReplies,
     completed_factors,
+    leading,
     seed_for,
     shared_factors,
 )
@@ -185,6 +190,7 @@ class RoundSettings:
     report_kept: bool = True  # clients also send the factors they keep, for scoring personalised models only
     rounds: int = 1
     evaluate_every: int = 1  # score every k-th round, and always the last
+    lr: float = 0.0  # the clients' learning rate: the size of a first-step start's step (Method.gradient_examples)
 
     def scores(self, round_number: int) -> bool:
         return round_number % self.evaluate_every == 0 or round_number >= self.rounds
@@ -248,9 +254,11 @@ class Federation:
         self.engine, self.branches, self.settings, self.checks = engine, branches, settings, checks
         self.hooks = hooks or RoundHooks()
         self._shared: dict[tuple[int, ClientMode, int], Factors] = {}
+        self._start_traffic: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}  # see _first_step
 
     def run_round(self, round_number: int) -> list[RoundRecord]:
         """One round, start to end; ``RoundFailed`` (nothing kept, nothing written) if too few clients are usable."""
+        self.prepare_shared(round_number)
         groups = self.plan_round(round_number)
         for g in groups:
             labels = ", ".join(b.label for b in g.branches)
@@ -260,6 +268,63 @@ class Federation:
         return self.keep(round_number, groups, screened)
 
     # --- planning ------------------------------------------------------------------------------------------------
+
+    def prepare_shared(self, round_number: int) -> None:
+        """Estimate the shared factors of every branch whose method starts them from the first full-gradient step
+        (``Method.gradient_examples``) and has not got them yet: in its draw's round, or after a resume."""
+        for b in self.branches:
+            mode, drawn = b.method.mode(round_number), b.method.shared_round(round_number)
+            examples = b.method.gradient_examples(drawn)
+            if not examples or not (mode.shared or mode.core):
+                continue
+            top = max(self._rank(b, k) for k in range(len(self.settings.ranks)))
+            if (drawn, mode, top) not in self._shared:
+                self._shared[(drawn, mode, top)] = self._first_step(b, round_number, drawn, examples, top)
+
+    def _first_step(self, branch: Branch, round_number: int, drawn: int, examples: int, rank: int) -> Factors:
+        """The sampled clients' gradients of the base weights W0 over ``examples`` each, summed, turned into shared
+        factors by the method. Each upload is held to the base model's modules and shapes and must be finite; the
+        traffic (dense m × n gradients up, the factors down) is counted in the draw's round, not on a resume."""
+        s, method = self.settings, branch.method
+        group = f"{method.name} first step"
+        sampled = sample_clients(len(s.ranks), s.clients_per_round, s.seed, drawn)  # a resumed run asks the same
+        jobs = [
+            ClientJob(
+                k,
+                ClientStart(1, s.alpha_per_rank, seed_for(s.seed, "client", 0, k), gradient_examples=examples),
+                group=group,
+            )
+            for k in sampled
+        ]
+        self.hooks.log(f"round {round_number}: {len(jobs)} clients estimate the first gradient step for {method.name}")
+        replies = self.engine.train(round_number, jobs)
+        gradients, rejected = {}, {}
+        for reply in replies.of_group(group).replies:
+            if reply.client in gradients or reply.client not in sampled:
+                continue
+            problem = gradient_problem(reply.upload.factors, self.checks.module_shapes)
+            if problem:
+                rejected[reply.client] = problem
+            else:
+                gradients[reply.client] = reply.upload.factors
+        for (_, client), why in replies.of_group(group).failures.items():
+            rejected.setdefault(client, why)
+        for client, why in sorted(rejected.items()):
+            self.hooks.log(f"round {round_number} ({group}): left out client {client}: {why}")
+        if len(gradients) < max(1, s.min_clients):
+            raise RoundFailed(
+                f"round {round_number}: {len(gradients)} of {len(jobs)} clients sent a usable gradient for "
+                f"{method.name}'s first step, fewer than min_clients={s.min_clients}"
+            )
+        summed = {
+            name: sum(g[name][GRADIENT].double() for g in gradients.values()) for name in self.checks.module_shapes
+        }
+        factors = method.shared_start(summed, rank, s.lr)
+        if round_number == drawn:
+            up = sum(m * n for m, n in self.checks.module_shapes.values())
+            down = {k: sum(factor_size(held, self._rank(branch, k)) for held in factors.values()) for k in gradients}
+            self._start_traffic[(method.name, round_number)] = {k: (up, down[k]) for k in gradients}
+        return factors
 
     def plan_round(self, round_number: int) -> list[TrainingGroup]:
         """Sample this round's clients and group the branches that can share their training."""
@@ -286,7 +351,7 @@ class Federation:
             seed=seed_for(s.seed, "client", round_number, client),
             mode=mode,
             init=first.init_adapter(client),
-            shared=self._shared_factors(first.method, round_number, mode, top) if mode.shared else None,
+            shared=self._shared_for(first.method, round_number, mode, top),
             keep_from=first.label if mode.keeps and first.history else None,
             keep_as=tuple(b.label for b in branches) if mode.keeps else (),
             report_kept=bool(mode.keeps) and s.report_kept,
@@ -297,6 +362,16 @@ class Federation:
     def _rank(self, branch: Branch, client: int) -> int:
         """The rank a client trains at in ``branch``: the run's for it, unless the method sets its own."""
         return branch.method.client_rank(self.settings.ranks[client], branch.history, client)
+
+    def _shared_for(self, method: Method, round_number: int, mode: ClientMode, rank: int) -> Factors | None:
+        """What a job of this round is sent beside its base: the shared frozen factors, and a core's start only in
+        the round it was estimated for (a later round's core starts at zero over the merged update)."""
+        if not (mode.shared or (mode.core and method.gradient_examples(method.shared_round(round_number)))):
+            return None
+        factors = self._shared_factors(method, round_number, mode, rank)
+        if round_number == method.shared_round(round_number):
+            return factors
+        return {name: {f: t for f, t in held.items() if f != "R"} for name, held in factors.items()}
 
     def _shared_factors(self, method: Method, round_number: int, mode: ClientMode, rank: int) -> Factors:
         """A round's shared frozen factors, one draw at the group's largest rank (smaller ranks take the leading).
@@ -427,6 +502,9 @@ class Federation:
         clients = [r.client for r in accepted]
         uploads = [r.update for r in accepted]
         comm = round_communication(a.branch.method, round_number, uploads, in_reply_order(a.result, clients))
+        start = self._start_traffic.get((a.branch.method.name, round_number))
+        if start:
+            comm = with_start_traffic(comm, [start.get(c, (0, 0)) for c in clients])
         evaluation = {}
         if self.settings.scores(round_number):
             began = time.perf_counter()
@@ -451,6 +529,26 @@ class Federation:
             server_seconds=a.seconds,
             rejected=dict(screened.rejected),
         )
+
+
+def gradient_problem(factors: Factors, shapes: Mapping[str, tuple[int, int]]) -> str:
+    """Why a gradient upload is unusable (other modules than the base model's, a wrong shape, a value that is not
+    finite or beyond 1e30), or ""."""
+    if set(factors) != set(shapes):
+        odd = sorted(set(factors) ^ set(shapes))[0]
+        return f"its gradient's modules are not the base model's (module {odd!r:.80})"
+    for name, held in factors.items():
+        g = held.get(GRADIENT)
+        if g is None or tuple(g.shape) != tuple(shapes[name]) or not g.is_floating_point():
+            return f"module {name}: a gradient must be a float tensor of shape {tuple(shapes[name])}"
+        if not bool(torch.isfinite(g).all()) or float(g.abs().max()) > 1e30:
+            return f"module {name}: its gradient is not finite or beyond 1e30"
+    return ""
+
+
+def factor_size(held: Mapping[str, Tensor], rank: int) -> int:
+    """Numbers in a module's shared factors (and core start) cut to ``rank``."""
+    return sum(leading(f, t, rank).numel() for f, t in held.items())
 
 
 def clients_named(clients: Sequence[int]) -> list[str]:

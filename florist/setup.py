@@ -294,6 +294,7 @@ def build_federation(
             min_clients=config.federation.min_clients,
             rounds=config.federation.rounds,
             evaluate_every=config.eval.every,
+            lr=config.train.lr,
         ),
         UpdateChecks(shapes, config.federation.max_update_norm, config.lora.use_rslora),
         RoundHooks(evaluate=evaluator, on_clients=rundir.save_clients, on_round=rundir.save_round, log=log),

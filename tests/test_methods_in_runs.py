@@ -76,7 +76,14 @@ def test_every_method_scores_every_round_and_counts_its_own_traffic(inprocess):
     b_params = [modules // 2 * (64 + 32) * r for r in (2, 4, 4)]
     assert by[(1, "rolora")]["communication"]["upload_params"] == b_params
     assert by[(2, "rolora")]["communication"]["upload_params"] == [modules * 64 * r for r in (2, 4, 4)]
-    assert by[(1, "fedsb")]["communication"]["upload_params"] == [modules * r * r for r in (2, 4, 4)]
+    # Fed-SB: R (r x r) each round; in round 1 also LoRA-SB's start, each client's dense gradient up (m x n a
+    # module) and B, A and R's start at its rank down
+    dense = modules // 2 * (64 * 64 + 32 * 64)
+    start_down = [modules // 2 * ((64 + 32) * r + 2 * (64 * r + r * r)) for r in (2, 4, 4)]
+    fedsb_one, fedsb_two = by[(1, "fedsb")]["communication"], by[(2, "fedsb")]["communication"]
+    assert fedsb_one["start_upload_params"] == [dense] * 3 and fedsb_one["start_download_params"] == start_down
+    assert fedsb_one["upload_params"] == [modules * r * r + dense for r in (2, 4, 4)]
+    assert fedsb_two["upload_params"] == [modules * r * r for r in (2, 4, 4)] and not fedsb_two["start_upload_params"]
     assert by[(1, "fedsa")]["communication"]["upload_params"] == [modules * 64 * r for r in (2, 4, 4)]
     assert by[(1, "fedex")]["communication"]["residual"] == "dense"
     assert "per_client" in by[(1, "fedsa")]["evaluation"]  # the personalised models, each scored
@@ -130,6 +137,15 @@ def test_a_killed_run_resumes_with_the_residual_and_the_kept_factors(tmp_path, m
     for k in range(3):
         d = "rounds/002/fedsa/client_{}"
         assert_same_adapters(read_adapter(whole / d.format(k))[0], read_adapter(resumed / d.format(k))[0])
+
+
+def test_a_killed_run_resumes_fedsb_from_the_same_start(tmp_path, monkeypatch):
+    args = ('federation.methods=["fedsb"]', "federation.rounds=2")
+    whole = run(tmp_path, "whole", *args)
+    resumed = killed_in_round_two(run, tmp_path, monkeypatch, *args)  # the clients estimate W0's gradient again
+    assert_same_adapters(adapter_of(whole, 2, "fedsb"), adapter_of(resumed, 2, "fedsb"))
+    by = {r["round"]: r["communication"] for r in records(resumed) if r["branch"] == "fedsb"}
+    assert by[1]["start_upload_params"] and not by[2]["start_upload_params"]  # counted once, in round 1
 
 
 def test_a_combination_a_method_cannot_run_is_refused_before_training(tmp_path, monkeypatch):

@@ -8,13 +8,13 @@ the client index, and its number of examples). A training message for one client
   looked up under (``keep-from``, "" in a first round) and stored under (``keep-as``), and the run's config as TOML;
 - ``init`` (ArrayRecord): the global adapter the client's LoRA starts from (re-init scheme);
 - ``shared`` (ArrayRecord): the frozen factors every client holds (``{module}.A`` and/or ``{module}.B``), cut to the
-  client's rank;
+  client's rank, and a core's start (``{module}.R``) where the method gives one;
 - ``base-0``, ``base-1``, ... (ArrayRecords): the past global updates merged into the client's base (merge scheme).
 
 The reply holds ``update`` (ArrayRecord: ``{module}.{factor}`` for exactly the factors its mode uploads, of A, B
-and R, and no other array) and ``meta`` (ConfigRecord: the echo of round, group and client, the example count,
-scalings, training log). Arrays travel as float32 numpy arrays, which Flower serialises with ``allow_pickle=False``:
-nothing is ever pickled.
+and R, and no other array; a gradient job's ``{module}.G``, the summed gradient of the base weight) and ``meta``
+(ConfigRecord: the echo of round, group and client, the example count, scalings, training log). Arrays travel as
+float32 numpy arrays, which Flower serialises with ``allow_pickle=False``: nothing is ever pickled.
 
 A reply is untrusted, and a SuperNode reads its job no less carefully: every field of a record is read by one of the
 typed readers below (``int_field``, ``float_field``, ``str_field``, ``bool_field``, ``list_field``), which take a
@@ -40,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from ..aggregation import Adapter, LoraFactors, ModuleAggregate
 from ..jobs import (
     FACTORS,
+    GRADIENT,
     ClientJob,
     ClientMode,
     ClientReply,
@@ -334,6 +335,7 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
                     "keep-as": list(start.keep_as),
                     "report-kept": start.report_kept,
                     "init-seed": -1 if start.init_seed is None else start.init_seed,
+                    "gradient-examples": start.gradient_examples,
                     "base-deltas": len(job.base_deltas),
                     "config": config_toml,
                 }
@@ -386,12 +388,14 @@ def read_job(content: RecordDict) -> ClientJob:
     mode = read_mode(job, where)
     arrays = content.array_records
     merged = [f"{BASE_PREFIX}{i}" for i in range(int_field(job, "base-deltas", where, 0, len(arrays)))]
-    only_records(content, where, configs=[JOB], arrays=[INIT, *([SHARED] if mode.shared else []), *merged])
+    held = list(arrays[SHARED]) if SHARED in arrays else []
+    sent = set(mode.shared) | ({"R"} if mode.core and any(key.endswith(".R") for key in held) else set())
+    only_records(content, where, configs=[JOB], arrays=[INIT, *([SHARED] if sent else []), *merged])
     if mode.shared and SHARED not in arrays:
         raise MessageError(f"{where}: no array record {SHARED!r} for the factors its mode shares")
     shared = (
-        read_factors(arrays[SHARED], module_names(arrays[SHARED]), mode.shared, where, "the factors its mode shares")
-        if mode.shared
+        read_factors(arrays[SHARED], module_names(arrays[SHARED]), sent, where, "the factors its mode shares")
+        if sent
         else None
     )
     deltas = []
@@ -411,6 +415,7 @@ def read_job(content: RecordDict) -> ClientJob:
         keep_as=tuple(list_field(job, "keep-as", where, as_str, max_len=MAX_KEEP_NAMES)),
         report_kept=bool_field(job, "report-kept", where),
         init_seed=None if (init_seed := int_field(job, "init-seed", where, -1, INT64[1])) < 0 else init_seed,
+        gradient_examples=int_field(job, "gradient-examples", where, 0, MAX_EXAMPLES),
     )
     return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
 
@@ -463,7 +468,8 @@ def check_echo(content: RecordDict, round_number: int, group: str, client: int) 
 def read_update(
     content: RecordDict, job: ClientJob, max_bytes: int = 0, num_examples: int | None = None
 ) -> ClientReply:
-    """The client's reply to ``job``: exactly the factors its mode uploads (``job.start.mode.uploads``), per module.
+    """The client's reply to ``job``: exactly the factors its mode uploads (``job.start.mode.uploads``), per module;
+    for a gradient job (``ClientStart.gradient_examples``) exactly one summed gradient ``G`` per module.
 
     Anything malformed raises ``MessageError``, as does a reply whose arrays hold more than ``max_bytes`` (0: no limit),
     one holding a factor its mode does not upload (a forged shared A, a kept factor) or lacking one it does, and,
@@ -479,6 +485,8 @@ def read_update(
     record, meta = content.array_records[UPDATE], content.config_records[META]
     start = job.start
     uploads = start.mode.uploads | (start.mode.keeps if start.report_kept else frozenset())
+    if start.gradient_examples:
+        uploads = frozenset({GRADIENT})
     names = list_field(meta, "modules", where, as_str, max_len=MAX_MODULES)
     scalings = list_field(meta, "scalings", where, as_float, max_len=MAX_MODULES)
     if len(names) != len(scalings) or len(set(names)) != len(names):

@@ -150,6 +150,16 @@ class Method:
         round), or 1 for one draw the whole run holds."""
         return round_number
 
+    def gradient_examples(self, round_number: int) -> int:
+        """Above 0: round ``round_number``'s shared factors come from the first full-gradient step (``shared_start``),
+        for which each client first sums the gradient of the base weights over that many of its examples."""
+        return 0
+
+    def shared_start(self, gradient: Mapping[str, Any], rank: int, lr: float) -> dict[str, dict[str, Any]]:
+        """The shared factors (and a core's start ``R``, scaling folded in) at ``rank``, per module, from the clients'
+        summed base-weight ``gradient`` and the learning rate ``lr`` of the first step; for ``gradient_examples``."""
+        raise NotImplementedError
+
     def mode(self, round_number: int) -> ClientMode:
         """What each client trains, holds shared and keeps in ``round_number`` (1-based); both factors by default."""
         return BOTH_FACTORS
