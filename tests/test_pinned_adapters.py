@@ -3,7 +3,10 @@ aggregation that alters what a run produces under the same seed fails here.
 
 The references in ``tests/data/pinned/`` were written by this test with ``FLORIST_PIN=1`` (run it so only when a
 change is meant to alter results, and say so in the commit). Training runs in float32 so that the comparison holds
-across CPUs whose bfloat16 kernels round differently; the tolerance covers float32 summation order only.
+across CPUs whose bfloat16 kernels round differently. The tolerance covers float32 summation order only, measured
+against each tensor's largest entry. Two rounds of Adam amplify the last bits of a gradient. Between an AVX-512 Xeon
+and an AVX2 EPYC, FFA-LoRA's round-2 B moved by 1.2e-3 of its scale, and every other tensor by under 1e-4. A change
+in what a run computes moves tensors by a sizeable fraction of their scale.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from florist.config import load_config
 from florist.models import tiny_llama
 
 PINNED = Path(__file__).parent / "data" / "pinned"
+SUMMATION_ORDER = 5e-3  # of a tensor's largest entry: what float32 kernels of another CPU move it by, with margin
 
 CASES = {
     # every method, equal ranks, past rounds merged into the base
@@ -71,4 +75,6 @@ def test_global_adapters_match_the_pinned_ones(tmp_path, case):
     expected = load_file(reference)
     assert sorted(got) == sorted(expected)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+        scale = float(expected[key].abs().max())
+        moved = float((got[key] - expected[key]).abs().max())
+        assert moved <= SUMMATION_ORDER * scale + 1e-7, f"{key}: moved by {moved:.3g}, {moved / scale:.2g} of its scale"
