@@ -195,9 +195,8 @@ class LocalTrainer:
             size = self.train_config.micro_batch_size
             batches = [list(examples[i : i + size]) for i in range(0, len(examples), size)]
             for k, batch in enumerate(batches):
-                labelled = sum(sum(1 for t in e["labels"][1:] if t != LOSS_IGNORED) for e in batch)
                 inputs = collate(batch, self.pad_token_id, self.device)
-                loss = causal_lm_loss(peft_model, inputs, num_items=max(labelled, 1))
+                loss = causal_lm_loss(peft_model, inputs, num_items=max(labelled_tokens(batch), 1))
                 (loss * len(batch)).backward()
                 log.steps, log.tokens = k + 1, log.tokens + int(inputs["attention_mask"].sum())
                 log.losses.append(float(loss.detach()))
@@ -268,7 +267,7 @@ class LocalTrainer:
         while log.steps < total:
             group = [next(stream) for _ in range(accumulation)]
             group = [b for b in group if b]
-            labelled = sum(sum(1 for t in examples[i]["labels"][1:] if t != LOSS_IGNORED) for b in group for i in b)
+            labelled = labelled_tokens([examples[i] for b in group for i in b])
             step_loss = 0.0
             for batch_idx in group:
                 batch = collate([examples[i] for i in batch_idx], self.pad_token_id, self.device)
@@ -314,6 +313,11 @@ class LocalTrainer:
             epoch_seed = seed_for(seed, "epoch", epoch)
             yield from length_grouped_batches(lengths, self.train_config.micro_batch_size, epoch_seed)
             epoch += 1
+
+
+def labelled_tokens(examples: Sequence[dict]) -> int:
+    """The tokens whose next-token loss counts, over ``examples`` (each label after the first that is not ignored)."""
+    return sum(sum(1 for t in e["labels"][1:] if t != LOSS_IGNORED) for e in examples)
 
 
 def lora_layers(model: nn.Module):

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from .aggregation import (
@@ -37,6 +36,7 @@ from .aggregation import (
     asked_scalings,
     check_result,
     compute_dtype,
+    gradient_problem,
     normalized_weights,
     screen_updates,
 )
@@ -275,9 +275,9 @@ class Federation:
         for b in self.branches:
             mode, drawn = b.method.mode(round_number), b.method.shared_round(round_number)
             examples = b.method.gradient_examples(drawn)
-            if not examples or not (mode.shared or mode.core):
+            if not examples or not mode.shared:  # a core's start comes with the shared factors it sits between
                 continue
-            top = max(self._rank(b, k) for k in range(len(self.settings.ranks)))
+            top = self._top_rank(b)
             if (drawn, mode, top) not in self._shared:
                 self._shared[(drawn, mode, top)] = self._first_step(b, round_number, drawn, examples, top)
 
@@ -302,7 +302,8 @@ class Federation:
         for reply in replies.of_group(group).replies:
             if reply.client in gradients or reply.client not in sampled:
                 continue
-            problem = gradient_problem(reply.upload.factors, self.checks.module_shapes)
+            sent = {name: held.get(GRADIENT) for name, held in reply.upload.factors.items()}
+            problem = gradient_problem(sent, self.checks.module_shapes)
             if problem:
                 rejected[reply.client] = problem
             else:
@@ -337,7 +338,7 @@ class Federation:
         for key, branches in by_key.items():
             plain = key[0] == "fresh" and key[1] == BOTH_FACTORS and key[2] == tuple(s.ranks)
             name = key[1] if key[0] == "own" else "shared" if plain else branches[0].method.name
-            top = max(self._rank(branches[0], k) for k in range(len(s.ranks)))
+            top = self._top_rank(branches[0])
             jobs = [self._job(name, branches, k, round_number, top) for k in sampled]
             groups.append(TrainingGroup(name, branches, jobs))
         return groups
@@ -363,10 +364,14 @@ class Federation:
         """The rank a client trains at in ``branch``: the run's for it, unless the method sets its own."""
         return branch.method.client_rank(self.settings.ranks[client], branch.history, client)
 
+    def _top_rank(self, branch: Branch) -> int:
+        """The largest rank any client trains at in ``branch``: what its shared factors are drawn at."""
+        return max(self._rank(branch, k) for k in range(len(self.settings.ranks)))
+
     def _shared_for(self, method: Method, round_number: int, mode: ClientMode, rank: int) -> Factors | None:
         """What a job of this round is sent beside its base: the shared frozen factors, and a core's start only in
         the round it was estimated for (a later round's core starts at zero over the merged update)."""
-        if not (mode.shared or (mode.core and method.gradient_examples(method.shared_round(round_number)))):
+        if not mode.shared:
             return None
         factors = self._shared_factors(method, round_number, mode, rank)
         if round_number == method.shared_round(round_number):
@@ -529,21 +534,6 @@ class Federation:
             server_seconds=a.seconds,
             rejected=dict(screened.rejected),
         )
-
-
-def gradient_problem(factors: Factors, shapes: Mapping[str, tuple[int, int]]) -> str:
-    """Why a gradient upload is unusable (other modules than the base model's, a wrong shape, a value that is not
-    finite or beyond 1e30), or ""."""
-    if set(factors) != set(shapes):
-        odd = sorted(set(factors) ^ set(shapes))[0]
-        return f"its gradient's modules are not the base model's (module {odd!r:.80})"
-    for name, held in factors.items():
-        g = held.get(GRADIENT)
-        if g is None or tuple(g.shape) != tuple(shapes[name]) or not g.is_floating_point():
-            return f"module {name}: a gradient must be a float tensor of shape {tuple(shapes[name])}"
-        if not bool(torch.isfinite(g).all()) or float(g.abs().max()) > 1e30:
-            return f"module {name}: its gradient is not finite or beyond 1e30"
-    return ""
 
 
 def factor_size(held: Mapping[str, Tensor], rank: int) -> int:

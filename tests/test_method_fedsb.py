@@ -370,7 +370,10 @@ def test_the_server_sums_the_clients_gradients_and_leaves_out_a_bad_one():
             {"q": torch.ones(5, 6), "v": torch.ones(4, 5)},
             r"module q: a gradient must be a float tensor of shape \(6, 5\)",
         ),
-        ({"q": torch.ones(6, 5), "v": torch.full((4, 5), 1e31)}, "module v: its gradient is not finite or beyond 1e30"),
+        (
+            {"q": torch.ones(6, 5), "v": torch.full((4, 5), 1e31)},
+            "module v: its gradient is not finite or beyond 1e30",
+        ),
     ],
 )
 def test_a_gradient_that_is_not_the_base_models_is_named(gradient, why):

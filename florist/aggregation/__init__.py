@@ -26,6 +26,7 @@ from .validate import (
     check_update,
     check_updates,
     compute_dtype,
+    gradient_problem,
     normalized_weights,
     screen_updates,
 )
@@ -62,4 +63,5 @@ __all__ = [
     "screen_updates",
     "check_result",
     "asked_scalings",
+    "gradient_problem",
 ]

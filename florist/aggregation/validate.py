@@ -242,6 +242,21 @@ def check_factors(
             raise AggregationError(f"{where}: update norm ||s B A|| = {norm:.4g} exceeds the bound {max_norm:g}")
 
 
+def gradient_problem(gradients: Mapping[str, object], shapes: Mapping[str, tuple[int, int]]) -> str:
+    """Why a client's summed base-weight gradients ({module: m × n tensor}) are unusable, or "": other modules than
+    the base model's, a wrong shape or dtype, a NaN or Inf, or an entry beyond ``MAX_FACTOR_SCALE``."""
+    if set(gradients) != set(shapes):
+        odd = sorted(set(gradients) ^ set(shapes))[0]
+        return f"its gradient's modules are not the base model's (module {odd!r:.80})"
+    for name, g in gradients.items():
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(shapes[name]) or g.dtype not in FLOAT_DTYPES:
+            return f"module {name}: a gradient must be a float tensor of shape {tuple(shapes[name])}"
+        largest = g.abs().amax()  # NaN or Inf exactly when some entry is, in one reduction
+        if not (torch.isfinite(largest) and float(largest) <= MAX_FACTOR_SCALE):
+            return f"module {name}: its gradient is not finite or beyond 1e30"  # MAX_FACTOR_SCALE
+    return ""
+
+
 def positive_finite(x: object) -> bool:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
