@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -11,3 +12,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"{SHARED_DATA} not found: tests expect ../shared/data beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Ray gives each simulated SuperNode one thread; an in-process run compared with one gets the same, since
+    float32 kernels split their sums by thread and so round differently with another count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -83,15 +83,6 @@ def over_the_wire(content: RecordDict) -> RecordDict:
 
 
 @pytest.fixture
-def one_thread():
-    """Ray gives each simulated SuperNode one thread; the in-process run it is compared with gets the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def tiny_models(monkeypatch):
     monkeypatch.setattr(run_setup, "load_model", tiny)  # the server's copy
     monkeypatch.setattr(flower_app, "load_model", tiny)  # the ClientApps'

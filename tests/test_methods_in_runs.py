@@ -59,9 +59,14 @@ def adapter_of(rundir, round_number, label):
 @pytest.fixture(scope="module")
 def inprocess(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inprocess")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
-        return run(tmp, "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of Ray's simulated SuperNodes has, so the Flower run can match it bit for bit
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(run_setup, "load_model", lambda name, dtype, device: tiny_llama(0))
+            return run(tmp, "run")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_every_method_scores_every_round_and_counts_its_own_traffic(inprocess):
@@ -118,7 +123,7 @@ def test_rolora_keeps_the_factor_that_did_not_train(inprocess):
         assert not torch.equal(two[name].A, one[name].A)
 
 
-def test_the_flower_engine_gives_every_method_the_in_process_result(inprocess, tmp_path):
+def test_the_flower_engine_gives_every_method_the_in_process_result(inprocess, tmp_path, one_thread):
     flower = run(tmp_path, "flower", 'engine="flower"')
     for name in NEW:
         for round_number in (1, 3):
