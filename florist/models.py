@@ -13,11 +13,12 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -99,23 +100,23 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def ensure_embedded_model() -> Path:
+def ensure_embedded_model(log: Callable[[str], None] | None = None) -> Path:
     """Convert the embedded GGUF into a safetensors checkpoint once; return its directory.
 
-    The conversion writes into a temporary directory beside the target and renames it into place, so an interrupted
-    conversion leaves no half-written checkpoint behind, and a concurrent one that finished first wins.
+    ``log``: where the one line saying so goes (default: stderr). The conversion writes into a temporary directory
+    beside the target and renames it into place, so an interrupted conversion leaves no half-written checkpoint
+    behind, and a concurrent one that finished first wins.
     """
     target = embedded_model_dir()
     if (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    Console(stderr=True).print(
-        f"florist: converting the embedded {gguf.name} into {target} (once; about half a minute)"
-    )
+    (log or _print_to_stderr)(f"converting the embedded {gguf.name} into {target} (once; about half a minute)")
     work = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
     try:
-        _convert_gguf(gguf, work)
+        with _gguf_bar_hidden_unless_bars_are_on():
+            _convert_gguf(gguf, work)
         try:
             work.rename(target)
         except OSError:
@@ -124,6 +125,23 @@ def ensure_embedded_model() -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _print_to_stderr(message: str) -> None:
+    Console(stderr=True).print(f"florist: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _gguf_bar_hidden_unless_bars_are_on() -> Iterator[None]:
+    # transformers' GGUF reader draws a bare tqdm bar on stderr that its own progress switch does not reach; where a
+    # command has switched the libraries' bars off (--quiet, or output that is not a terminal) that bar goes too.
+    from transformers.utils import logging as transformers_logging
+
+    if transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -23,7 +23,15 @@ from .config import ConfigError, RunConfig, heldout_source
 from .data.instructions import load_file
 from .evaluation import EvalResult, evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
 from .methods import get_method
-from .models import DEFAULT_MODEL, DTYPES, check_device, empty_model, load_model, load_model_config
+from .models import (
+    DEFAULT_MODEL,
+    DTYPES,
+    check_device,
+    empty_model,
+    ensure_embedded_model,
+    load_model,
+    load_model_config,
+)
 from .results import ResultRow, paper_table, rows_from_records, to_csv, to_markdown
 from .rundir import RunDirectory, atomic_write_text
 from .server import (
@@ -219,6 +227,8 @@ def load_server_model(config: RunConfig, log: Callable[[str], None], load: Calla
     """
     check_model_config(config)
     log(f"loading model {config.model.name or DEFAULT_MODEL}")
+    if load is None and (config.model.name or DEFAULT_MODEL) == DEFAULT_MODEL:
+        ensure_embedded_model(log)  # its one-time conversion is told through the run's log (silent with --quiet)
     model, tokenizer = (load or load_model)(config.model.name, dtype="float32", device=config.model.device)
     return ServerModel(model, tokenizer, BaseWeights(model, adapted_module_names(model, config.lora.target_modules)))
 

@@ -151,6 +151,29 @@ def test_conversion_is_moved_into_place_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_MODEL]
 
 
+@pytest.mark.parametrize("bars", [True, False])
+def test_conversion_shows_the_readers_bar_only_where_library_bars_are_on(tmp_path, monkeypatch, capsys, bars):
+    # transformers' GGUF reader draws a bare tqdm bar, out of reach of its own progress switch
+    from tqdm.auto import tqdm
+
+    from florist.progress import transformers_bars
+
+    monkeypatch.setenv("FLORIST_CACHE", str(tmp_path))
+
+    def converts_with_a_bar(gguf: Path, out: Path) -> None:
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", converts_with_a_bar)
+    told = []
+    with transformers_bars(bars):
+        models.ensure_embedded_model(told.append)
+    assert len(told) == 1 and "converting the embedded" in told[0]
+    err = capsys.readouterr().err
+    assert ("Converting and de-quantizing" in err) is bars
+
+
 @pytest.mark.slow
 def test_embedded_default_loads_offline_and_knows_paris(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
