@@ -26,6 +26,7 @@ from .jobs import (
     ClientUpload,
     Factors,
     TrainingLog,
+    common_a,
     leading,
     seed_for,
     upload_of,
@@ -152,12 +153,9 @@ class LocalTrainer:
             upload, log = self.gradient(examples, start, on_step)
             return upload, log, {}
         began = time.perf_counter()
-        common = start.init_seed is not None
-        torch.manual_seed(start.init_seed if common else start.seed)  # PEFT draws A's init from the global generator
+        torch.manual_seed(start.seed)  # PEFT draws A's init from the global generator
         with peft_wrapping():
             peft_model = peft.get_peft_model(self.model, self._peft_config(start))
-        if common:
-            torch.manual_seed(start.seed)  # one common draw; the dropout masks are still the client's own
         attention = getattr(self.model.config, "_attn_implementation", None)
         try:
             self._initialise(start, kept)
@@ -231,6 +229,8 @@ class LocalTrainer:
             A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             if start.init is not None:
                 load_global(A, B, start.init[name], layer.scaling["default"])
+            elif start.init_seed is not None:  # one draw for every client; the dropout masks stay the client's own
+                A.copy_(common_a(start.init_seed, name, *A.shape))
             for f, t in ((start.shared or {}).get(name, {})).items():
                 if f != "R":  # a core's start is set once the core is in place
                     (A if f == "A" else B).copy_(leading(f, t, start.rank))

@@ -225,6 +225,17 @@ def shared_factors(shapes: Mapping[str, tuple[int, int]], mode: ClientMode, rank
     return out
 
 
+def common_a(seed: int, name: str, rank: int, n: int) -> Tensor:
+    """A fresh A that every client of a round draws alike (``ClientMode.common_init``), from PEFT's init distribution
+    of A, U(-1/sqrt(n), 1/sqrt(n)).
+
+    Nested across ranks: row j comes from the j-th draw of a generator seeded by ``seed`` and the module's name, so a
+    client of rank r holds the leading r rows of a larger client's A, and averaging a row averages like with like.
+    """
+    g = torch.Generator().manual_seed(seed ^ int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest()))
+    return torch.stack([(torch.rand(n, generator=g) * 2 - 1) / math.sqrt(n) for _ in range(rank)])
+
+
 def leading(factor: str, t: Tensor, rank: int) -> Tensor:
     """A shared factor cut to a client's rank: A's leading rows, B's leading columns, R's leading block."""
     return t[:rank] if factor == "A" else t[:, :rank] if factor == "B" else t[:rank, :rank]

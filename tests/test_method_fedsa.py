@@ -40,12 +40,15 @@ def fedsa_round(seed: int, ranks, scalings, counts=None):
 
 
 def assert_shared_a_and_own_b(result, pairs, ranks, scalings, weights):
-    """The paper's rule: Ā = Σ_k w_k A_k (A_k zero-padded to the largest rank); no B is averaged."""
+    """The paper's rule, Ā = Σ_k w_k A_k, with each row the mean over the clients that hold it where ranks differ;
+    no B is averaged."""
     r_max = max(ranks)
     for name, (m, n) in MODULES.items():
-        A_bar = np.zeros((r_max, n))
+        A_bar, held = np.zeros((r_max, n)), np.zeros(r_max)
         for p, r, w in zip(pairs, ranks, weights):
             A_bar[:r] += w * p[name][0]
+            held[:r] += w
+        A_bar /= held[:, None]
         shared = result.modules[name]
         np.testing.assert_allclose(shared.A.numpy(), A_bar, rtol=1e-12, atol=1e-14)
         assert torch.equal(shared.B, torch.zeros(m, r_max, dtype=shared.B.dtype))  # no global B: the base model
@@ -166,3 +169,28 @@ def test_round_one_clients_start_from_one_common_draw_of_a():
         assert torch.equal(uploads[0].factors[name]["A"], uploads[1].factors[name]["A"])
     own = [still.train(examples(), dataclasses.replace(start, init_seed=None))[0] for start in starts]
     assert not torch.equal(own[0].factors[name]["A"], own[1].factors[name]["A"])
+
+
+def test_the_common_draw_is_nested_across_ranks_and_differs_by_module():
+    """A client of a smaller rank starts from the leading rows of a larger client's common A (so averaging a row of
+    A averages like with like), at PEFT's init scale, U(-1/sqrt(n), 1/sqrt(n))."""
+    from florist.jobs import common_a
+
+    big, small = common_a(7, "layers.0.q_proj", 8, 40), common_a(7, "layers.0.q_proj", 3, 40)
+    assert torch.equal(big[:3], small)
+    assert not torch.equal(common_a(7, "layers.0.v_proj", 3, 40), small)
+    assert not torch.equal(common_a(8, "layers.0.q_proj", 3, 40), small)
+    assert big.abs().max() <= 1 / np.sqrt(40) and big.abs().max() > 0.8 / np.sqrt(40)
+
+
+def test_heterogeneous_clients_of_one_round_start_from_one_nested_draw():
+    """Clients of ranks 2 and 4 with their own seeds: the rank-2 client's starting A is the rank-4 client's leading
+    rows (lr 0: nothing moves)."""
+    model, _ = tiny_llama(0, vocab_size=256)
+    still = trainer(model, "float32")
+    still.train_config = dataclasses.replace(still.train_config, lr=0.0)
+    mode = get_method("fedsa").mode(1)
+    starts = [ClientStart(r, 2.0 * r, seed, mode=mode, init_seed=99) for r, seed in ((2, 1), (4, 2))]
+    small, big = (still.train(examples(), start)[0] for start in starts)
+    for name in small.factors:
+        assert torch.equal(small.factors[name]["A"], big.factors[name]["A"][:2])

@@ -8,9 +8,11 @@ Its model is personal, W0 + s B_k Ā, so the method's quality is the data-weight
 the clients' personalised models, each scored on the same test set (the paper scores each on its own slice; florist's
 test set is shared).
 
-Choices the paper leaves open, made here: heterogeneous ranks (the paper has one) zero-pad A, and a client of rank r_k
-takes Ā's leading r_k rows (the common draw is made at each client's rank from one seed, so a smaller rank's A is
-not the leading rows of a larger one's). The global
+Choices the paper leaves open, made here, for heterogeneous ranks (the paper has one): the common draw is nested, a
+client of rank r_k holding the leading r_k rows of the largest client's A (``jobs.common_a``); each row of Ā is the
+data-weighted mean over the clients that hold that row, Ā_j = Σ_{k: r_k > j} w_k A_k,j / Σ_{k: r_k > j} w_k (a
+zero-padded mean would shrink the rows only large-rank clients hold, and with them those clients' own models); and a
+client of rank r_k takes Ā's leading r_k rows. With equal ranks this is the paper's Σ w_k A_k. The global
 adapter written for the run is (Ā, 0): with no B of its own it is the base model. To score personalised models the
 server needs each B_k, which clients send beside their upload (``ClientStart.report_kept``) for scoring only: no rule
 here averages them and the accounting leaves them out.
@@ -47,6 +49,9 @@ class FedSALoRA(Method):
             factors = [u.modules[name] for u in updates]
             r = max(f.rank for f in factors)
             A = sum(w * zero_pad(f.A, r, dim=0) for f, w in zip(factors, weights))
+            if len({f.rank for f in factors}) > 1:  # each row the mean over the clients that hold it
+                held = sum(w * (torch.arange(r) < f.rank).to(A.dtype) for f, w in zip(factors, weights))
+                A = A / held[:, None]
             shared[name] = ModuleAggregate(A=A, B=torch.zeros(factors[0].B.shape[0], r, dtype=A.dtype))
             for k, f in enumerate(factors):  # B is each client's own (zero where it was not reported)
                 personal[k][name] = ModuleAggregate(A=A[: f.rank], B=fold_scaling(f))
