@@ -194,3 +194,12 @@ def test_heterogeneous_clients_of_one_round_start_from_one_nested_draw():
     small, big = (still.train(examples(), start)[0] for start in starts)
     for name in small.factors:
         assert torch.equal(small.factors[name]["A"], big.factors[name]["A"][:2])
+
+
+def test_a_row_held_only_by_a_client_of_weight_zero_stays_zero():
+    pairs, updates = fedsa_round(3, [2, 3], [1.0, 1.0])
+    result = aggregate("fedsa", updates, weights=[1.0, 0.0])
+    for name in MODULES:
+        A = result.modules[name].A
+        assert torch.isfinite(A).all() and torch.equal(A[2], torch.zeros_like(A[2]))
+        np.testing.assert_allclose(A[:2].numpy(), pairs[0][name][0], rtol=1e-12)

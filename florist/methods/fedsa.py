@@ -51,7 +51,7 @@ class FedSALoRA(Method):
             A = sum(w * zero_pad(f.A, r, dim=0) for f, w in zip(factors, weights))
             if len({f.rank for f in factors}) > 1:  # each row the mean over the clients that hold it
                 held = sum(w * (torch.arange(r) < f.rank).to(A.dtype) for f, w in zip(factors, weights))
-                A = A / held[:, None]
+                A = A / torch.where(held > 0, held, 1.0)[:, None]  # a row held only at weight 0 stays zero
             shared[name] = ModuleAggregate(A=A, B=torch.zeros(factors[0].B.shape[0], r, dtype=A.dtype))
             for k, f in enumerate(factors):  # B is each client's own (zero where it was not reported)
                 personal[k][name] = ModuleAggregate(A=A[: f.rank], B=fold_scaling(f))
