@@ -49,7 +49,9 @@ class FedSALoRA(Method):
             factors = [u.modules[name] for u in updates]
             r = max(f.rank for f in factors)
             A = sum(w * zero_pad(f.A, r, dim=0) for f, w in zip(factors, weights))
-            if len({f.rank for f in factors}) > 1:  # each row the mean over the clients that hold it
+            # mixed ranks: each row the mean over the clients that hold it (with equal ranks every client holds every
+            # row and the weights sum to 1, so the paper's sum stands as it is)
+            if len({f.rank for f in factors}) > 1:
                 held = sum(w * (torch.arange(r) < f.rank).to(A.dtype) for f, w in zip(factors, weights))
                 A = A / torch.where(held > 0, held, 1.0)[:, None]  # a row held only at weight 0 stays zero
             shared[name] = ModuleAggregate(A=A, B=torch.zeros(factors[0].B.shape[0], r, dtype=A.dtype))
