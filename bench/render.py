@@ -348,10 +348,17 @@ def main_job_cost(results: Results) -> str:
     groups = "; ".join(f"{g['seconds']:.0f} s for {integer(g['tokens'])} tokens" for g in data["training_groups"])
     minutes, seconds = divmod(round(data["wall_seconds"]), 60)
     machine = data["machine"].split("; load average")[0]  # the load is given before and after the run instead
+    setup = data.get("setup_seconds")  # None (or absent, in older files): the job alone, on an installed .venv
+    parts = (
+        f", set-up included ({setup:.0f} s for `make install` in a fresh clone, {data['job_seconds']:.0f} s for "
+        "the job)"
+        if setup is not None
+        else ", on an installed `.venv`"
+    )
     return (
-        f"`make run` took **{minutes} min {seconds:02d} s** ({data['wall_seconds']:.0f} s) wall on {machine}; load "
-        f"average (1/5/15 min) {data['load_before']} before, {data['load_after']} after. Client training: {groups} "
-        f"({len(data['training_groups'])} training groups); {data['evaluations']} evaluations."
+        f"`make run` took **{minutes} min {seconds:02d} s** ({data['wall_seconds']:.0f} s) wall{parts} on {machine}; "
+        f"load average (1/5/15 min) {data['load_before']} before, {data['load_after']} after. Client training: "
+        f"{groups} ({len(data['training_groups'])} training groups); {data['evaluations']} evaluations."
     )
 
 
