@@ -27,6 +27,7 @@ from .jobs import (
     Factors,
     TrainingLog,
     common_a,
+    cut_upload,
     leading,
     seed_for,
     upload_of,
@@ -169,7 +170,8 @@ class LocalTrainer:
         log.seconds = time.perf_counter() - began
         mode = start.mode
         keeps = {name: {f: factors[f] for f in sorted(mode.keeps)} for name, factors in trained.items()}
-        return ClientUpload(upload_of(start, trained), scalings, num_examples=len(examples)), log, keeps
+        upload = ClientUpload(upload_of(start, trained), scalings, num_examples=len(examples))
+        return cut_upload(upload, start.upload_threshold), log, keeps
 
     def gradient(
         self, examples: Sequence[dict], start: ClientStart, on_step: Callable[[int, int, float], None] | None = None

@@ -120,6 +120,12 @@ def with_start_traffic(comm: RoundCommunication, start: Sequence[tuple[int, int]
     )
 
 
+def with_spectra(comm: RoundCommunication, values: Sequence[int]) -> RoundCommunication:
+    """``comm`` with each client's spectra added to its upload: the singular values a cut upload carries beside its
+    pair (``ClientStart.upload_threshold``), ``values`` of them per client in reply order."""
+    return replace(comm, upload_params=[p + v for p, v in zip(comm.upload_params, values, strict=True)])
+
+
 def residual_traffic(result: AggregationResult) -> tuple[int, int]:
     """What a result's residual adds to each client's download: its parameters, and its rank for the paper's Eff
     (a dense m × n module counts at full rank, min(m, n))."""

@@ -77,6 +77,9 @@ class FederationConfig:
     scheme: str = "merge"  # merge | reinit (see docs/methods.md)
     methods: list[str] = field(default_factory=lambda: ["florist", "flora", "fedit", "flexlora", "ffa"])
     thresholds: str = "0.80:1.00:0.10"  # one tau, a list "0.8,0.9" or a range "0.80:1.00:0.01"
+    # each client uploads the fewest components of its update whose energy reaches this (1: the whole pair); one
+    # value, a list or a range as for thresholds, each its own branch of every method
+    upload_thresholds: str = "1"
     florist_e_tolerance: float = 0.01  # FLoRIST-E: least download within this accuracy of the best
     min_clients: int = 1
     max_update_norm: float = 0.0  # refuse a client module whose ||s B A||_F exceeds this (0: no bound)
@@ -378,6 +381,13 @@ def target_modules_problem(v: str | list[str]) -> str:
 
 SEED_LIMIT = 2**32 - 1  # numpy's (datasets' shuffles and partitions) largest seed
 
+
+def _taus_problem(spec: object) -> str:
+    from .methods.base import parse_taus
+
+    return "must be a string" if not isinstance(spec, str) else parse_taus(spec)[1]
+
+
 FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
     "seed": (between(0, SEED_LIMIT),),
     "output": (non_empty,),
@@ -404,6 +414,7 @@ FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
     "federation.clients_per_round": (at_least(0),),
     "federation.scheme": (one_of(lambda: ("merge", "reinit")),),
     "federation.methods": (non_empty, Each(one_of(_methods)), unique),
+    "federation.upload_thresholds": (_taus_problem,),
     "federation.florist_e_tolerance": (between(0, 1),),
     "federation.min_clients": (at_least(1),),
     "federation.max_update_norm": (at_least(0),),
@@ -415,6 +426,29 @@ FIELD_RULES: dict[str, tuple[Rule | Each, ...]] = {
     "eval.batch_size": (at_least(1),),
     "eval.every": (at_least(1),),
 }
+
+
+def upload_taus(c: RunConfig) -> list[float]:
+    """The run's upload thresholds (``federation.upload_thresholds``), ascending; [1.0]: clients send whole pairs."""
+    from .methods.base import parse_taus
+
+    return parse_taus(c.federation.upload_thresholds)[0]
+
+
+def check_upload_cuts(c: RunConfig) -> None:
+    """Upload thresholds below 1 alone (1 not among them) need every method of the run to be one whose clients can
+    cut their uploads; with 1 among them, a method that cannot runs at 1 only."""
+    from .methods import METHODS
+
+    if 1.0 in upload_taus(c):
+        return
+    for name in c.federation.methods:
+        problem = METHODS[name].upload_cut_problem(c.federation.rounds)
+        if problem:
+            raise ConfigError(
+                f"config key 'federation.upload_thresholds' holds no 1, but {name} cannot cut its uploads: {problem}; "
+                "leave it out of federation.methods or add 1 to upload_thresholds"
+            )
 
 
 SERVER_KEYS = frozenset({"federation.methods"})  # checked against the methods registered where the server runs
@@ -475,6 +509,7 @@ def validate(c: RunConfig, client: bool = False) -> None:
     if not client:
         check_swept_values(c)
         check_method_options(c)
+        check_upload_cuts(c)
     taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
         (

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import Adapter, ClientUpdate, LoraFactors
+from .aggregation.truncation import truncated_pair
 
 FACTORS = ("A", "B", "R")
 GRADIENT = "G"  # a gradient job's upload: per module, the summed gradient of the frozen base weight (m × n)
@@ -96,6 +97,8 @@ class ClientStart:
     and uploads, per module, the gradient of the base weight summed over the client's first that many examples
     (``Method.gradient_examples``, a method that starts its shared factors from the first full-gradient step).
     A shared ``R`` holds a core's start as the update's core (scaling folded in): the client divides it by its own.
+    ``upload_threshold``: below 1, the client uploads each module's update cut to the fewest components whose energy
+    reaches it, in the cut form, with the update's spectrum (``florist.aggregation.truncation``); 1: the whole pair.
     """
 
     rank: int
@@ -109,6 +112,7 @@ class ClientStart:
     report_kept: bool = False
     init_seed: int | None = None
     gradient_examples: int = 0
+    upload_threshold: float = 1.0
 
 
 @dataclass
@@ -131,11 +135,13 @@ class ClientJob:
 
 @dataclass
 class ClientUpload:
-    """What a client sends after training: per module its uploaded factors (``mode.uploads``) and its scaling."""
+    """What a client sends after training: per module its uploaded factors (``mode.uploads``) and its scaling, and
+    for an upload cut at ``ClientStart.upload_threshold`` each module's whole spectrum (else empty)."""
 
     factors: Factors
     scalings: dict[str, float]
     num_examples: int
+    spectra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,11 +169,13 @@ class RoundReplies:
 
 @dataclass
 class ClientResult:
-    """A reply as the server keeps it: the upload completed into factors (``completed_factors``), and the log."""
+    """A reply as the server keeps it: the upload completed into factors (``completed_factors``), the log, and each
+    module's spectrum where the upload was cut (``ClientUpload.spectra``)."""
 
     client: int
     update: ClientUpdate
     log: TrainingLog
+    spectra: dict[str, Tensor] = field(default_factory=dict)
 
 
 class KeptFactors:
@@ -276,3 +284,16 @@ def completed_factors(
     for f in mode.keeps:
         known[f] = sent[f] if start.report_kept else torch.zeros((r, n) if f == "A" else (m, r))
     return LoraFactors(A=known["A"], B=known["B"], scaling=scaling)
+
+
+def cut_upload(upload: ClientUpload, threshold: float) -> ClientUpload:
+    """A whole-pair upload cut, module by module, to the fewest components whose energy reaches ``threshold``, with
+    each module's spectrum (``truncated_pair``); at 1 the upload as it is."""
+    if threshold >= 1.0:
+        return upload
+    factors, spectra = {}, {}
+    for name, held in upload.factors.items():
+        pair = LoraFactors(A=held["A"], B=held["B"], scaling=upload.scalings[name])
+        cut, spectra[name] = truncated_pair(pair, threshold)
+        factors[name] = {"A": cut.A, "B": cut.B}
+    return ClientUpload(factors, dict(upload.scalings), upload.num_examples, spectra)

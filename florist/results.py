@@ -34,6 +34,7 @@ class ResultRow:
     upload_bytes: int
     download_bytes: int
     label: str = ""  # the branch ("name@value"), or the pick's label for a swept method's pick
+    upload_threshold: float = 1.0  # its clients' upload threshold τ_up (1: whole pairs)
 
 
 @dataclass
@@ -66,6 +67,7 @@ def rows_from_records(records: Sequence[dict]) -> list[ResultRow]:
                 upload_bytes=sum(r["communication"]["total_upload_bytes"] for r in recs),
                 download_bytes=sum(r["communication"]["total_download_bytes"] for r in recs),
                 label=label,
+                upload_threshold=last.get("upload_threshold", 1.0),
             )
         )
     return rows
@@ -100,9 +102,11 @@ def is_pick(r: ResultRow) -> bool:
 
 
 VALUE = "value"  # the swept value's column, headed as the swept methods name their parameter (``value_header``)
+UP = "τ up"  # the clients' upload threshold: shown only where some row's is below 1
 COLUMNS = [
     "method",
     VALUE,
+    UP,
     "accuracy (%)",
     "held-out loss",
     "Eff (×10⁻⁴)",
@@ -178,6 +182,7 @@ def _cells(r: ResultRow, paper_names: bool) -> list[str]:
     return [
         display_name(r) if paper_names else r.label or r.method,
         "" if r.threshold is None else format_value(r.threshold),
+        "" if r.upload_threshold == 1.0 else format_value(r.upload_threshold),
         "" if r.accuracy is None else f"{100 * r.accuracy:.2f}",
         "" if r.heldout_loss is None else f"{r.heldout_loss:.4f}",
         f"{r.eff_e4:.2f}",
@@ -201,10 +206,12 @@ def to_markdown(table: Sequence[ResultRow], marks: bool = True, paper_names: boo
     their label.
     """
     row_marks = emphasis(table) if marks else [{} for _ in table]
-    lines = ["| " + " | ".join(headers(table)) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    shown = [c != UP or any(r.upload_threshold != 1.0 for r in table) for c in COLUMNS]
+    header = [h for h, keep in zip(headers(table), shown) if keep]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r, m in zip(table, row_marks):
         cells = [_emphasize(cell, m.get(column, "")) for column, cell in zip(COLUMNS, _cells(r, paper_names))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell for cell, keep in zip(cells, shown) if keep) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +237,7 @@ TERMINAL_COLUMNS = (
     ("accuracy (%)",),
     ("held-out loss",),
     ("MB up", "MB down"),
+    (UP,),
     ("Eff (×10⁻⁴)",),
     ("mean rank",),
     ("params up", "params down"),

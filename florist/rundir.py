@@ -337,6 +337,8 @@ class RunDirectory:
                 "losses": r.log.losses,
                 "seconds": r.log.seconds,
             }
+            if r.spectra:  # an upload cut to a share of its energy: each module's whole spectrum
+                info["upload_spectra"] = {n: S.tolist() for n, S in r.spectra.items()}
             write_adapter(
                 self.round_dir(round_number) / "clients" / group / f"client_{r.client}",
                 modules,

@@ -40,7 +40,8 @@ from .aggregation import (
     normalized_weights,
     screen_updates,
 )
-from .communication import round_communication, with_start_traffic
+from .aggregation.truncation import recut, truncated_pair, truncation_problem
+from .communication import round_communication, with_spectra, with_start_traffic
 from .jobs import (
     BOTH_FACTORS,
     GRADIENT,
@@ -58,6 +59,7 @@ from .jobs import (
     shared_factors,
 )
 from .methods import Method, RoundContext, get_method, in_order
+from .methods.base import format_value
 
 
 class Engine(Protocol):
@@ -86,6 +88,7 @@ class Branch:
     value: float | None = None
     history: list[AggregationResult] = field(default_factory=list)
     scheme: str = "merge"
+    upload_threshold: float = 1.0  # its clients upload the fewest components reaching this energy (1: whole pairs)
 
     def base_deltas(self, client: int) -> tuple[Adapter, ...]:
         """What client ``client``'s frozen base holds beyond W0: the past residuals, and under merge every past
@@ -130,24 +133,33 @@ def make_branches(
     values: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     scheme: str = "merge",
     options: Mapping[str, Mapping[str, object]] | None = None,
+    upload_thresholds: Sequence[float] = (1.0,),
+    rounds: int = 1,
 ) -> list[Branch]:
     """A branch per method, a swept method's one per value: ``values`` lists them for every swept method, or maps a
     method's name to its own (a swept method not named gets its sweep's default). ``scheme`` is the run's, for the
-    methods that leave it open; ``options`` maps a method's name to its options (``Method.configured``). Two branches
-    of one name are refused: they would share a directory and a results row, and one would overwrite the other."""
+    methods that leave it open; ``options`` maps a method's name to its options (``Method.configured``). Each branch
+    is made at every one of ``upload_thresholds`` its method can cut its uploads at in ``rounds`` rounds
+    (``Method.upload_cut_problem``; 1 always). Two branches of one name are refused: they would share a directory and
+    a results row, and one would overwrite the other."""
     branches = []
     for name in methods:
         m = get_method(name).configured((options or {}).get(name, {}))
         own = m.scheme or scheme
-        if m.sweep is None:
-            branches.append(Branch(m.label(), m, scheme=own))
-            continue
         mine = values.get(m.name) if isinstance(values, Mapping) else values
-        branches += [Branch(m.label(v), m, v, scheme=own) for v in (mine if mine is not None else [m.sweep.default])]
+        swept = [None] if m.sweep is None else mine if mine is not None else [m.sweep.default]
+        cuts = sorted((t for t in upload_thresholds if t == 1.0 or not m.upload_cut_problem(rounds)), reverse=True)
+        for u in cuts:
+            branches += [Branch(upload_label(m.label(v), u), m, v, scheme=own, upload_threshold=u) for v in swept]
     twice = [label for label, n in Counter(b.label for b in branches).items() if n > 1]
     if twice:
         raise ValueError(f"branch {twice[0]!r} is asked for twice (federation.methods or the swept values)")
     return branches
+
+
+def upload_label(label: str, upload_threshold: float) -> str:
+    """A branch's name with its upload threshold ("florist@0.90+up0.95"); at 1 (whole pairs) the plain name."""
+    return label if upload_threshold == 1.0 else f"{label}+up{format_value(upload_threshold)}"
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_number: int) -> list[int]:
@@ -172,9 +184,14 @@ class RoundRecord:
     train: dict
     server_seconds: float
     rejected: dict[str, str] = field(default_factory=dict)  # client index -> why its update was left out
+    upload_threshold: float = 1.0  # the branch's clients' upload threshold
+    upload_ranks: list[dict[str, int]] = field(default_factory=list)  # per participant, each module's kept rank
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        d = self.__dict__.copy()
+        if self.upload_threshold == 1.0:  # whole pairs: the records of a run without cuts stay as they were
+            del d["upload_threshold"], d["upload_ranks"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -235,6 +252,7 @@ class Aggregated:
     result: AggregationResult
     seconds: float
     group: str
+    uploads: list[ClientUpdate] = field(default_factory=list)  # what the branch's clients count as sending
 
 
 class Federation:
@@ -357,6 +375,8 @@ class Federation:
             keep_as=tuple(b.label for b in branches) if mode.keeps else (),
             report_kept=bool(mode.keeps) and s.report_kept,
             init_seed=seed_for(s.seed, "common init", round_number) if mode.common_init else None,
+            # one upload serves every branch of the group: cut at the largest threshold, the lower ones recut from it
+            upload_threshold=max(b.upload_threshold for b in branches),
         )
         return ClientJob(client, start, first.base_deltas(client), group=group)
 
@@ -417,6 +437,11 @@ class Federation:
         )
         for k, reason in reasons.items():
             rejected[results[k].client] = reason
+        for k in accepted:
+            reason = cut_problem(results[k], start_of[results[k].client])
+            if reason:
+                rejected[results[k].client] = reason
+        accepted = [k for k in accepted if results[k].client not in rejected]
         answered = seen | set(rejected)
         for job in group.jobs:
             if job.client not in answered:
@@ -434,9 +459,8 @@ class Federation:
             name: completed_factors(start, name, sent, upload.scalings[name], shapes[name])
             for name, sent in upload.factors.items()
         }
-        return ClientResult(
-            reply.client, ClientUpdate(modules, upload.num_examples, f"client {reply.client}"), reply.log
-        )
+        update = ClientUpdate(modules, upload.num_examples, f"client {reply.client}")
+        return ClientResult(reply.client, update, reply.log, dict(upload.spectra))
 
     # --- aggregating and keeping ---------------------------------------------------------------------------------
 
@@ -479,12 +503,32 @@ class Federation:
 
     def aggregate(self, round_number: int, group: TrainingGroup, results: list[ClientResult]) -> list[Aggregated]:
         """Every branch of the group aggregated from the same accepted updates, each result checked; nothing kept."""
-        updates = [r.update for r in results]  # screened already: validated once, here only weighed and cast
-        prepared, weights = as_dtype(updates, compute_dtype(updates)), normalized_weights(updates, None)
         clients = [r.client for r in results]
+        weights = normalized_weights([r.update for r in results], None)
         out = []
-        for name in [m.name for m in in_order({b.method.name for b in group.branches})]:
-            branches = [b for b in group.branches if b.method.name == name]
+        for up in sorted({b.upload_threshold for b in group.branches}, reverse=True):
+            updates = [cut_update(r, up) for r in results]  # screened already: here only cut, weighed and cast
+            prepared = as_dtype(updates, compute_dtype(updates))
+            mine = [b for b in group.branches if b.upload_threshold == up]
+            out += self._aggregate_methods(round_number, group, mine, clients, prepared, weights, updates)
+        order = {b.label: k for k, b in enumerate(group.branches)}
+        return sorted(out, key=lambda a: order[a.branch.label])
+
+    def _aggregate_methods(
+        self,
+        round_number: int,
+        group: TrainingGroup,
+        of_cut: list[Branch],
+        clients: list[int],
+        prepared: list[ClientUpdate],
+        weights: list[float],
+        updates: list[ClientUpdate],
+    ) -> list[Aggregated]:
+        """Each method of ``of_cut`` (the group's branches of one upload threshold) aggregated from the same prepared
+        updates (``updates`` as their clients count as sending them)."""
+        out = []
+        for name in [m.name for m in in_order({b.method.name for b in of_cut})]:
+            branches = [b for b in of_cut if b.method.name == name]
             method = branches[0].method  # configured with the run's options for it
             began = time.perf_counter()
             if method.uses_context:  # one branch: a method that reads its own past has no shared sweep
@@ -497,16 +541,18 @@ class Federation:
                 result = check_result(
                     swept[b.value], max_norm=self.checks.max_update_norm, clients=clients_named(clients)
                 )
-                out.append(Aggregated(b, by_client(result, clients, len(self.settings.ranks)), seconds, group.name))
-        order = {b.label: k for k, b in enumerate(group.branches)}
-        return sorted(out, key=lambda a: order[a.branch.label])
+                result = by_client(result, clients, len(self.settings.ranks))
+                out.append(Aggregated(b, result, seconds, group.name, updates))
+        return out
 
     def _record(self, round_number: int, a: Aggregated, screened: Screened) -> RoundRecord:
         """The branch's record of the round; scoring its model now is the round's evaluation step."""
         accepted = screened.accepted
         clients = [r.client for r in accepted]
-        uploads = [r.update for r in accepted]
+        uploads, up = a.uploads, a.branch.upload_threshold
         comm = round_communication(a.branch.method, round_number, uploads, in_reply_order(a.result, clients))
+        if up < 1.0:  # a cut upload carries its spectrum beside the pair
+            comm = with_spectra(comm, [sum(r.spectra[n].numel() for n in r.update.modules) for r in accepted])
         start = self._start_traffic.get((a.branch.method.name, round_number))
         if start:
             comm = with_start_traffic(comm, [start.get(c, (0, 0)) for c in clients])
@@ -533,6 +579,8 @@ class Federation:
             },
             server_seconds=a.seconds,
             rejected=dict(screened.rejected),
+            upload_threshold=up,
+            upload_ranks=[{n: f.rank for n, f in u.modules.items()} for u in uploads] if up < 1.0 else [],
         )
 
 
@@ -570,3 +618,31 @@ def in_reply_order(result: AggregationResult, clients: list[int]) -> Aggregation
     if result.per_client is None:
         return result
     return dataclasses.replace(result, per_client=[result.per_client[c] for c in clients])
+
+
+def cut_problem(result: ClientResult, start: ClientStart) -> str:
+    """Why a reply to a job that asked for cut uploads is not such a cut (``truncation_problem``), or ""."""
+    if start.upload_threshold >= 1.0:
+        return "its upload carries spectra its job did not ask for" if result.spectra else ""
+    for name, pair in result.update.modules.items():
+        problem = truncation_problem(pair, result.spectra.get(name), start.upload_threshold, start.rank)
+        if problem:
+            return f"its upload of module {name} is not the cut its job asked for: {problem}"
+    return ""
+
+
+def cut_update(result: ClientResult, threshold: float) -> ClientUpdate:
+    """A client's update as a branch of upload threshold ``threshold`` counts it: a cut upload recut at it (its
+    leading components), a whole pair cut at it as the client would have (and its spectrum kept for the client's
+    record), a whole pair at 1 as it is."""
+    update = result.update
+    if threshold >= 1.0:
+        return update
+    modules = {}
+    for name, pair in update.modules.items():
+        if name in result.spectra:
+            modules[name] = recut(pair, result.spectra[name], threshold)
+        else:
+            modules[name], spectrum = truncated_pair(pair, threshold)
+            result.spectra.setdefault(name, spectrum)
+    return ClientUpdate(modules, update.num_examples, update.client_id)

@@ -19,7 +19,7 @@ from . import data as datasets_api
 from .aggregation import Adapter
 from .base_weights import BaseWeights, adapted_module_names
 from .client import LocalTrainer
-from .config import ConfigError, RunConfig, heldout_source
+from .config import ConfigError, RunConfig, heldout_source, upload_taus
 from .data.instructions import load_file
 from .evaluation import EvalResult, evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
 from .methods import get_method
@@ -283,6 +283,8 @@ def build_federation(
         {name: get_method(name).values(config) for name in config.federation.methods},
         config.federation.scheme,
         config.method,
+        upload_taus(config),
+        config.federation.rounds,
     )
     check_branches(branches, config.client_ranks(), shapes)
     rundir.restore_history(branches, done, len(client_sizes))

@@ -220,6 +220,7 @@ BAD_VALUES = {
         NOT_IN(METHODS).map(lambda m: ["fedit", m]),
     ),
     "federation.thresholds": BAD_TAUS,
+    "federation.upload_thresholds": BAD_TAUS,
     "federation.florist_e_tolerance": st.floats(min_value=1, exclude_min=True) | NEGATIVE_FLOATS,
     "federation.min_clients": NON_POSITIVE,
     "federation.max_update_norm": NEGATIVE_FLOATS,

@@ -55,7 +55,16 @@ from florist.engines.flower_messages import (
     uplink_bytes,
 )
 from florist.engines.flower_strategy import FederatedLoRA
-from florist.jobs import BOTH_FACTORS, ClientJob, ClientMode, ClientStart, ClientUpload, TrainingLog, upload_of
+from florist.jobs import (
+    BOTH_FACTORS,
+    ClientJob,
+    ClientMode,
+    ClientStart,
+    ClientUpload,
+    TrainingLog,
+    cut_upload,
+    upload_of,
+)
 from florist.methods import aggregate, get_method, register, unregister
 from florist.models import tiny_llama
 from florist.server import RoundFailed
@@ -985,3 +994,69 @@ def test_florist_run_engine_flower_matches_the_in_process_engine(tmp_path, tiny_
         if round_number == 2:
             assert [c["down"]["adapter"] for c in clients] == records[(1, branch)]["communication"]["download_bytes"]
     assert {c["status"] for clients in lines.values() for c in clients} == {"replied"}
+
+
+def _cut_reply(threshold: float):
+    g = torch.Generator().manual_seed(0)
+    job = ClientJob(1, ClientStart(4, 8.0, 7, upload_threshold=threshold), group="g")
+    upload = ClientUpload(
+        {n: {"A": torch.randn(4, k, generator=g), "B": torch.randn(m, 4, generator=g)} for n, (m, k) in SHAPES.items()},
+        {n: 2.0 for n in SHAPES},
+        5,
+    )
+    return job, cut_upload(upload, threshold)
+
+
+def test_a_cut_upload_crosses_the_wire_with_its_spectra():
+    job = read_job(over_the_wire(job_content(_cut_reply(0.6)[0], 1, "")))
+    assert job.start.upload_threshold == 0.6
+    job, upload = _cut_reply(0.6)
+    reply = read_update(over_the_wire(update_content(job_config(job_content(job, 1, "")), upload, TrainingLog())), job)
+    assert reply.upload.spectra.keys() == upload.factors.keys()
+    for n, S in upload.spectra.items():
+        assert torch.equal(reply.upload.spectra[n], S)
+        assert all(torch.equal(reply.upload.factors[n][f], upload.factors[n][f]) for f in "AB")
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        (lambda c: c.array_records.pop("spectra"), "sent no 'spectra' record"),
+        (lambda c: c.array_records["spectra"].__setitem__("nope", Array(torch.ones(2).numpy())), "of no module"),
+        (lambda c: c.array_records["spectra"].__delitem__(next(iter(SHAPES))), "no spectrum for module"),
+    ],
+)
+def test_a_cut_reply_without_its_spectra_is_refused_in_one_line(change, refusal):
+    job, upload = _cut_reply(0.6)
+    content = update_content(job_config(job_content(job, 1, "")), upload, TrainingLog())
+    change(content)
+    with pytest.raises(MessageError, match=refusal):
+        read_update(over_the_wire(content), job)
+
+
+def test_a_whole_pair_reply_carrying_spectra_is_refused():
+    job, upload = _cut_reply(1.0)
+    upload.spectra.update({n: torch.ones(4) for n in SHAPES})
+    with pytest.raises(MessageError, match="unexpected array record 'spectra'"):
+        read_update(over_the_wire(update_content(job_config(job_content(job, 1, "")), upload, TrainingLog())), job)
+
+
+def test_cut_uploads_over_flower_reproduce_the_in_process_engine_and_save_real_bytes(tmp_path, loopback):
+    """The clients cut before they reply: the traffic record's upload bytes are the cut pairs and their spectra, as
+    the run's accounting counts them, and the run is the in-process one bit for bit."""
+    args = (
+        'federation.methods=["florist","flora","fedit"]',
+        "federation.rounds=2",
+        'federation.upload_thresholds="0.5"',
+    )
+    inprocess = run(tmp_path, "inprocess", *args)
+    over_flower = run(tmp_path, "flower", 'engine="flower"', *args)
+    assert assert_same_runs(inprocess, over_flower) > 0
+    records = [json.loads(x) for x in (over_flower / "metrics.jsonl").read_text().splitlines()]
+    accounted = {(r["round"], r["branch"]): r["communication"]["upload_bytes"] for r in records if r["round"]}
+    for line in traffic(over_flower):
+        label = "flora+up0.50" if line["group"] == "shared" else line["group"]
+        assert [c["up"]["total"] for c in line["clients"]] == accounted[(line["round"], label)], line["group"]
+    # what was cut away was never sent: client 0 trains at rank 4 and sends fewer components in some module
+    kept = [r["upload_ranks"][r["participants"].index(0)] for r in records if r["round"] and 0 in r["participants"]]
+    assert kept and any(p < 4 for ranks in kept for p in ranks.values())

@@ -12,7 +12,8 @@ the client index, and its number of examples). A training message for one client
 - ``base-0``, ``base-1``, ... (ArrayRecords): the past global updates merged into the client's base (merge scheme).
 
 The reply holds ``update`` (ArrayRecord: ``{module}.{factor}`` for exactly the factors its mode uploads, of A, B
-and R, and no other array; a gradient job's ``{module}.G``, the summed gradient of the base weight) and ``meta``
+and R, and no other array; a gradient job's ``{module}.G``, the summed gradient of the base weight), for a job with
+an ``upload-threshold`` below 1 ``spectra`` (ArrayRecord: each module's singular values, ``{module}``), and ``meta``
 (ConfigRecord: the echo of round, group and client, the example count, scalings, training log). Arrays travel as
 float32 numpy arrays, which Flower serialises with ``allow_pickle=False``: nothing is ever pickled.
 
@@ -52,6 +53,7 @@ from ..jobs import (
 )
 
 JOB, INIT, SHARED, UPDATE, META, NODE = "job", "init", "shared", "update", "meta", "node"
+SPECTRA = "spectra"  # a cut upload's spectra, one vector per module
 BASE_PREFIX = "base-"
 T = TypeVar("T")
 
@@ -336,6 +338,7 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
                     "report-kept": start.report_kept,
                     "init-seed": -1 if start.init_seed is None else start.init_seed,
                     "gradient-examples": start.gradient_examples,
+                    "upload-threshold": float(start.upload_threshold),
                     "base-deltas": len(job.base_deltas),
                     "config": config_toml,
                 }
@@ -416,8 +419,19 @@ def read_job(content: RecordDict) -> ClientJob:
         report_kept=bool_field(job, "report-kept", where),
         init_seed=None if (init_seed := int_field(job, "init-seed", where, -1, INT64[1])) < 0 else init_seed,
         gradient_examples=int_field(job, "gradient-examples", where, 0, MAX_EXAMPLES),
+        upload_threshold=upload_threshold(job, where),
     )
     return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
+
+
+def upload_threshold(job: ConfigRecord, where: str) -> float:
+    """A job's upload threshold, in (0, 1]; a job from a server that predates it (no field) asks for whole pairs."""
+    if "upload-threshold" not in job:
+        return 1.0
+    threshold = float_field(job, "upload-threshold", where, 0.0, 1.0)
+    if threshold <= 0.0:
+        raise MessageError(f"{where}: upload-threshold is {threshold}, expected a number in (0, 1]")
+    return threshold
 
 
 # --- the upload (client -> server) -----------------------------------------------------------------------------------
@@ -440,7 +454,10 @@ def update_content(job: ConfigRecord, upload: ClientUpload, log: TrainingLog) ->
             "seconds": float(log.seconds),
         }
     )
-    return RecordDict({UPDATE: factors_record(upload.factors), META: meta})
+    content = RecordDict({UPDATE: factors_record(upload.factors), META: meta})
+    if upload.spectra:
+        content[SPECTRA] = ArrayRecord({name: _array(S) for name, S in upload.spectra.items()})
+    return content
 
 
 def read_echo(content: RecordDict) -> tuple[int, str, int]:
@@ -481,7 +498,8 @@ def read_update(
     size = arrays_bytes(content)
     if max_bytes and size > max_bytes:
         raise MessageError(f"{where}: its arrays hold {size} bytes, over federation.max_update_bytes={max_bytes}")
-    only_records(content, where, configs=[META], arrays=[UPDATE])
+    start_cut = job.start.upload_threshold < 1.0
+    only_records(content, where, configs=[META], arrays=[UPDATE, *([SPECTRA] if start_cut else [])])
     record, meta = content.array_records[UPDATE], content.config_records[META]
     start = job.start
     uploads = start.mode.uploads | (start.mode.keeps if start.report_kept else frozenset())
@@ -502,8 +520,24 @@ def read_update(
         losses=losses,
         seconds=float_field(meta, "seconds", where, 0.0, MAX_SECONDS),
     )
-    upload = ClientUpload(factors, dict(zip(names, scalings)), num_examples=examples)
+    spectra = read_spectra(content, names, where) if start_cut else {}
+    upload = ClientUpload(factors, dict(zip(names, scalings)), num_examples=examples, spectra=spectra)
     return ClientReply(job.client, upload, log, job.group)
+
+
+def read_spectra(content: RecordDict, names: Collection[str], where: str) -> dict[str, torch.Tensor]:
+    """A cut upload's spectra: exactly one array per module it sends (``florist.server.cut_problem`` then checks that
+    each is the spectrum of what was sent)."""
+    if SPECTRA not in content.array_records:
+        raise MessageError(f"{where}: its job asked for a cut upload, and it sent no {SPECTRA!r} record")
+    record = content.array_records[SPECTRA]
+    extra = [key for key in record if key not in set(names)]
+    if extra:
+        raise MessageError(f"{where}: spectrum {shown(extra[0])} is of no module it sends")
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise MessageError(f"{where}: no spectrum for module {shown(missing[0])}")
+    return {n: checked_tensor(record[n], f"{where}, spectrum {shown(n)}") for n in names}
 
 
 # --- traffic ---------------------------------------------------------------------------------------------------------

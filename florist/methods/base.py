@@ -8,6 +8,9 @@ else in florist (the round loop, the engines, the accounting, the results table,
 from __future__ import annotations
 
 import copy as _copy
+import decimal
+import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,6 +33,42 @@ def format_value(value: float) -> str:
 def branch_label(method: str, value: float | None = None) -> str:
     """A branch's name in the run directory and the results: its method, with its swept value ("florist@0.90")."""
     return method if value is None else f"{method}@{format_value(value)}"
+
+
+MAX_TAUS = 1000  # a branch per τ, each scored every round: more is a mistyped step, not a sweep
+FORM = "must be T, T1,T2,... or start:stop:step"
+
+
+def parse_taus(spec: str) -> tuple[list[float], str]:
+    """'0.9', '0.8,0.9,1.0' or 'start:stop:step' (inclusive, stepped in exact decimals), sorted, and "" ; or [] and
+    what is wrong with the spec. At most ``MAX_TAUS`` taus, each in (0, 1], none given twice."""
+    try:
+        if ":" in spec:
+            start, stop, step = (Decimal(x.strip()) for x in spec.split(":"))
+            if not all(d.is_finite() for d in (start, stop, step)):
+                return [], "must hold finite numbers"
+            if step <= 0:
+                return [], "must have a positive step"
+            if start > stop:
+                return [], "is an empty range: start is above stop"
+            span = (stop - start) / step
+            if span >= MAX_TAUS:
+                return [], f"is a range of more than {MAX_TAUS} taus"
+            taus = [float(start + i * step) for i in range(int(span) + 1)]
+        else:
+            taus = [float(x) for x in spec.split(",") if x.strip()]
+    except (ValueError, decimal.DecimalException):
+        return [], FORM
+    if not taus:
+        return [], FORM
+    if len(taus) > MAX_TAUS:
+        return [], f"lists more than {MAX_TAUS} taus"
+    if not all(math.isfinite(t) and 0.0 < t <= 1.0 for t in taus):
+        return [], "must hold taus in (0, 1]"
+    twice = [t for t, n in Counter(taus).items() if n > 1]
+    if twice:
+        return [], f"gives tau {format_value(twice[0])} twice"
+    return sorted(taus), ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +178,16 @@ class Method:
     def check(self, ranks: Sequence[int], module_shapes: Mapping[str, tuple[int, int]]) -> str:
         """What in a run this method cannot do (the clients' ``ranks``, the adapted modules' (m, n)), or "": a run
         that asks for it is refused before training."""
+        return ""
+
+    def upload_cut_problem(self, rounds: int) -> str:
+        """Why this method's clients cannot cut their uploads to a share of their energy
+        (``federation.upload_thresholds``), or "": a cut re-factors a client's update, so its clients must upload
+        both factors of a plain pair (no core, nothing kept) in every round."""
+        for t in range(1, rounds + 1):
+            mode = self.mode(t)
+            if mode.uploads != {"A", "B"} or mode.core or mode.shared or self.gradient_examples(t):
+                return f"its clients upload {mode.describe().rpartition('uploads ')[2]} in round {t}, not a whole pair"
         return ""
 
     def client_rank(self, rank: int, history: Sequence[AggregationResult], client: int) -> int:

@@ -7,51 +7,14 @@ results name two of its τ: FLoRIST-O (best quality) and FLoRIST-E (least downlo
 
 from __future__ import annotations
 
-import decimal
-import math
-from collections import Counter
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any
 
 from ..aggregation import AggregationResult, ClientUpdate
 from ..aggregation.florist import thresholded
-from .base import Method, Style, Sweep, format_value
+from .base import MAX_TAUS, Method, Style, Sweep, parse_taus
 
-MAX_TAUS = 1000  # a branch per τ, each scored every round: more is a mistyped step, not a sweep
-FORM = "must be T, T1,T2,... or start:stop:step"
-
-
-def parse_taus(spec: str) -> tuple[list[float], str]:
-    """'0.9', '0.8,0.9,1.0' or 'start:stop:step' (inclusive, stepped in exact decimals), sorted, and "" ; or [] and
-    what is wrong with the spec. At most ``MAX_TAUS`` taus, each in (0, 1], none given twice."""
-    try:
-        if ":" in spec:
-            start, stop, step = (Decimal(x.strip()) for x in spec.split(":"))
-            if not all(d.is_finite() for d in (start, stop, step)):
-                return [], "must hold finite numbers"
-            if step <= 0:
-                return [], "must have a positive step"
-            if start > stop:
-                return [], "is an empty range: start is above stop"
-            span = (stop - start) / step
-            if span >= MAX_TAUS:
-                return [], f"is a range of more than {MAX_TAUS} taus"
-            taus = [float(start + i * step) for i in range(int(span) + 1)]
-        else:
-            taus = [float(x) for x in spec.split(",") if x.strip()]
-    except (ValueError, decimal.DecimalException):
-        return [], FORM
-    if not taus:
-        return [], FORM
-    if len(taus) > MAX_TAUS:
-        return [], f"lists more than {MAX_TAUS} taus"
-    if not all(math.isfinite(t) and 0.0 < t <= 1.0 for t in taus):
-        return [], "must hold taus in (0, 1]"
-    twice = [t for t, n in Counter(taus).items() if n > 1]
-    if twice:
-        return [], f"gives tau {format_value(twice[0])} twice"
-    return sorted(taus), ""
+__all__ = ["FLoRIST", "MAX_TAUS", "parse_taus", "pick_best_and_efficient"]
 
 
 class FLoRIST(Method):

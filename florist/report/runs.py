@@ -222,6 +222,9 @@ def check_record(record: object, where: str) -> None:
             raise ReportError(f"{where}: {key} is {_shown(record[key])}, expected {what}")
     if record["round"] > 0:
         _check_swept_value(record, where)
+        up = record.get("upload_threshold", 1.0)
+        if not (_is_finite(up) and 0 < up <= 1):
+            raise ReportError(f"{where}: upload_threshold is {_shown(up)}, expected a number in (0, 1]")
     evaluation = record["evaluation"]
     for key in EVALUATION_FIELDS:
         if not _optional(_is_finite)(evaluation.get(key)):
