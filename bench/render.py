@@ -30,6 +30,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 COMMANDS = ROOT / "docs" / "commands.md"
+METHODS_DOC = ROOT / "docs" / "methods.md"
 
 MARKER = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.DOTALL)
 OPENING = re.compile(r"<!-- /?bench:(?P<name>[\w-]+) -->")
@@ -362,6 +363,42 @@ def main_job_cost(results: Results) -> str:
     )
 
 
+# ---------------------------------------------------------------- bench/upload_cuts.py
+
+
+def upload_cuts_table(results: Results) -> str:
+    data = results["upload_cuts"]
+    kept = {(b["method"], b["threshold"], b["upload_threshold"]): b["kept_rank"] for b in data["branches"]}
+    header = ["method", "τ", "τ up", "kept rank", "loss, whole pairs", "loss, cut", "MB up, whole", "MB up, cut"]
+    header.append("upload saving")
+    rows = []
+    for s in data["savings"]:
+        name = _name({"label": s["method"]})
+        tau = "" if s["threshold"] is None else f"{s['threshold']:.2f}"
+        rank = kept.get((s["method"], s["threshold"], s["upload_threshold"]))
+        rows.append(
+            [
+                name,
+                tau,
+                f"{s['upload_threshold']:.2f}",
+                "" if rank is None else f"{rank:.1f}",
+                f"{s['loss_whole']:.4f}",
+                f"{s['loss_cut']:.4f}",
+                f"{s['upload_whole'] / 1e6:.2f}",
+                f"{s['upload_cut'] / 1e6:.2f}",
+                f"{ratio(s['saving'])}×",
+            ]
+        )
+    machine = data["machine"].split("; load average")[0]
+    wall = f" in {data['wall_seconds']:.0f} s" if data.get("wall_seconds") else ""
+    cost = (
+        f"Upload thresholds {data['upload_thresholds']}, methods {data['methods']}, one training for all{wall} on "
+        f"{machine}; load average {data['load_before']} before, {data['load_after']} after. Equal quality: a held-out "
+        f"loss within {data['tolerance']:g} of the same method and τ with whole pairs."
+    )
+    return table(header, rows, 1) + "\n\n" + cost
+
+
 BLOCKS: dict[str, Block] = {
     "aggregation": Block("aggregation", aggregation_table),
     "train": Block("train", train_table),
@@ -370,12 +407,14 @@ BLOCKS: dict[str, Block] = {
     "memory": Block("memory", memory_table),
     "main-job": Block("main_job", main_job_table),
     "main-job-cost": Block("main_job", main_job_cost),
+    "upload-cuts": Block("upload_cuts", upload_cuts_table),
 }
 # the blocks each document holds, each exactly once
 DOCUMENTS: dict[Path, tuple[str, ...]] = {
     DOC: ("aggregation", "train", "train-loss", "eval", "memory"),
     README: ("main-job",),
     COMMANDS: ("main-job-cost",),
+    METHODS_DOC: ("upload-cuts",),
 }
 
 

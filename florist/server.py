@@ -459,7 +459,8 @@ class Federation:
             name: completed_factors(start, name, sent, upload.scalings[name], shapes[name])
             for name, sent in upload.factors.items()
         }
-        update = ClientUpdate(modules, upload.num_examples, f"client {reply.client}")
+        trained = start.rank if start.upload_threshold < 1.0 else 0  # a cut upload's pairs are below it
+        update = ClientUpdate(modules, upload.num_examples, f"client {reply.client}", trained)
         return ClientResult(reply.client, update, reply.log, dict(upload.spectra))
 
     # --- aggregating and keeping ---------------------------------------------------------------------------------
@@ -632,17 +633,19 @@ def cut_problem(result: ClientResult, start: ClientStart) -> str:
 
 
 def cut_update(result: ClientResult, threshold: float) -> ClientUpdate:
-    """A client's update as a branch of upload threshold ``threshold`` counts it: a cut upload recut at it (its
-    leading components), a whole pair cut at it as the client would have (and its spectrum kept for the client's
-    record), a whole pair at 1 as it is."""
+    """A client's update as a branch of upload threshold ``threshold`` counts it: an upload the client cut (its pairs
+    below the rank it trained at, ``trained_rank``) recut at it, by its leading components; a whole pair cut at it as
+    the client would have (its spectrum kept for the client's record); a whole pair at 1 as it is."""
     update = result.update
     if threshold >= 1.0:
         return update
+    cut_by_client = update.trained_rank > 0
     modules = {}
     for name, pair in update.modules.items():
-        if name in result.spectra:
+        if cut_by_client:
             modules[name] = recut(pair, result.spectra[name], threshold)
-        else:
+        else:  # a whole pair's factors are no cut: its leading components are not its best approximation
             modules[name], spectrum = truncated_pair(pair, threshold)
             result.spectra.setdefault(name, spectrum)
-    return ClientUpdate(modules, update.num_examples, update.client_id)
+    trained = update.trained_rank or max(f.rank for f in update.modules.values())
+    return ClientUpdate(modules, update.num_examples, update.client_id, trained)

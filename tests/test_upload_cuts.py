@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from florist.aggregation.truncation import leading_components, recut, truncated_
 from florist.config import ConfigError, load_config
 from florist.jobs import ClientJob, ClientReply, ClientStart, ClientUpload, RoundReplies, TrainingLog, cut_upload
 from florist.models import tiny_llama
+from florist.report import build_report, load_run
 from florist.server import Federation, RoundHooks, RoundSettings, UpdateChecks, make_branches
 
 FAST = [
@@ -177,6 +179,16 @@ def test_a_sweep_shares_training_and_equals_each_threshold_run_alone_bit_for_bit
     assert len(info["upload_spectra"]) == len(stacked)
 
 
+def test_with_1_among_the_thresholds_the_server_makes_every_cut_as_the_clients_would(tmp_path):
+    """The clients send whole pairs; each lower threshold is cut from the whole pair, never from another cut's
+    spectrum over factors that are not in the cut form."""
+    swept = run(tmp_path, "swept", METHODS, 'federation.upload_thresholds="0.5,0.8,1"')
+    for threshold in ("0.50", "0.80"):
+        alone = run(tmp_path, f"alone{threshold}", METHODS, f'federation.upload_thresholds="{threshold}"')
+        for label in (f"flora+up{threshold}", f"fedit+up{threshold}", f"florist@0.90+up{threshold}"):
+            assert same_adapter(swept / "rounds" / "001" / label, alone / "rounds" / "001" / label), label
+
+
 def test_threshold_one_beside_a_sweep_reproduces_the_run_without_cuts_bit_for_bit(tmp_path):
     plain = run(tmp_path, "plain", METHODS, "federation.rounds=2")
     swept = run(tmp_path, "swept", METHODS, "federation.rounds=2", 'federation.upload_thresholds="0.7,1"')
@@ -262,3 +274,31 @@ def test_a_job_asking_for_whole_pairs_refuses_spectra():
 
 def test_a_start_asks_for_whole_pairs_by_default():
     assert ClientStart(rank=4, alpha=8.0, seed=0).upload_threshold == 1.0
+
+
+def test_the_report_shows_the_cuts_against_total_traffic_with_kept_ranks_and_spectra(tmp_path):
+    path = run(tmp_path, "cuts", 'federation.methods=["florist","flora","ffa"]', 'federation.upload_thresholds="0.5,1"')
+    report = build_report([load_run(path)])
+    text = report.markdown
+    assert "## Upload cuts" in text or "### Upload cuts" in text
+    assert {"cuts-upload.png", "cuts-upload-spectra.png"} <= {Path(name).name for name in report.images}
+    cut = next(line for line in text.splitlines() if line.startswith("| flora+up0.50 |"))
+    cells = [c.strip() for c in cut.strip("|").split("|")]
+    assert 0 < float(cells[-1]) < 1  # its upload is a share of flora's
+    assert "| ffa+up" not in text  # FFA-LoRA's clients upload B alone: it runs with whole pairs only
+    assert "τ up" in text.split("## Upload cuts")[0]  # the results table has the column
+
+
+def test_flexlora_sends_each_client_its_trained_rank_whatever_its_cut_kept():
+    from florist.aggregation import ClientUpdate
+    from florist.methods import aggregate
+
+    pairs = [random_pair(k, 12, 10, 6, 2.0) for k in range(3)]
+    cuts = [truncated_pair(p, 0.6)[0] for p in pairs]
+    assert all(c.rank < 6 for c in cuts)
+    updates = [ClientUpdate({"q": c}, 10, f"client {k}", trained_rank=6) for k, c in enumerate(cuts)]
+    result = aggregate("flexlora", updates)
+    assert [a["q"].rank for a in result.per_client] == [6, 6, 6]
+    # without the trained rank, a client would get back no more than it sent
+    plain = aggregate("flexlora", [ClientUpdate({"q": c}, 10) for c in cuts])
+    assert [a["q"].rank for a in plain.per_client] == [c.rank for c in cuts]

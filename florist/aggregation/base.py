@@ -43,11 +43,20 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """What one client sends after local training: a LoRA pair per adapted module and its example count."""
+    """What one client sends after local training: a LoRA pair per adapted module and its example count.
+
+    ``trained_rank``: the rank the client trained at, where its pairs were cut below it (an upload cut to a share of
+    its energy, ``florist.aggregation.truncation``); 0: the pairs' own ranks. A rule that sends each client an
+    adapter at its rank (FlexLoRA) reads it."""
 
     modules: Mapping[str, LoraFactors]
     num_examples: int
     client_id: str = ""
+    trained_rank: int = 0
+
+    def rank_of(self, name: str) -> int:
+        """The rank this client trains module ``name`` at: ``trained_rank``, or its pair's rank."""
+        return self.trained_rank or self.modules[name].rank
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def dense_truncations(updates: Sequence[ClientUpdate], weights: Sequence[float])
         delta = sum(w * (fold_scaling(f) @ f.A) for f, w in zip(factors, weights))
         with linalg_failures("flexlora", name):
             U, S, Vh = canonical_signs(*torch.linalg.svd(delta, full_matrices=False))
-        for k, f in enumerate(factors):
-            per_client[k][name] = truncation(U, S, Vh, f.rank)
-        modules[name] = truncation(U, S, Vh, max(f.rank for f in factors))
+        for k, u in enumerate(updates):
+            per_client[k][name] = truncation(U, S, Vh, u.rank_of(name))
+        modules[name] = truncation(U, S, Vh, max(u.rank_of(name) for u in updates))
     return modules, per_client

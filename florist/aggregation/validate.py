@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -341,4 +342,4 @@ def as_dtype(updates: Sequence[ClientUpdate], dtype: torch.dtype) -> list[Client
     def cast(f: LoraFactors) -> LoraFactors:
         return LoraFactors(A=f.A.to(dtype), B=f.B.to(dtype), scaling=f.scaling)
 
-    return [ClientUpdate({n: cast(f) for n, f in u.modules.items()}, u.num_examples, u.client_id) for u in updates]
+    return [replace(u, modules={n: cast(f) for n, f in u.modules.items()}) for u in updates]

@@ -84,6 +84,9 @@ class HetLoRA(Method):
         Option("min_rank", 1, "the least rank pruning leaves a client", low=1),
     )
 
+    def upload_cut_problem(self, rounds: int) -> str:
+        return "its rank self-pruning reads each client's rank from what it sends, which a cut would change"
+
     def check(self, ranks, module_shapes) -> str:
         return f"option prune {self.prune} must be below 1 (method.hetlora.prune)" if self.prune >= 1 else ""
 

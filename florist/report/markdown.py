@@ -11,8 +11,8 @@ import math
 from collections.abc import Sequence
 
 from ..config import heldout_source
-from ..methods import METHODS, Method, in_order
-from ..results import ResultRow, display_name, to_markdown, value_header
+from ..methods import METHODS, Method, format_value, in_order
+from ..results import ResultRow, display_name, is_pick, to_markdown, value_header
 from .plots import PLOTS
 from .runs import Run, listed, measured, metric_value, setting, settings, value_text
 
@@ -36,7 +36,8 @@ def describe_setup(run: Run) -> list[str]:
         f"- training: {fed.get('rounds', 1)} round(s) × {length}, batch {train.get('batch_size', '?')} "
         f"(micro {train.get('micro_batch_size', '?')}), lr {train.get('lr', '?')}, scheme {fed.get('scheme', 'merge')}",
         f"- methods: {', '.join(_display(m) for m in fed.get('methods', []))}"
-        + "".join(f"; {m.sweep.name} = {setting(c, m.sweep.config_key)}" for m in in_order() if m.sweep is not None),
+        + "".join(f"; {m.sweep.name} = {setting(c, m.sweep.config_key)}" for m in in_order() if m.sweep is not None)
+        + (f"; τ up = {cuts}" if (cuts := str(fed.get("upload_thresholds", "1"))) not in ("1", "1.0") else ""),
     ]
     questions = ev.get("questions", "builtin")
     if questions != "none":
@@ -188,9 +189,37 @@ def run_section(run: Run, plots: dict[str, str], level: str = "##") -> str:
         sweep_table = to_markdown(run.sweep_rows(m), marks=False, paper_names=True).rstrip()
         name = m.sweep.name
         parts += [f"{level}# {m.display} {name} sweep", "", f"Every {name} (unmarked).", "", sweep_table, ""]
+    if run.has_cuts:
+        parts += [f"{level}# Upload cuts", "", *upload_cuts(run), ""]
     for key, file in plots.items():
         parts += [f"![{run.name} {key}]({file})", "", f"*{PLOTS[key][1](run)}*", ""]
     return "\n".join(parts)
+
+
+def upload_cuts(run: Run) -> list[str]:
+    """Per branch, what its clients' upload cut kept and saved, beside the same method and value sending whole pairs."""
+    lines = [
+        "Each branch at every upload threshold τ up (1: whole pairs): the mean rank its clients kept in round 1 (over "
+        "clients and modules), its traffic, its quality, and its upload as a share of the same branch's at τ up = 1.",
+        "",
+        "| branch | τ up | kept rank | MB up | MB down | MB total | held-out loss | accuracy (%) | upload vs τ up 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [r for r in run.table if not is_pick(r)]
+    whole = {(r.method, r.threshold): r for r in rows if r.upload_threshold == 1.0}
+    for r in sorted(rows, key=lambda r: (r.method, r.threshold or 0, -r.upload_threshold)):
+        ranks = [p for client in run.upload_ranks(r.label) for p in client.values()]
+        kept = f"{sum(ranks) / len(ranks):.1f}" if ranks else ""
+        base = whole.get((r.method, r.threshold))
+        share = f"{r.upload_bytes / base.upload_bytes:.2f}" if base is not None and base.upload_bytes else ""
+        loss = "" if r.heldout_loss is None else f"{r.heldout_loss:.4f}"
+        accuracy = "" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+        up, down = r.upload_bytes / 1e6, r.download_bytes / 1e6
+        lines.append(
+            f"| {r.label} | {format_value(r.upload_threshold)} | {kept} | {up:.2f} | {down:.2f} | {up + down:.2f} | "
+            f"{loss} | {accuracy} | {share} |"
+        )
+    return lines
 
 
 def combined_table(runs: Sequence[Run]) -> str:
@@ -199,8 +228,10 @@ def combined_table(runs: Sequence[Run]) -> str:
     header = f"| run | method | {value} | accuracy (%) | held-out loss | Eff (×10⁻⁴) | MB down |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
     for run in runs:
-        for line in to_markdown(run.compared_rows(), paper_names=True).splitlines()[2:]:
+        table = to_markdown(run.compared_rows(), paper_names=True).splitlines()
+        names = [c.strip() for c in table[0].strip().strip("|").split("|")]
+        wanted = [0, 1, *(names.index(c) for c in ("accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", "MB down"))]
+        for line in table[2:]:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            method, swept, acc, loss, eff, mb_down = cells[0], cells[1], cells[2], cells[3], cells[4], cells[9]
-            lines.append(f"| {run.name} | {method} | {swept} | {acc} | {loss} | {eff} | {mb_down} |")
+            lines.append(f"| {run.name} | " + " | ".join(cells[k] for k in wanted) + " |")
     return "\n".join(lines) + "\n"

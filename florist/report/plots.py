@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from ..methods import Method, Style, format_value
 from ..results import ResultRow, display_name, is_pick, is_swept, method_of
-from .runs import Run, listed, load_spectra, measured, metric_value, picks_in_short, value_text
+from .runs import Run, listed, load_spectra, load_upload_spectra, measured, metric_value, picks_in_short, value_text
 
 DPI = 110
 UNREGISTERED = Style()  # how a method that is not registered is drawn
@@ -71,7 +71,8 @@ def _norm(values: Sequence[float]) -> Normalize:
 
 def _tradeoff_panel(ax, run: Run, attribute: str, label: str, higher: bool, norms: dict[str, Normalize]) -> dict:
     """One metric against download; returns each swept method's scatter (for its colour bar) by method name."""
-    rows = [r for r in run.table if metric_value(r, attribute) is not None and not is_pick(r)]
+    # the clients' upload cuts have their own figure (``plot_upload``): here every branch sends whole pairs up
+    rows = [r for r in whole_pairs(run.table) if metric_value(r, attribute) is not None and not is_pick(r)]
     front = pareto_front([(r.download_bytes / 1e6, metric_value(r, attribute)) for r in rows], higher)
     ax.plot(*zip(*front), color="0.6", lw=5, alpha=0.35, zorder=1, label="Pareto front", drawstyle="steps-post")
     for r in rows:
@@ -93,7 +94,7 @@ def _tradeoff_panel(ax, run: Run, attribute: str, label: str, higher: bool, norm
         if points:
             sweeps[m.name] = _sweep(ax, m, points, attribute, norms[m.name])
     for text, r, offset in pick_labels(run):
-        if metric_value(r, attribute) is not None:
+        if metric_value(r, attribute) is not None and r.upload_threshold == 1.0:
             _ring(ax, text, r.download_bytes / 1e6, metric_value(r, attribute), offset)
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.15)
@@ -141,25 +142,123 @@ def _ring(ax, text: str, x: float, y: float, offset: tuple[int, int]) -> None:
 
 def pick_labels(run: Run) -> list[tuple[str, ResultRow, tuple[int, int]]]:
     """A label per picked row, with its offset; picks of one row share a label ("A = B (τ=0.90)")."""
-    same: dict[tuple[str, float | None], list[ResultRow]] = {}
+    same: dict[tuple[str, float | None, float], list[ResultRow]] = {}
     for r in run.picks():
-        same.setdefault((r.method, r.threshold), []).append(r)
+        same.setdefault((r.method, r.threshold, r.upload_threshold), []).append(r)
     return [
         (f"{' = '.join(r.label for r in rows)} ({value_text(rows[0])})", rows[0], PICK_OFFSETS[k % len(PICK_OFFSETS)])
         for k, rows in enumerate(same.values())
     ]
 
 
+def whole_pairs(rows: Sequence[ResultRow]) -> list[ResultRow]:
+    """The rows whose clients uploaded whole pairs (upload threshold 1)."""
+    return [r for r in rows if r.upload_threshold == 1.0]
+
+
 def tradeoff_caption(run: Run) -> str:
     swept = run.swept()
     values = "".join(f" and {name}" for name in dict.fromkeys(m.sweep.name for m in swept))
-    parts = [f"Quality against total download. Grey band: the Pareto front over every method{values}"]
+    whole = " (branches that upload whole pairs; the upload cuts have their own figure)" if run.has_cuts else ""
+    parts = [f"Quality against total download{whole}. Grey band: the Pareto front over every method{values}"]
     for m in swept:
         points = MARKER_WORDS.get(m.style.marker, "points")
         parts.append(f"{points}: {m.display}'s {m.sweep.name} sweep (colour: {m.sweep.name})")
     if run.picks():
         parts.append(f"red rings: {listed([r.label for r in run.picks()])}")
     return "; ".join(parts) + "."
+
+
+# --- two-way compression: quality against total traffic ---------------------------------------------------------
+
+UPLOAD_MAP = "plasma"  # the colour of a row's upload threshold
+
+
+def plot_upload(run: Run) -> Figure | None:
+    """Each measured metric against the total traffic (up + down): every branch of every upload threshold, coloured by
+    it, with the Pareto front over the whole grid; None for a run whose clients sent whole pairs."""
+    metrics = measured(run)
+    if not metrics or not run.has_cuts:
+        return None
+    rows = [r for r in run.table if not is_pick(r)]
+    norm = _norm([r.upload_threshold for r in rows])
+    fig = Figure(figsize=(6.4 * len(metrics), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (attribute, label, higher) in zip(axes, metrics):
+        scored = [r for r in rows if metric_value(r, attribute) is not None]
+        total = lambda r: (r.upload_bytes + r.download_bytes) / 1e6  # noqa: E731
+        front = pareto_front([(total(r), metric_value(r, attribute)) for r in scored], higher)
+        ax.plot(*zip(*front), color="0.6", lw=5, alpha=0.35, zorder=1, label="Pareto front", drawstyle="steps-post")
+        for method in dict.fromkeys(r.method for r in scored):
+            mine = [r for r in scored if r.method == method]
+            style = method_of(mine[0]).style if method_of(mine[0]) is not None else UNREGISTERED
+            scatter = ax.scatter(
+                [total(r) for r in mine],
+                [metric_value(r, attribute) for r in mine],
+                c=[r.upload_threshold for r in mine],
+                cmap=UPLOAD_MAP,
+                norm=norm,
+                marker=style.marker,
+                s=50,
+                edgecolor="black",
+                linewidth=0.5,
+                zorder=3,
+                label=display_name(mine[0]),
+            )
+        for text, r, offset in pick_labels(run):
+            if metric_value(r, attribute) is not None:
+                _ring(ax, text, total(r), metric_value(r, attribute), offset)
+        ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.15)
+        ax.set_xlabel("upload + download, all clients and rounds (MB, log scale)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split(' (')[0]} vs total traffic ({'higher' if higher else 'lower'} is better)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.colorbar(scatter, ax=list(axes), label="τ up (upload threshold)", shrink=0.85)
+    fig.suptitle(f"{run.name}: quality against upload and download", weight="bold")
+    return fig
+
+
+def upload_caption(run: Run) -> str:
+    return (
+        "Quality against total traffic, upload and download, for every branch at every upload threshold τ up (colour;"
+        " markers by method). Grey band: the Pareto front over the whole grid"
+        + (f"; red rings: {listed([r.label for r in run.picks()])}" if run.picks() else "")
+        + "."
+    )
+
+
+def plot_upload_spectra(run: Run) -> Figure | None:
+    """Each client's upload spectrum in round 1, as cumulative energy, for a few modules; None without cuts."""
+    spectra = load_upload_spectra(run)
+    if not spectra:
+        return None
+    modules = spectra_modules(sorted(next(iter(spectra.values()))))
+    fig = Figure(figsize=(3.4 * len(modules), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(modules), squeeze=False)[0]
+    colours = _colours(len(spectra), "tab10")
+    for ax, name in zip(axes, modules):
+        for colour, (client, by_module) in zip(colours, sorted(spectra.items())):
+            squares = [v * v for v in by_module.get(name, [])]
+            total = sum(squares) or 1.0
+            energy = [sum(squares[: k + 1]) / total for k in range(len(squares))]
+            ax.plot(range(1, len(energy) + 1), energy, marker=".", color=colour, label=f"client {client}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("components kept")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("share of the update's energy")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{run.name}: each client's upload spectrum (round 1)", weight="bold")
+    return fig
+
+
+def upload_spectra_caption(run: Run) -> str:
+    return (
+        "Each client's update in round 1, as the share of its energy its leading components carry, for a few modules:"
+        " a client cut at τ up keeps the components up to where its curve reaches τ up."
+    )
 
 
 # --- ranks kept ---------------------------------------------------------------------------------------------------
@@ -405,5 +504,7 @@ PLOTS: dict[str, tuple[Callable[[Run], Figure | None], Callable[[Run], str]]] = 
     "tradeoff": (plot_tradeoff, tradeoff_caption),
     "ranks": (plot_ranks, ranks_caption),
     "spectra": (plot_spectra, spectra_caption),
+    "upload": (plot_upload, upload_caption),
+    "upload-spectra": (plot_upload_spectra, upload_spectra_caption),
     "rounds": (plot_rounds, rounds_caption),
 }

@@ -81,6 +81,17 @@ class Run:
         """Every value of the swept methods' sweeps (of ``method`` alone if given), picks left out."""
         return [r for r in self.table if is_swept(r) and not is_pick(r) and (method is None or r.method == method.name)]
 
+    @property
+    def has_cuts(self) -> bool:
+        """Whether some branch's clients cut their uploads (``federation.upload_thresholds`` below 1)."""
+        return any(r.upload_threshold != 1.0 for r in self.table)
+
+    def upload_ranks(self, label: str, round_number: int = 1) -> list[dict[str, int]]:
+        """Per participant, each module's kept upload rank in a branch's round (empty: whole pairs)."""
+        record = next((r for r in self.records if r["round"] == round_number and r["branch"] == label), {})
+        ranks = record.get("upload_ranks", [])
+        return ranks if isinstance(ranks, list) and all(_is_ranks(x) for x in ranks) else []
+
     def ranks(self, method: Method, round_number: int | None = None) -> dict[float, dict[str, int]]:
         """value -> {module: rank kept} of a swept method's branches in a round (default: the last)."""
         wanted = self.rounds if round_number is None else round_number
@@ -92,8 +103,12 @@ class Run:
 
 
 def value_text(r: ResultRow) -> str:
-    """A swept row's value as the report writes it beside the row's name: "τ=0.90"."""
-    return f"{value_header([r])}={format_value(r.threshold)}"
+    """A swept row's value as the report writes it beside the row's name: "τ=0.90" (and "τ up=0.80" for a row whose
+    clients cut their uploads)."""
+    text = f"{value_header([r])}={format_value(r.threshold)}" if r.threshold is not None else ""
+    if r.upload_threshold != 1.0:
+        text += f"{', ' if text else ''}τ up={format_value(r.upload_threshold)}"
+    return text
 
 
 def settings(config: dict) -> SimpleNamespace:
@@ -319,7 +334,7 @@ def load_spectra(run: Run, round_number: int = 1) -> dict[str, list[float]]:
     """The singular values per module a branch saved in a round (rounds/NNN/<branch>/spectra.json): of a swept
     method's branch if one saved them, lowest value first, else of the first branch in table order that did."""
     round_dir = run.path / "rounds" / f"{round_number:03d}"
-    swept = sorted(run.sweep_rows(), key=lambda r: (run.swept().index(method_of(r)), r.threshold))
+    swept = sorted(run.sweep_rows(), key=lambda r: (run.swept().index(method_of(r)), -r.upload_threshold, r.threshold))
     others = [r for r in run.table if not is_swept(r)]
     for f in (round_dir / r.label / "spectra.json" for r in swept + others if _is_folder_name(r.label)):
         if path_kind(f, ReportError) is None:
@@ -370,3 +385,24 @@ def _shortened(labels: Sequence[str]) -> str:
     if len(labels) < 2 or not stem:
         return listed(labels)
     return stem + "/".join(label[len(stem) :] for label in labels)
+
+
+def load_upload_spectra(run: Run, round_number: int = 1) -> dict[int, dict[str, list[float]]]:
+    """Each client's upload spectra (client.json's ``upload_spectra``) of a round's first training group that has
+    them: client -> {module: singular values}; empty where no client cut its upload."""
+    round_dir = run.path / "rounds" / f"{round_number:03d}" / "clients"
+    for group in sorted(round_dir.glob("*")) if path_kind(round_dir, ReportError) == "dir" else []:
+        out = {}
+        for info_file in sorted(group.glob("client_*/client.json")):
+            info = read_json_file(info_file, ReportError)
+            spectra = info.get("upload_spectra") if isinstance(info, dict) else None
+            if spectra is None:
+                continue
+            if not isinstance(spectra, dict) or not all(_list_of(_is_singular_value)(v) for v in spectra.values()):
+                raise ReportError(f"{info_file}: upload_spectra: expected {{module: [finite numbers >= 0]}}")
+            client = info_file.parent.name.removeprefix("client_")
+            if client.isdigit():
+                out[int(client)] = spectra
+        if out:
+            return out
+    return {}
