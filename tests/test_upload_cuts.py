@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_federation import TINY_RUN
 
 import florist.run as run_module
 import florist.setup as run_setup
@@ -23,19 +24,7 @@ from florist.models import tiny_llama
 from florist.report import build_report, load_run
 from florist.server import Federation, RoundHooks, RoundSettings, UpdateChecks, make_branches
 
-FAST = [
-    "data.clients=3",
-    "data.max_examples_per_client=6",
-    "data.cutoff=32",
-    'data.partition="iid"',
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.lr=0.01",
-    "eval.batch_size=8",
-    "eval.limit=8",
-    "lora.ranks=[8]",
-    'federation.thresholds="0.90"',
-]
+FAST = [*TINY_RUN, "eval.limit=8", "lora.ranks=[8]", 'federation.thresholds="0.90"']
 
 
 def random_pair(seed: int, m: int, n: int, r: int, scaling: float) -> LoraFactors:

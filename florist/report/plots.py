@@ -96,14 +96,20 @@ def _tradeoff_panel(ax, run: Run, attribute: str, label: str, higher: bool, norm
     for text, r, offset in pick_labels(run):
         if metric_value(r, attribute) is not None and r.upload_threshold == 1.0:
             _ring(ax, text, r.download_bytes / 1e6, metric_value(r, attribute), offset)
+    _traffic_axes(ax, "download", label, higher)
+    return sweeps
+
+
+def _traffic_axes(ax, traffic: str, label: str, higher: bool) -> None:
+    """A quality-against-traffic panel's scale, labels, grid and legend; ``traffic`` names the x axis."""
     ax.set_xscale("log")
     ax.margins(x=0.12, y=0.15)
-    ax.set_xlabel("download, all clients and rounds (MB, log scale)")
+    ax.set_xlabel(f"{traffic}, all clients and rounds (MB, log scale)")
     ax.set_ylabel(label)
-    ax.set_title(f"{label.split(' (')[0]} vs download ({'higher' if higher else 'lower'} is better)")
+    axis = "total traffic" if "+" in traffic else traffic
+    ax.set_title(f"{label.split(' (')[0]} vs {axis} ({'higher' if higher else 'lower'} is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return sweeps
 
 
 def _sweep(ax, method: Method, rows: Sequence[ResultRow], attribute: str, norm: Normalize):
@@ -208,13 +214,7 @@ def plot_upload(run: Run) -> Figure | None:
         for text, r, offset in pick_labels(run):
             if metric_value(r, attribute) is not None:
                 _ring(ax, text, total(r), metric_value(r, attribute), offset)
-        ax.set_xscale("log")
-        ax.margins(x=0.12, y=0.15)
-        ax.set_xlabel("upload + download, all clients and rounds (MB, log scale)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label.split(' (')[0]} vs total traffic ({'higher' if higher else 'lower'} is better)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        _traffic_axes(ax, "upload + download", label, higher)
     fig.colorbar(scatter, ax=list(axes), label="τ up (upload threshold)", shrink=0.85)
     fig.suptitle(f"{run.name}: quality against upload and download", weight="bold")
     return fig
