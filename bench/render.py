@@ -399,6 +399,46 @@ def upload_cuts_table(results: Results) -> str:
     return table(header, rows, 1) + "\n\n" + cost
 
 
+def scale_table(results: Results) -> str:
+    """Per case, the rounds' figures: seconds (first round, later rounds' mean), MB down and up a round (first, then
+    the last round's), peak memory; growth with rounds shows as the later rounds against round 2."""
+    data = results["scale"]
+    header = [
+        "engine",
+        "clients",
+        "a round",
+        "rounds",
+        "s, round 1",
+        "s a round, 2-last",
+        "MB down, round 2 → last",
+        "MB up a round",
+        "peak MiB (server)",
+        "peak MiB (workers)",
+    ]
+    rows = []
+    for c in data["cases"]:
+        later = c["rounds"][1:] or c["rounds"]
+        seconds = sum(r["seconds"] for r in later) / len(later)
+        workers = c.get("worker_peak_rss_mib")
+        rows.append(
+            [
+                "Flower simulation" if c["engine"] == "flower" else "in-process",
+                f"{c['clients']:,}",
+                str(c["per_round"]),
+                str(len(c["rounds"])),
+                f"{c['rounds'][0]['seconds']:.1f}",
+                f"{seconds:.1f}",
+                f"{later[0]['mb_down']:.3f} → {c['rounds'][-1]['mb_down']:.3f}",
+                f"{later[-1]['mb_up']:.3f}",
+                f"{c['peak_rss_mib']:.0f}",
+                "" if workers is None else f"{workers:.0f}",
+            ]
+        )
+    machine = data["machine"].split("; load average")[0]
+    cost = f"On {machine}; load average {data['load_before']} before, {data['load_after']} after."
+    return table(header, rows, 1) + "\n\n" + cost
+
+
 BLOCKS: dict[str, Block] = {
     "aggregation": Block("aggregation", aggregation_table),
     "train": Block("train", train_table),
@@ -408,10 +448,11 @@ BLOCKS: dict[str, Block] = {
     "main-job": Block("main_job", main_job_table),
     "main-job-cost": Block("main_job", main_job_cost),
     "upload-cuts": Block("upload_cuts", upload_cuts_table),
+    "scale": Block("scale", scale_table),
 }
 # the blocks each document holds, each exactly once
 DOCUMENTS: dict[Path, tuple[str, ...]] = {
-    DOC: ("aggregation", "train", "train-loss", "eval", "memory"),
+    DOC: ("aggregation", "train", "train-loss", "eval", "memory", "scale"),
     README: ("main-job",),
     COMMANDS: ("main-job-cost",),
     METHODS_DOC: ("upload-cuts",),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -124,13 +124,31 @@ class TrainingLog:
 
 
 @dataclass(frozen=True)
+class BaseDelta:
+    """One update in a client's frozen base (a past global update merged in, a residual), named for good by ``key``
+    (its branch, round and part), so that a client holding it from an earlier round need not be sent it again.
+    ``load`` gives the adapter: the server reads a past round's from its run directory only when it is needed."""
+
+    key: str
+    load: Callable[[], Adapter]
+
+    @classmethod
+    def of(cls, key: str, adapter: Adapter) -> BaseDelta:
+        return cls(key, lambda: adapter)
+
+
+@dataclass(frozen=True)
 class ClientJob:
-    """One client's training this round: its data index, where its LoRA starts, and the base it trains on."""
+    """One client's training this round: its data index, where its LoRA starts, and the base it trains on: W0 plus
+    every one of ``base_deltas``, in order."""
 
     client: int
     start: ClientStart
-    base_deltas: tuple[Adapter, ...] = ()
+    base_deltas: tuple[BaseDelta, ...] = ()
     group: str = ""  # the training group: branches that share this round's client training
+
+    def base_adapters(self) -> list[Adapter]:
+        return [d.load() for d in self.base_deltas]
 
 
 @dataclass

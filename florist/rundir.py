@@ -37,7 +37,7 @@ from .adapters import (
     write_adapter,
     write_adapters,
 )
-from .aggregation import AggregationResult, ModuleAggregate
+from .aggregation import Adapter, AggregationResult, ModuleAggregate
 from .aggregation.base import fold_scaling
 from .files import (
     TEMPORARY_NAME,
@@ -51,6 +51,7 @@ from .files import (
     scan,
     writing,
 )
+from .history import GLOBAL, RESIDUAL, History
 from .jobs import ClientResult
 from .reading import leading_records, reason
 from .server import Branch, RoundRecord
@@ -303,9 +304,27 @@ class RunDirectory:
                     leftover.unlink(missing_ok=True)
 
     def restore_history(self, branches: Sequence[Branch], done: int, num_clients: int) -> None:
-        """Rebuild each branch's global results of the finished rounds from the saved adapters (bit-exact)."""
+        """Give each branch a history backed by this directory, holding its finished rounds from the saved adapters
+        (bit-exact): the newest in memory, the older read back when a client or the evaluator needs them."""
         for b in branches:
-            b.history = [self._load_result(b, r, num_clients) for r in range(1, done + 1)]
+            b.history = History(load=self._loader(b))
+            for r in range(1, done + 1):
+                b.history.append(self._load_result(b, r, num_clients))
+                b.history.settle()
+
+    def _loader(self, branch: Branch):
+        def load(round_number: int, part: str) -> Adapter:
+            d = self.round_dir(round_number) / branch.label
+            if part == GLOBAL:
+                path = d / "global" if (d / "client_0").exists() else d
+            else:
+                path = d / (RESIDUAL_NAME if part == RESIDUAL else part)
+            try:
+                return _load_modules(path)
+            except AdapterError as e:
+                raise RunDirError(f"round {round_number}'s saved adapter {path} cannot be read back ({e})") from None
+
+        return load
 
     def _load_result(self, branch: Branch, round_number: int, num_clients: int) -> AggregationResult:
         d = self.round_dir(round_number) / branch.label
@@ -351,7 +370,7 @@ class RunDirectory:
         """The round's global adapters, then its metrics, then state.json last: the round counts once all is on disk."""
         by_label = {r.branch: r for r in records}
         for b in branches:
-            result = b.history[-1]
+            result = b.history.last
             record = json.dumps(by_label[b.label].to_dict(), indent=1)
             singular = {
                 n: m.singular_values.tolist() for n, m in result.modules.items() if m.singular_values is not None

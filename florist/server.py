@@ -42,10 +42,12 @@ from .aggregation import (
 )
 from .aggregation.truncation import recut, truncated_pair, truncation_problem
 from .communication import round_communication, with_spectra, with_start_traffic
+from .history import RESIDUAL, History
 from .jobs import (
     BOTH_FACTORS,
     GRADIENT,
     Adapter,
+    BaseDelta,
     ClientJob,
     ClientMode,
     ClientReply,
@@ -86,29 +88,35 @@ class Branch:
     label: str
     method: Method
     value: float | None = None
-    history: list[AggregationResult] = field(default_factory=list)
+    history: History = field(default_factory=History)
     scheme: str = "merge"
     upload_threshold: float = 1.0  # its clients upload the fewest components reaching this energy (1: whole pairs)
 
-    def base_deltas(self, client: int) -> tuple[Adapter, ...]:
+    def base_deltas(self, client: int) -> tuple[BaseDelta, ...]:
         """What client ``client``'s frozen base holds beyond W0: the past residuals, and under merge every past
-        global update."""
-        deltas: list[Adapter] = []
-        for r in self.history:
-            if r.residual is not None:
-                deltas.append(r.residual)
+        global update, each named for good and read from the history only when an engine needs it."""
+        deltas: list[BaseDelta] = []
+        for r in range(1, len(self.history) + 1):
+            parts = [RESIDUAL] if self.history.summary(r).residual else []
             if self.scheme == "merge":
-                deltas.append(r.for_client(client))
+                parts.append(self.history.part_for(r, client))
+            deltas += [self._delta(r, part) for part in parts]
         return tuple(deltas)
+
+    def _delta(self, round_number: int, part: str) -> BaseDelta:
+        history = self.history
+        return BaseDelta(f"{self.label}/{round_number:03d}/{part}", lambda: history.adapter(round_number, part))
 
     def init_adapter(self, client: int) -> Adapter | None:
         """Re-init scheme: the client's LoRA starts from the latest global adapter."""
-        return self.history[-1].for_client(client) if self.scheme == "reinit" and self.history else None
+        return self.history.last.for_client(client) if self.scheme == "reinit" and self.history else None
 
-    def model_deltas(self, client: int) -> tuple[Adapter, ...]:
+    def model_deltas(self, client: int) -> tuple[BaseDelta, ...]:
         """The updates that make up client ``client``'s model now: its base's, and under reinit the latest adapter."""
-        latest = self.init_adapter(client)
-        return self.base_deltas(client) + ((latest,) if latest is not None else ())
+        latest = len(self.history)
+        reinit = self.scheme == "reinit" and self.history
+        init = (self._delta(latest, self.history.part_for(latest, client)),) if reinit else ()
+        return self.base_deltas(client) + init
 
     def training_key(self, round_number: int, ranks: Sequence[int]) -> tuple:
         """Branches with equal keys start their clients identically (fresh, one mode, the same ranks) and can share
@@ -485,11 +493,13 @@ class Federation:
             records = [self._record(round_number, a, screened[a.group]) for a in aggregated]
         except BaseException:
             for b in self.branches:  # the round never happened: no branch keeps a result of it
-                del b.history[kept[b.label] :]
+                b.history.truncate(kept[b.label])
             raise
         for g in groups:
             self.hooks.on_clients(round_number, g.name, screened[g.name].accepted)
         self.hooks.on_round(round_number, self.branches, records)
+        for b in self.branches:  # the round is on disk: memory keeps what the next round needs
+            b.history.settle()
         return records
 
     def _check_enough(self, round_number: int, group: TrainingGroup, screened: Screened) -> None:

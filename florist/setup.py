@@ -22,6 +22,7 @@ from .client import LocalTrainer
 from .config import ConfigError, RunConfig, heldout_source, upload_taus
 from .data.instructions import load_file
 from .evaluation import EvalResult, evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
+from .jobs import BaseDelta
 from .methods import get_method
 from .models import (
     DEFAULT_MODEL,
@@ -124,11 +125,15 @@ class BranchEvaluator:
         self.questions, self.heldout, self.config = questions, heldout, config
         self.client_sizes = list(client_sizes)
         self._cache: list[tuple[tuple[Adapter, ...], Scores]] = []
+        self._round = 0
 
     def __call__(self, branch: Branch | None) -> dict:
+        done = len(branch.history) if branch is not None else 0
+        if done != self._round:  # identical adapters are of one round: older scores are never asked for again
+            self._cache, self._round = [], done
         if branch is None:
             return self._metrics([self._score(())])
-        last = branch.history[-1]
+        last = branch.history.last
         alike = last.per_client is None or all(_same_deltas((a,), (last.modules,)) for a in last.per_client)
         if alike:
             return self._metrics([self._score(branch.model_deltas(0))])
@@ -145,7 +150,8 @@ class BranchEvaluator:
         )
         return mean.to_dict() | {"per_client": [s.to_dict() for s in scores]}
 
-    def _score(self, deltas: tuple[Adapter, ...]) -> Scores:
+    def _score(self, model: tuple[BaseDelta, ...]) -> Scores:
+        deltas = tuple(d.load() for d in model)
         for cached_deltas, scores in self._cache:
             if _same_deltas(cached_deltas, deltas):
                 return scores

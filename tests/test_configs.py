@@ -13,7 +13,8 @@ from florist.models import MODEL_ALIASES
 from florist.server import make_branches
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = sorted((ROOT / "configs" / "paper").glob("*.toml"))
+LATER = sorted((ROOT / "configs" / "paper").glob("*-100-clients.toml"))
+PAPER = sorted(set((ROOT / "configs" / "paper").glob("*.toml")) - set(LATER))
 CPU = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
 
 
@@ -34,6 +35,16 @@ def test_every_shipped_config_loads(path):
     config = load_config(path)
     assert config.output.startswith("runs/")
     assert set(config.federation.methods) == {m.name for m in BUILTIN}  # every built-in method, the 2025 ones too
+
+
+@pytest.mark.parametrize("path", LATER, ids=lambda p: p.name)
+def test_the_later_setting_is_100_clients_10_a_round_75_rounds_over_the_papers_hyperparameters(path):
+    c = load_config(path)
+    assert (c.data.clients, c.federation.clients_per_round, c.federation.rounds, c.train.epochs) == (100, 10, 75, 1.0)
+    assert (c.train.lr, c.train.batch_size, c.data.cutoff, c.client_ranks()) == (3e-4, 128, 512, [16] * 100)
+    assert set(c.federation.methods) == {"florist", "flora", "fedit", "flexlora", "ffa"} and c.eval.every == 5
+    assert c.output.startswith("runs/")
+    assert len(make_branches(c.federation.methods, florist_taus(c), rounds=75)) == 9
 
 
 def test_paper_grid_is_every_model_dataset_and_rank_setting():
@@ -74,7 +85,7 @@ def test_paper_configs_carry_the_authors_hyperparameters(path):
 def test_paper_configs_are_what_the_generator_writes():
     generator = _generator()
     expected = {name: header + "\n" + generator.to_toml(config) for name, (header, config) in generator.grid().items()}
-    assert {p.stem: p.read_text() for p in PAPER} == expected
+    assert {p.stem: p.read_text() for p in PAPER + LATER} == expected
 
 
 @pytest.mark.parametrize("path", CPU, ids=lambda p: p.name)

@@ -57,6 +57,7 @@ from florist.engines.flower_messages import (
 from florist.engines.flower_strategy import FederatedLoRA
 from florist.jobs import (
     BOTH_FACTORS,
+    BaseDelta,
     ClientJob,
     ClientMode,
     ClientStart,
@@ -154,7 +155,8 @@ def test_a_job_crosses_the_wire_bit_for_bit(rank, mode, init, merged, keep_from,
         keep_from=keep_from,
         keep_as=("localb", "localb@0.50") if mode.keeps else (),
     )
-    job = ClientJob(2, start, tuple(_adapter(g, SHAPES, 3) for _ in range(merged)), group="localb")
+    deltas = tuple(BaseDelta.of(f"localb/{r:03d}/global", _adapter(g, SHAPES, 3)) for r in range(merged))
+    job = ClientJob(2, start, deltas, group="localb")
     back = read_job(over_the_wire(job_content(job, 4, "seed = 0\n")))
     assert (back.client, back.group, back.start.rank, back.start.alpha) == (2, "localb", rank, 2.0 * rank)
     assert (back.start.seed, back.start.mode, back.start.keep_from, back.start.keep_as) == (
@@ -163,7 +165,8 @@ def test_a_job_crosses_the_wire_bit_for_bit(rank, mode, init, merged, keep_from,
         keep_from,
         start.keep_as,
     )
-    for sent, got in zip([start.init, *job.base_deltas], [back.start.init, *back.base_deltas]):
+    assert [d.key for d in back.base_deltas] == [d.key for d in deltas]
+    for sent, got in zip([start.init, *job.base_adapters()], [back.start.init, *back.base_adapters()]):
         assert (sent is None) == (got is None)
         for n in sent or {}:
             assert got[n].A.dtype == torch.float32
@@ -303,7 +306,8 @@ def test_bytes_counted_from_the_messages_equal_florist_communication(method):
         config = job_config(job_content(ClientJob(k, start), 1, ""))
         assert uplink_bytes(update_content(config, upload, TrainingLog()))["adapter"] == comm.upload_bytes[k]
         # the next round ships the result to the client: as its init (re-init) or as the newest merged update
-        for init, merged in ((result.for_client(k), ()), (None, (result.for_client(k),) * 2)):
+        past = tuple(BaseDelta.of(f"m/{r:03d}/global", result.for_client(k)) for r in (1, 2))
+        for init, merged in ((result.for_client(k), ()), (None, past)):
             job = ClientJob(k, ClientStart(rank, 8.0, 0, mode=mode, init=init, shared=shared), merged)
             down = downlink_bytes(job_content(job, 2, ""))
             assert down["adapter"] == comm.download_bytes[k]
@@ -341,8 +345,9 @@ BAD_JOB_FIELDS = [
     ("alpha", -4.0),
     ("alpha", "4"),
     ("seed", 1.5),
-    ("base-deltas", 1),
-    ("base-deltas", -1),
+    ("base-keys", "florist/001/global"),
+    ("base-keys", [5]),
+    ("base-keys", ["x" * 3000]),
     ("trains", "A"),
     ("trains", ["A", "C"]),
     ("trains", ["AB"]),
@@ -705,6 +710,69 @@ def test_a_core_and_factors_kept_on_the_nodes_reproduce_the_in_process_engine(
     ups = {(line["round"], line["group"]): line["clients"] for line in traffic(over_flower)}
     modules = len(read_adapter(over_flower / "rounds" / "001" / "coremean")[0])
     assert [c["up"]["adapter"] for c in ups[(1, "coremean")]] == [modules * 4 * 4 * 4] * 3  # R alone: 4 × 4 float32
+
+
+def test_under_merge_a_node_is_sent_each_base_update_once_so_traffic_is_flat_in_the_rounds(tmp_path, loopback):
+    """Every node keeps the base updates it was sent (``context.state``, serialised between messages), so a round's
+    message carries the newest global update only: the bytes down do not grow with the round, and the run is the
+    in-process one's bit for bit. A node that sat rounds out is sent what it missed, and nothing more."""
+    args = ('federation.methods=["flexlora","fedit"]', "federation.rounds=4", 'eval.questions="none"')
+    inprocess = run(tmp_path, "inprocess", *args)
+    over_flower = run(tmp_path, "flower", 'engine="flower"', *args)
+    assert assert_same_runs(inprocess, over_flower) > 0
+    down = {}
+    for line in traffic(over_flower):
+        for c in line["clients"]:
+            down.setdefault((line["group"], c["client"]), []).append(c["down"])
+    for (group, client), per_round in down.items():
+        if group == "shared":
+            continue
+        assert [d["resent_state"] for d in per_round] == [0, 0, 0], (group, client)
+        assert len({d["total"] for d in per_round}) == 1, (group, client)  # rounds 2-4: one update each
+    for context in loopback[0].contexts.values():  # each node holds the three past rounds of both branches
+        held = sorted(k for k in context.state.array_records if k.startswith("florist.base."))
+        assert len(held) == 2 * 3 and {k.rsplit("/", 2)[1] for k in held} == {"001", "002", "003"}
+
+    sampled = run(tmp_path, "sampled", 'engine="flower"', *args, "federation.clients_per_round=1")
+    for line in traffic(sampled)[1:]:
+        (c,) = line["clients"]
+        r = line["round"]
+        # a client that took part in round j holds rounds 1..j-1: it misses j..r-1, the newest counted as the adapter
+        j = max([q for q in range(1, r) if c["client"] in _took_part(sampled, q)], default=1)
+        assert (c["down"]["resent_state"] > 0) == (r - j >= 2), (r, c)
+
+
+def _took_part(path: Path, round_number: int) -> list[int]:
+    records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return [k for r in records if r["round"] == round_number for k in r["participants"]]
+
+
+def test_a_node_that_lost_its_state_is_sent_its_whole_base_in_the_same_round(tmp_path, loopback, monkeypatch):
+    """A ClientApp whose node state is gone (as after a restart) answers that it does not hold its base; the server
+    sends that job again with every update of the base, so the round goes on with the client and the run is the
+    in-process one's bit for bit."""
+    import florist.engines.flower_app as flower_app
+
+    def forget_before_round_3(message, context, call_next):
+        job = message.content.config_records.get("job")
+        if message.metadata.message_type == "train" and job["round"] == 3 and context.node_config["partition-id"] == 1:
+            for key in [k for k in context.state.array_records if k.startswith(flower_app.BASE_STATE_PREFIX)]:
+                del context.state[key]
+        return call_next(message, context)
+
+    real = flower_app.client_app
+    monkeypatch.setattr(
+        flower_app, "client_app", lambda load_model=None, mods=(): real(load_model, [forget_before_round_3])
+    )
+    args = ('federation.methods=["fedit"]', "federation.rounds=3", 'eval.questions="none"')
+    inprocess = run(tmp_path, "inprocess", *args)
+    over_flower = run(tmp_path, "flower", 'engine="flower"', *args)
+    assert assert_same_runs(inprocess, over_flower) > 0
+    (last,) = [line for line in traffic(over_flower) if line["round"] == 3]
+    by_client = {c["client"]: c for c in last["clients"]}
+    assert all(c["status"] == "replied" for c in by_client.values())
+    assert by_client[0]["down"]["resent_state"] == by_client[2]["down"]["resent_state"] == 0
+    assert by_client[1]["down"]["resent_state"] > 0  # the refused message and the whole base, both counted
 
 
 def test_a_failing_client_is_left_out_while_min_clients_reply(tmp_path, loopback, monkeypatch):

@@ -28,7 +28,7 @@ FLORIST = ROOT / "florist"
 # Lowest first; a module may import its own layer and lower ones. "x.*" is the package x and every module in it.
 LAYERS = [
     ("aggregation math", ["florist.aggregation.*"]),
-    ("vocabulary and declarations", ["florist.jobs", "florist.methods.*", "florist.communication"]),
+    ("vocabulary and declarations", ["florist.jobs", "florist.history", "florist.methods.*", "florist.communication"]),
     (
         "files and terminal output",
         ["florist.files", "florist.reading", "florist.adapters", "florist.progress", "florist.tables"],

@@ -16,6 +16,7 @@ from florist.aggregation import AggregationResult, ClientUpdate, LoraFactors, Mo
 from florist.client import LocalTrainer
 from florist.communication import round_communication
 from florist.config import LoraConfig, TrainConfig
+from florist.history import History
 from florist.jobs import ClientStart
 from florist.methods import RoundContext, aggregate, get_method
 from florist.models import tiny_llama
@@ -153,6 +154,15 @@ def test_self_pruning_matches_the_papers_rule(ranks, tail_factors, gamma, min_ra
         assert_adapter_is(result.for_client(k), {n: (A[:r], B[:, :r]) for n, (A, B) in expected.items()})
 
 
+def history(*results: AggregationResult) -> History:
+    """A branch's past rounds as the loop keeps them: the older ones only as what each client was sent."""
+    past = History(load=lambda round_number, part: {})
+    for r in results:
+        past.append(r)
+        past.settle()
+    return past
+
+
 def test_a_client_whose_tail_shrank_is_cut_and_one_whose_tail_grew_is_not():
     # client 2's q_proj tail shrank, but its v_proj tail grew more: over all modules its tail grew
     received, updates = pruning_round(np.random.default_rng(4), [4, 4, 4], [(0.3, 0.3), (3.0, 3.0), (0.3, 3.0)])
@@ -161,7 +171,8 @@ def test_a_client_whose_tail_shrank_is_cut_and_one_whose_tail_grew_is_not():
     assert [result.for_client(k)["layers.0.q_proj"].rank for k in range(3)] == [2, 4, 4]
     cut = ClientUpdate({n: LoraFactors(f.A[:2], f.B[:, :2], f.scaling) for n, f in updates[0].modules.items()}, 10)
     assert_adapter_is(result.modules, paper_global([as_numpy(u) for u in [cut, *updates[1:]]]))  # its tail left
-    assert method.client_rank(4, [result], 0) == 2 and method.client_rank(4, [result], 1) == 4
+    past = history(result)
+    assert method.client_rank(4, past, 0) == 2 and method.client_rank(4, past, 1) == 4
 
     floor = get_method("hetlora").configured({"prune": 0.5, "min_rank": 3})
     floored = floor.aggregate(updates, [1 / 3] * 3, context=RoundContext(2, received))
@@ -199,11 +210,11 @@ def test_client_rank_is_the_run_rank_until_pruned_and_never_above_it():
     def at(rank):
         return {name: ModuleAggregate(torch.zeros(rank, n), torch.zeros(m, rank)) for name, (m, n) in SHAPES.items()}
 
-    assert method.client_rank(3, [], 0) == 3
-    assert method.client_rank(3, [AggregationResult("hetlora", at(4))], 0) == 3
+    assert method.client_rank(3, history(), 0) == 3
+    assert method.client_rank(3, history(AggregationResult("hetlora", at(4))), 0) == 3
     # pruned to 2 in one round, then sitting a round out (its slot holds the global at 4): it stays at 2
     pruned = AggregationResult("hetlora", at(4), per_client=[at(2), at(4)])
-    assert method.client_rank(4, [pruned, AggregationResult("hetlora", at(4))], 0) == 2
+    assert method.client_rank(4, history(pruned, AggregationResult("hetlora", at(4))), 0) == 2
 
 
 def test_communication_counts_each_clients_rank_up_and_its_cut_down():

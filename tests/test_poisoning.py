@@ -421,7 +421,7 @@ def test_a_round_with_one_poisoning_client_gives_the_honest_clients_aggregate(ta
             )
         prepared, weights = prepare(updates)
         expected = b.method.aggregate_sweep(prepared, weights, [b.value])[b.value]
-        for name, m in b.history[-1].modules.items():
+        for name, m in b.history.last.modules.items():
             assert torch.equal(m.A, expected.modules[name].A), (b.label, name)
             assert torch.equal(m.B, expected.modules[name].B), (b.label, name)
             assert torch.isfinite(m.B).all() and torch.isfinite(m.A).all()
@@ -435,4 +435,4 @@ def test_rescaled_factors_that_would_blow_up_fedit_fail_the_round_and_keep_nothi
     fed = federation(engine, ["fedit", "flora"], max_update_norm=100.0, on_round=lambda *a: rounds_written.append(a))
     with pytest.raises(RoundFailed, match=r"round 1: fedit, module [qv]: the aggregated global adapter has norm"):
         fed.run_round(1)
-    assert rounds_written == [] and all(b.history == [] for b in fed.branches)
+    assert rounds_written == [] and all(not b.history for b in fed.branches)

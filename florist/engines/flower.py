@@ -34,6 +34,7 @@ from .flower_messages import (
     DESCRIBE,
     JOB,
     MAX_EXAMPLES,
+    NOT_HELD,
     TRAIN,
     MessageError,
     check_echo,
@@ -204,12 +205,14 @@ class FlowerEngine:
 
     ``train`` first refreshes the node directory (new SuperNodes are asked which client they are, waiting up to
     ``node_wait`` seconds; offline ones are forgotten), then sends one message per job (``job_content``: the
-    client's start, mode, init adapter, shared factors and merged base updates) with ``Grid.send_and_receive`` and
-    waits ``round_timeout`` seconds for the replies (None: until every message is answered, which Flower does with an
-    error for a SuperNode that stopped sending heartbeats). Each reply is read as untrusted: an error reply, one from
-    another node than the job went to, one whose echo of round, group and client is not the job's, one over
-    ``max_update_bytes`` or claiming another example count than its node described, and every malformed one
-    (``read_update``) is refused with its reason.
+    client's start, mode, init adapter, shared factors and the base updates its node does not hold yet: ``held``) with
+    ``Grid.send_and_receive`` and waits ``round_timeout`` seconds for the replies (None: until every message is
+    answered, which Flower does with an error for a SuperNode that stopped sending heartbeats). A node that answers
+    that it lost base updates it was sent (``NOT_HELD``: a restarted ClientApp) is sent the whole base at once, in
+    the same round; a restarted SuperNode has a new node id, whose ledger is empty. Each reply is read as untrusted:
+    an error reply, one from another node than the job went to, one whose echo of round, group and client is not the
+    job's, one over ``max_update_bytes`` or claiming another example count than its node described, and every
+    malformed one (``read_update``) is refused with its reason.
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class FlowerEngine:
         self.grid, self.nodes, self.config_toml = grid, nodes, config_toml
         self.round_timeout, self.node_wait, self.max_update_bytes = round_timeout, node_wait, max_update_bytes
         self.traffic, self.log = traffic, log
+        self.held: dict[int, set[str]] = {}  # node id -> the keys of the base updates it was sent and kept
 
     def train(self, round_number: int, jobs: Sequence[ClientJob]) -> RoundReplies:
         """Every job of the round in one ``send_and_receive`` (a client with jobs in several training groups gets a
@@ -239,6 +243,10 @@ class FlowerEngine:
         }
         began = time.monotonic()
         got = self._exchange(round_number, jobs, seen)
+        lost = [j for j in jobs if (j.group, j.client) not in got and NOT_HELD in seen[(j.group, j.client)]["status"]]
+        if lost:  # nodes that lost their state (a restarted ClientApp) get the whole base, once
+            self.log(f"round {round_number}: {len(lost)} clients lost their base updates; sending them all")
+            got |= self._exchange(round_number, lost, seen)
         took = time.monotonic() - began
         self.log(f"round {round_number}: {len(got)} of {len(jobs)} jobs answered in {took:.0f} s")
         failures = {key: line["status"] for key, line in seen.items() if key not in got}
@@ -264,20 +272,28 @@ class FlowerEngine:
             node = self.nodes.node_of.get(job.client)
             if node is None:
                 continue
-            content = job_content(job, round_number, self.config_toml)
+            content = job_content(job, round_number, self.config_toml, self.held.get(node, set()))
             messages.append(Message(content, dst_node_id=node, message_type=TRAIN, group_id=str(round_number)))
             sending.append(job)
-            seen[(job.group, job.client)].update(node=node, status=NO_REPLY, down=downlink_bytes(content))
+            line = seen[(job.group, job.client)]
+            down = downlink_bytes(content)
+            if line["down"]:  # a second message for the job (its node had lost its base): both count
+                down = {what: n + line["down"].get(what, 0) for what, n in down.items()}
+            line.update(node=node, status=NO_REPLY, down=down)
         replies = self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []
         got: dict[tuple[str, int], ClientReply] = {}
         for k, reply in answers(messages, replies).items():
             job = sending[k]
             key = (job.group, job.client)
+            node = messages[k].metadata.dst_node_id
             try:
                 got[key] = self._read(round_number, job, reply, messages[k])
             except MessageError as e:
                 seen[key]["status"] = f"error: {e}"
+                if NOT_HELD in str(e):
+                    self.held.pop(node, None)
                 continue
+            self.held.setdefault(node, set()).update(d.key for d in job.base_deltas)
             seen[key].update(status="replied", up=uplink_bytes(reply.content))
         return got
 

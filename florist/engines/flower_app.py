@@ -30,9 +30,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from .. import models
+from ..aggregation import Adapter
 from ..base_weights import BaseWeights, adapted_module_names
 from ..config import ConfigError, RunConfig, config_from_toml, load_config
-from ..jobs import ClientStart, Factors
+from ..jobs import ClientJob, ClientStart, Factors
 from ..models import DEFAULT_MODEL, load_model
 from ..rundir import RunDirectory
 from ..setup import check_model_config, load_partition_examples, local_trainer, write_results
@@ -40,6 +41,8 @@ from .flower import SIMULATION_BACKEND, serve_run
 from .flower_messages import (
     MAX_INDEX,
     MessageError,
+    adapter_from_record,
+    adapter_record,
     as_bool,
     as_float,
     description_content,
@@ -49,6 +52,7 @@ from .flower_messages import (
     module_names,
     read_factors,
     read_job,
+    sent_base_keys,
     str_field,
     update_content,
 )
@@ -133,7 +137,7 @@ def train_job(message: Message, context: Context, loader: Callable) -> Message:
     node = _node_model(config, loader)
     examples = _node_examples(config, node.tokenizer, client, loader)
     trainer = local_trainer(config, node.model, node.tokenizer)
-    with node.base.holding(job.base_deltas):
+    with node.base.holding(base_adapters(context.state, message.content, job)):
         upload, log, kept = trainer.train(
             examples, job.start, client_id=f"client {client}", kept=kept_factors(context.state, job.start)
         )
@@ -163,6 +167,26 @@ def keep_factors(state: RecordDict, start: ClientStart, kept: Factors) -> None:
         return
     for name in start.keep_as:
         state[KEPT_PREFIX + name] = factors_record(kept)
+
+
+# The updates in a client's base live in ``context.state`` too, one ArrayRecord per key: a node is sent each once.
+BASE_STATE_PREFIX = "florist.base."
+
+
+def base_adapters(state: RecordDict, content: RecordDict, job: ClientJob) -> list[Adapter]:
+    """The job's base updates, in order: those its message carries, kept in ``state`` for later rounds, and the others
+    from ``state`` (``BaseNotHeld`` where the node lost them: the server then sends them all)."""
+    sent = sent_base_keys(content)
+    out = []
+    for delta in job.base_deltas:
+        if delta.key in sent:
+            out.append(delta.load())
+            state[BASE_STATE_PREFIX + delta.key] = adapter_record(out[-1])
+        elif BASE_STATE_PREFIX + delta.key in state.array_records:
+            out.append(adapter_from_record(state.array_records[BASE_STATE_PREFIX + delta.key], "this node's state"))
+        else:
+            out.append(delta.load())  # raises BaseNotHeld
+    return out
 
 
 def _loader_key(loader: Callable) -> str:

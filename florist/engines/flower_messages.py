@@ -9,7 +9,10 @@ the client index, and its number of examples). A training message for one client
 - ``init`` (ArrayRecord): the global adapter the client's LoRA starts from (re-init scheme);
 - ``shared`` (ArrayRecord): the frozen factors every client holds (``{module}.A`` and/or ``{module}.B``), cut to the
   client's rank, and a core's start (``{module}.R``) where the method gives one;
-- ``base-0``, ``base-1``, ... (ArrayRecords): the past global updates merged into the client's base (merge scheme).
+- ``base-0``, ``base-1``, ... (ArrayRecords): of the updates in the client's base (past global updates under the
+  merge scheme, residuals), whose keys the job lists in order (``base-keys``), those the node does not hold yet: the
+  node keeps every one it is sent in its ``context.state``, so the newest round's is all a node that took part
+  before needs, and one that lost its state says so (``NOT_HELD``) and is sent them all.
 
 The reply holds ``update`` (ArrayRecord: ``{module}.{factor}`` for exactly the factors its mode uploads, of A, B
 and R, and no other array; a gradient job's ``{module}.G``, the summed gradient of the base weight), for a job with
@@ -42,6 +45,7 @@ from ..aggregation import Adapter, LoraFactors, ModuleAggregate
 from ..jobs import (
     FACTORS,
     GRADIENT,
+    BaseDelta,
     ClientJob,
     ClientMode,
     ClientReply,
@@ -315,7 +319,13 @@ def read_description(
 MAX_KEEP_NAMES = 10_000  # branches a client's kept factors may go on under: far beyond any run's
 
 
-def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDict:
+MAX_BASE_KEYS = 10**6  # updates a client's base may name: a million rounds of one branch
+MAX_BASE_KEY = 2 * MAX_TEXT  # characters of one: a branch's label, its round and a part
+
+
+def job_content(job: ClientJob, round_number: int, config_toml: str, held: Collection[str] = ()) -> RecordDict:
+    """A training message: the job's fields, its run's config, and its arrays; of the updates in the client's base,
+    every one's key but the arrays only of those not in ``held`` (what the node was sent before and kept)."""
     """The training message for ``job``: its start, its mode, the arrays it starts from, and the run's config."""
     start, mode = job.start, job.start.mode
     content = RecordDict(
@@ -339,7 +349,7 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
                     "init-seed": -1 if start.init_seed is None else start.init_seed,
                     "gradient-examples": start.gradient_examples,
                     "upload-threshold": float(start.upload_threshold),
-                    "base-deltas": len(job.base_deltas),
+                    "base-keys": [d.key for d in job.base_deltas],
                     "config": config_toml,
                 }
             )
@@ -352,7 +362,8 @@ def job_content(job: ClientJob, round_number: int, config_toml: str) -> RecordDi
             {n: {f: leading(f, t, start.rank) for f, t in held.items()} for n, held in start.shared.items()}
         )
     for i, delta in enumerate(job.base_deltas):
-        content[f"{BASE_PREFIX}{i}"] = adapter_record(delta)
+        if delta.key not in held:
+            content[f"{BASE_PREFIX}{i}"] = adapter_record(delta.load())
     return content
 
 
@@ -390,7 +401,8 @@ def read_job(content: RecordDict) -> ClientJob:
     where = f"round {int_field(job, 'round', 'the training job', 1, MAX_INDEX)} client {client}'s job"
     mode = read_mode(job, where)
     arrays = content.array_records
-    merged = [f"{BASE_PREFIX}{i}" for i in range(int_field(job, "base-deltas", where, 0, len(arrays)))]
+    keys = list_field(job, "base-keys", where, lambda v, what: as_str(v, what, MAX_BASE_KEY), MAX_BASE_KEYS)
+    merged = [f"{BASE_PREFIX}{i}" for i in range(len(keys))]
     held = list(arrays[SHARED]) if SHARED in arrays else []
     sent = set(mode.shared) | ({"R"} if mode.core and any(key.endswith(".R") for key in held) else set())
     only_records(content, where, configs=[JOB], arrays=[INIT, *([SHARED] if sent else []), *merged])
@@ -402,10 +414,11 @@ def read_job(content: RecordDict) -> ClientJob:
         else None
     )
     deltas = []
-    for name in merged:
-        if name not in arrays:
-            raise MessageError(f"{where}: no array record {name!r}")
-        deltas.append(adapter_from_record(arrays[name], f"{where}, {name}"))
+    for key, name in zip(keys, merged):
+        if name in arrays:
+            deltas.append(BaseDelta.of(key, adapter_from_record(arrays[name], f"{where}, {name}")))
+        else:
+            deltas.append(BaseDelta(key, _not_sent(key)))
     keep_from = str_field(job, "keep-from", where)
     start = ClientStart(
         rank=int_field(job, "rank", where, 1, MAX_INDEX),
@@ -422,6 +435,26 @@ def read_job(content: RecordDict) -> ClientJob:
         upload_threshold=upload_threshold(job, where),
     )
     return ClientJob(client, start, tuple(deltas), group=str_field(job, "group", where))
+
+
+class BaseNotHeld(MessageError):
+    """A job names a base update its message does not carry, and the node does not hold it (its state was lost)."""
+
+
+NOT_HELD = "does not hold base update"  # how a node's error reply says so: the server then sends the whole base
+
+
+def _not_sent(key: str) -> Callable[[], Adapter]:
+    def load() -> Adapter:
+        raise BaseNotHeld(f"this node {NOT_HELD} {key!r}, which the message leaves out as sent before")
+
+    return load
+
+
+def sent_base_keys(content: RecordDict) -> set[str]:
+    """The keys of the base updates a training message carries (the others the node should hold)."""
+    keys = job_config(content)["base-keys"]
+    return {k for i, k in enumerate(keys) if f"{BASE_PREFIX}{i}" in content.array_records}
 
 
 def upload_threshold(job: ConfigRecord, where: str) -> float:
@@ -549,14 +582,15 @@ def downlink_bytes(content: RecordDict) -> dict[str, int]:
     ``adapter``: the newest global adapter for this client (the init, or the last merged update), counted as
     ``florist.communication`` counts the download of a method that sends its clients the factors they upload
     (``Method.downloads``' default): the factors of this job's ``mode.uploads``, a core R as rank² numbers.
-    ``resent_state``: what a stateful client would already hold: the older merged updates, and the factors of the
-    newest adapter that its mode does not upload. ``shared``: the round's shared frozen factors (one seed would do
+    ``resent_state``: what the client held before in a deployment that kept it: the older base updates the message
+    carries (to a node that sat rounds out or lost its state), and the factors of the newest adapter that its mode
+    does not upload. ``shared``: the round's shared frozen factors (one seed would do
     in a deployment that draws them on the client).
     """
     job = job_config(content)
     arrays = content.array_records
     uploads = read_mode(job, "the training job").uploads
-    merged = [f"{BASE_PREFIX}{i}" for i in range(int(job["base-deltas"]))]
+    merged = [f"{BASE_PREFIX}{i}" for i in range(len(job["base-keys"])) if f"{BASE_PREFIX}{i}" in arrays]
     newest = INIT if INIT in arrays else (merged[-1] if merged else None)
     adapter = _download_bytes(arrays[newest], uploads) if newest is not None else 0
     total = sum(payload_bytes(r) for r in arrays.values())

@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..aggregation import AggregationResult, ClientUpdate
+from ..history import History
 from ..jobs import BOTH_FACTORS, ClientMode
 
 
@@ -190,8 +191,9 @@ class Method:
                 return f"its clients upload {mode.describe().rpartition('uploads ')[2]} in round {t}, not a whole pair"
         return ""
 
-    def client_rank(self, rank: int, history: Sequence[AggregationResult], client: int) -> int:
-        """The rank client ``client`` trains at next, given the run's ``rank`` for it and the branch's past results."""
+    def client_rank(self, rank: int, history: History, client: int) -> int:
+        """The rank client ``client`` trains at next, given the run's ``rank`` for it and the branch's past rounds
+        (``History.ranks_sent``: the rank it was sent each round)."""
         return rank
 
     def shared_round(self, round_number: int) -> int:

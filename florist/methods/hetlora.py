@@ -93,8 +93,7 @@ class HetLoRA(Method):
     def client_rank(self, rank, history, client) -> int:
         """Its run rank, or the smallest rank pruning left it: ranks only go down, also over rounds it sat out (where
         it was sent nothing, and its slot holds the global adapter)."""
-        sent = [max(m.rank for m in result.for_client(client).values()) for result in history]
-        return min([rank, *sent])
+        return min([rank, *history.ranks_sent(client)])
 
     def aggregate(self, updates, weights, value=None, context: RoundContext | None = None) -> AggregationResult:
         received = context.received if context is not None else [None] * len(updates)
