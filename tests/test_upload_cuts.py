@@ -277,6 +277,13 @@ def test_the_report_shows_the_cuts_against_total_traffic_with_kept_ranks_and_spe
     assert "| ffa+up" not in text  # FFA-LoRA's clients upload B alone: it runs with whole pairs only
     assert "τ up" in text.split("## Upload cuts")[0]  # the results table has the column
 
+    both = build_report([load_run(path), load_run(path)]).markdown  # several runs: one table of all, τ up shown
+    header, _, *rows = [x for x in both.split("## All runs")[1].splitlines() if x.startswith("|")][: 2 + 2 * 9]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    assert "τ up" in names and "MB up" in names
+    flora = [[c.strip() for c in r.strip("|").split("|")] for r in rows if "| FLoRA |" in r]
+    assert sorted(r[names.index("τ up")] for r in flora[:2]) == ["", "0.50"]
+
 
 def test_flexlora_sends_each_client_its_trained_rank_whatever_its_cut_kept():
     from florist.aggregation import ClientUpdate

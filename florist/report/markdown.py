@@ -225,13 +225,15 @@ def upload_cuts(run: Run) -> list[str]:
 def combined_table(runs: Sequence[Run]) -> str:
     """Every run's compared rows in one table, marked within each run."""
     value = value_header([r for run in runs for r in run.table])
-    header = f"| run | method | {value} | accuracy (%) | held-out loss | Eff (×10⁻⁴) | MB down |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    cuts = any(run.has_cuts for run in runs)  # then rows of one method differ by τ up: show it, and the upload
+    columns = ["accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", *(["τ up", "MB up"] if cuts else []), "MB down"]
+    header = f"| run | method | {value} | " + " | ".join(columns) + " |"
+    lines = [header, "|---|---|" + "---:|" * (len(columns) + 1)]
     for run in runs:
         table = to_markdown(run.compared_rows(), paper_names=True).splitlines()
         names = [c.strip() for c in table[0].strip().strip("|").split("|")]
-        wanted = [0, 1, *(names.index(c) for c in ("accuracy (%)", "held-out loss", "Eff (×10⁻⁴)", "MB down"))]
+        wanted = [0, 1, *(names.index(c) if c in names else None for c in columns)]
         for line in table[2:]:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            lines.append(f"| {run.name} | " + " | ".join(cells[k] for k in wanted) + " |")
+            lines.append(f"| {run.name} | " + " | ".join("" if k is None else cells[k] for k in wanted) + " |")
     return "\n".join(lines) + "\n"
