@@ -20,7 +20,6 @@ from .aggregation import Adapter
 from .base_weights import BaseWeights, adapted_module_names
 from .client import LocalTrainer
 from .config import ConfigError, RunConfig, heldout_source, upload_taus
-from .data.instructions import load_file
 from .evaluation import EvalResult, evaluate, heldout_loss, load_questions, questions_from_records, weighted_mean
 from .jobs import BaseDelta
 from .methods import get_method
@@ -64,17 +63,7 @@ def load_partition_examples(config: RunConfig, tokenizer, client: int, progress:
     whole federation (the split is seeded) and only this client's part is kept.
     """
     d = config.data
-    if not 0 <= client < d.clients:
-        raise datasets_api.DataError(f"client {client} is out of range: the run has data.clients={d.clients}")
-    if datasets_api.is_client_folder(d.train):
-        files = datasets_api.client_files(d.train)
-        if len(files) != d.clients:
-            raise datasets_api.DataError(
-                f"{d.train} holds {len(files)} client files, but {d.clients} clients were asked for"
-            )
-        rows = load_file(files[client])
-    else:
-        rows = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)[client]
+    rows = datasets_api.load_client(d.train, d.clients, client, d.partition, d.alpha, config.seed)
     return _tokenized(config, _limit(config, rows), tokenizer, progress, f"tokenizing client {client}")
 
 

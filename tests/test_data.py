@@ -16,10 +16,12 @@ from florist.data import (
     instructions,
     is_client_folder,
     load_client_folder,
+    load_client,
     load_clients,
     load_instructions,
     normalize_row,
     partition,
+    partition_of,
     summary_table,
     tokenize_dataset,
 )
@@ -341,6 +343,28 @@ def test_partition_is_reproducible_and_loses_nothing(scheme):
     assert rows_of(first) == Counter(ds["instruction"])
     assert all(len(c) > 0 for c in first)
     assert all(tuple(c.column_names) == COLUMNS for c in first)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_one_clients_part_is_its_part_of_the_whole_split(scheme):
+    ds = small_dataset({"a": 40, "b": 25, "c": 20, "d": 15})
+    whole = partition(ds, 6, scheme, seed=2)
+    for k in range(6):
+        assert partition_of(ds, 6, k, scheme, seed=2)["instruction"] == whole[k]["instruction"]
+    with pytest.raises(DataError, match="client 6 is out of range"):
+        partition_of(ds, 6, 6, scheme, seed=2)
+
+
+def test_load_client_reads_one_file_of_a_folder_and_one_part_of_a_file(tmp_path):
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"client_{k}.json").write_text(json.dumps([{**ALPACA_ROWS[0], "output": f"client {k}"}]))
+    assert load_client(str(folder), 3, 1)["output"] == ["client 1"]
+    with pytest.raises(DataError, match="holds 3 client files, but 4"):
+        load_client(str(folder), 4, 1)
+    whole = load_clients("builtin", 5, "dirichlet", 0.5, seed=1)
+    assert load_client("builtin", 5, 3, "dirichlet", 0.5, seed=1)["instruction"] == whole[3]["instruction"]
 
 
 def test_iid_clients_have_equal_sizes():

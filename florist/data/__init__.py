@@ -19,7 +19,7 @@ from .instructions import (
     normalize_row,
     tokenize_dataset,
 )
-from .partition import SCHEMES, heterogeneity, load_clients, partition, summary_table
+from .partition import SCHEMES, heterogeneity, load_client, load_clients, partition, partition_of, summary_table
 from .schema import COLUMNS
 
 __all__ = [
@@ -35,11 +35,13 @@ __all__ = [
     "client_files",
     "heterogeneity",
     "is_client_folder",
+    "load_client",
     "load_client_folder",
     "load_clients",
     "load_instructions",
     "normalize_row",
     "partition",
+    "partition_of",
     "summary_table",
     "tokenize_dataset",
 ]
