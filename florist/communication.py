@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from .aggregation import AggregationResult, ClientUpdate, LoraFactors, ModuleAggregate
+from .history import GLOBAL, RESIDUAL, client_part
 from .methods import Method
 
 
@@ -34,6 +35,9 @@ class RoundCommunication:
     # dense gradient up, the shared factors and the core's start down; empty for other rounds and methods
     start_upload_params: list[int] = field(default_factory=list)
     start_download_params: list[int] = field(default_factory=list)
+    # of download_params, the earlier rounds' results a client that sat them out fetches now (under client sampling;
+    # under full participation every client was sent each result in its round): empty when there is none
+    catchup_download_params: list[int] = field(default_factory=list)
 
     @property
     def upload_bytes(self) -> list[int]:
@@ -124,6 +128,33 @@ def with_spectra(comm: RoundCommunication, values: Sequence[int]) -> RoundCommun
     """``comm`` with each client's spectra added to its upload: the singular values a cut upload carries beside its
     pair (``ClientStart.upload_threshold``), ``values`` of them per client in reply order."""
     return replace(comm, upload_params=[p + v for p, v in zip(comm.upload_params, values, strict=True)])
+
+
+def with_catchup(comm: RoundCommunication, catchup: Sequence[int]) -> RoundCommunication:
+    """``comm`` with each client's catch-up added to its download: the earlier rounds' results it was not sent when
+    they were made, because it sat those rounds out (``part_params`` of each, in reply order)."""
+    if not any(catchup):
+        return comm
+    return replace(
+        comm,
+        download_params=[p + c for p, c in zip(comm.download_params, catchup, strict=True)],
+        catchup_download_params=list(catchup),
+    )
+
+
+def part_params(method: Method, round_number: int, result: AggregationResult) -> dict[str, int]:
+    """The numbers each saved part of a round's result puts on the wire when a client is sent it, counted as
+    ``round_communication`` counts them: the global adapter's (or each client's own) factors of
+    ``Method.downloads``, and the residual's. ``result`` is keyed by client index (``by_client``)."""
+    down = method.downloads(round_number)
+    if result.per_client is None:
+        adapters = {GLOBAL: result.modules}
+    else:
+        adapters = {client_part(k): a for k, a in enumerate(result.per_client)}
+    parts = {part: sum(factor_params(down, m) for m in a.values()) for part, a in adapters.items()}
+    if result.residual is not None:
+        parts[RESIDUAL] = residual_traffic(result)[0]
+    return parts
 
 
 def residual_traffic(result: AggregationResult) -> tuple[int, int]:

@@ -10,8 +10,8 @@ tests) keeps every result in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 from .aggregation import Adapter, AggregationResult
 
@@ -25,17 +25,24 @@ def client_part(client: int) -> str:
 @dataclass(frozen=True)
 class RoundSummary:
     """What stays in memory of a past round: whether clients got their own adapters, whether a residual went into
-    the base, and the rank each client was sent (its adapter's largest module rank; one entry when all got one)."""
+    the base, the rank each client was sent (its adapter's largest module rank; one entry when all got one), the
+    clients whose updates it aggregated (they were sent its result at once) and the numbers each saved part puts
+    on the wire (``GLOBAL``, ``RESIDUAL``, ``client_part(k)``), for what a client that sat out fetches later."""
 
     per_client: bool
     residual: bool
     ranks: tuple[int, ...]
+    participants: frozenset[int] = frozenset()
+    part_params: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, result: AggregationResult) -> RoundSummary:
+    def of(
+        cls, result: AggregationResult, participants: Collection[int] = (), part_params: Mapping[str, int] = {}
+    ) -> RoundSummary:
         adapters = result.per_client if result.per_client is not None else [result.modules]
         ranks = tuple(max((m.rank for m in a.values()), default=0) for a in adapters)
-        return cls(result.per_client is not None, result.residual is not None, ranks)
+        per_client, residual = result.per_client is not None, result.residual is not None
+        return cls(per_client, residual, ranks, frozenset(participants), dict(part_params))
 
     def rank_sent(self, client: int) -> int:
         return self.ranks[client] if self.per_client else self.ranks[0]
@@ -56,8 +63,11 @@ class History:
     def __bool__(self) -> bool:
         return bool(self._summaries)
 
-    def append(self, result: AggregationResult) -> None:
-        self._summaries.append(RoundSummary.of(result))
+    def append(
+        self, result: AggregationResult, participants: Collection[int] = (), part_params: Mapping[str, int] = {}
+    ) -> None:
+        """Add the next round's result, the clients it aggregated and its parts' sizes on the wire."""
+        self._summaries.append(RoundSummary.of(result, participants, part_params))
         self._results[len(self._summaries)] = result
 
     def truncate(self, rounds: int) -> None:

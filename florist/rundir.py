@@ -39,6 +39,7 @@ from .adapters import (
 )
 from .aggregation import Adapter, AggregationResult, ModuleAggregate
 from .aggregation.base import fold_scaling
+from .communication import part_params
 from .files import (
     TEMPORARY_NAME,
     Scan,
@@ -306,10 +307,13 @@ class RunDirectory:
     def restore_history(self, branches: Sequence[Branch], done: int, num_clients: int) -> None:
         """Give each branch a history backed by this directory, holding its finished rounds from the saved adapters
         (bit-exact): the newest in memory, the older read back when a client or the evaluator needs them."""
+        lines, _ = self._read_metrics()
+        participants = {(x["branch"], x["round"]): _client_list(x.get("participants")) for x in lines}
         for b in branches:
             b.history = History(load=self._loader(b))
             for r in range(1, done + 1):
-                b.history.append(self._load_result(b, r, num_clients))
+                result = self._load_result(b, r, num_clients)
+                b.history.append(result, participants.get((b.label, r), []), part_params(b.method, r, result))
                 b.history.settle()
 
     def _loader(self, branch: Branch):
@@ -412,6 +416,11 @@ class RunDirectory:
 
 def _is_metrics_record(line) -> bool:
     return isinstance(line, dict) and isinstance(line.get("branch"), str) and _is_count(line.get("round"))
+
+
+def _client_list(value) -> list[int]:
+    """A metrics line's participants, as far as they are client indices (a hand-edited line loses only accounting)."""
+    return [c for c in value if _is_count(c)] if isinstance(value, list) else []
 
 
 def _is_count(value) -> bool:

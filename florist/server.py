@@ -41,7 +41,7 @@ from .aggregation import (
     screen_updates,
 )
 from .aggregation.truncation import recut, truncated_pair, truncation_problem
-from .communication import round_communication, with_spectra, with_start_traffic
+from .communication import part_params, round_communication, with_catchup, with_spectra, with_start_traffic
 from .history import RESIDUAL, History
 from .jobs import (
     BOTH_FACTORS,
@@ -117,6 +117,21 @@ class Branch:
         reinit = self.scheme == "reinit" and self.history
         init = (self._delta(latest, self.history.part_for(latest, client)),) if reinit else ()
         return self.base_deltas(client) + init
+
+    def catchup_params(self, client: int, round_number: int) -> int:
+        """What client ``client`` fetches at the start of ``round_number`` besides what it was sent before: the parts
+        of its model made in the rounds since it last took part (each round's result went at once only to the
+        clients it aggregated), counted as each round counted them (``RoundSummary.part_params``)."""
+        total = 0
+        for r in range(round_number - 1, 0, -1):
+            summary = self.history.summary(r)
+            if client in summary.participants:
+                break
+            parts = [RESIDUAL] if summary.residual else []
+            if self.scheme == "merge" or r == round_number - 1:  # under reinit only the latest adapter is needed
+                parts.append(self.history.part_for(r, client))
+            total += sum(summary.part_params.get(p, 0) for p in parts)
+        return total
 
     def training_key(self, round_number: int, ranks: Sequence[int]) -> tuple:
         """Branches with equal keys start their clients identically (fresh, one mode, the same ranks) and can share
@@ -489,7 +504,9 @@ class Federation:
         kept = {b.label: len(b.history) for b in self.branches}
         try:
             for a in aggregated:
-                a.branch.history.append(a.result)
+                clients = [r.client for r in screened[a.group].accepted]
+                params = part_params(a.branch.method, round_number, a.result)
+                a.branch.history.append(a.result, clients, params)
             records = [self._record(round_number, a, screened[a.group]) for a in aggregated]
         except BaseException:
             for b in self.branches:  # the round never happened: no branch keeps a result of it
@@ -567,6 +584,7 @@ class Federation:
         start = self._start_traffic.get((a.branch.method.name, round_number))
         if start:
             comm = with_start_traffic(comm, [start.get(c, (0, 0)) for c in clients])
+        comm = with_catchup(comm, [a.branch.catchup_params(c, round_number) for c in clients])
         evaluation = {}
         if self.settings.scores(round_number):
             began = time.perf_counter()

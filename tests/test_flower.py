@@ -740,6 +740,21 @@ def test_under_merge_a_node_is_sent_each_base_update_once_so_traffic_is_flat_in_
         # a client that took part in round j holds rounds 1..j-1: it misses j..r-1, the newest counted as the adapter
         j = max([q for q in range(1, r) if c["client"] in _took_part(sampled, q)], default=1)
         assert (c["down"]["resent_state"] > 0) == (r - j >= 2), (r, c)
+    # metrics.jsonl counts the same bytes: a round's result to its participants at once, the rest when fetched
+    comm = {(x["round"], x["branch"]): x for x in map(json.loads, (sampled / "metrics.jsonl").read_text().splitlines())}
+    for line in traffic(sampled):
+        if line["group"] != "fedit":
+            continue
+        (c,) = line["clients"]
+        r, k = line["round"], c["client"]
+        mine = [q for q in range(1, r) if comm[(q, "fedit")]["participants"] == [k]]
+        pushed = 0
+        if mine:
+            at = comm[(mine[-1], "fedit")]["communication"]
+            pushed = at["download_params"][0] - (at["catchup_download_params"] or [0])[0]
+        caught = (comm[(r, "fedit")]["communication"]["catchup_download_params"] or [0])[0]
+        assert (caught > 0) == (comm[(r - 1, "fedit")]["participants"] != [k]), (r, k)
+        assert c["down"]["adapter"] + c["down"]["resent_state"] == 4 * (pushed + caught), (r, k)
 
 
 def _took_part(path: Path, round_number: int) -> list[int]:

@@ -101,6 +101,29 @@ def test_what_a_client_must_be_sent_does_not_grow_with_the_rounds(many_rounds):
     assert sum(late) / len(late) < 2 * sum(early) / len(early)  # the gaps, about 1 / 10 of a round, not the round
 
 
+def test_the_download_counts_what_a_client_fetches_of_the_rounds_it_sat_out(many_rounds):
+    """Each round's result goes at once to the clients it aggregated; one that sat rounds out fetches them when it is
+    next drawn, and its download counts them: as many numbers as the saved adapters of the rounds it lacked."""
+    path, seen = many_rounds
+    records = {x["round"]: x for x in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())}
+    sizes = {}
+    for q in range(1, ROUNDS + 1):
+        adapter, _ = read_adapter(path / "rounds" / f"{q:03d}" / "florist@0.90")
+        sizes[q] = sum(m.A.numel() + m.B.numel() for m in adapter.values())
+    held = collections.defaultdict(set)
+    fetched = 0
+    for r in range(1, ROUNDS + 1):
+        comm = records[r]["communication"]
+        catchup = dict(zip(records[r]["participants"], comm["catchup_download_params"] or [0] * PER_ROUND))
+        for client, keys in seen["jobs"][r]:
+            lacked = [int(k.split("/")[1]) for k in keys if k not in held[client]]
+            assert catchup[client] == sum(sizes[q] for q in lacked), (r, client)
+            held[client].update(keys + [f"florist@0.90/{r:03d}/global"])  # and this round's result, once made
+            fetched += catchup[client]
+        assert comm["download_params"] == [sizes[r] + catchup[c] for c in records[r]["participants"]]
+    assert fetched > 0
+
+
 def test_the_server_keeps_only_the_newest_round_in_memory(many_rounds):
     _, seen = many_rounds
     assert all(memory == [[r]] for r, memory in seen["memory"].items())
@@ -137,6 +160,9 @@ def test_a_run_stopped_in_the_middle_resumes_to_the_same_adapters(many_rounds, t
         run(tmp_path / "resumed")
     monkeypatch.setattr(Federation, "run_round", real)
     resumed = run(tmp_path / "resumed")
+    lines = [(whole / "metrics.jsonl").read_text(), (resumed / "metrics.jsonl").read_text()]
+    first, again = ([json.loads(x)["communication"] for x in text.splitlines()] for text in lines)
+    assert first == again  # the catch-up of rounds after the stop too: the participants were read back
     for r in (39, 40, 75):
         a, _ = read_adapter(whole / "rounds" / f"{r:03d}" / "florist@0.90")
         b, _ = read_adapter(resumed / "rounds" / f"{r:03d}" / "florist@0.90")
