@@ -38,8 +38,9 @@ class ModelConfig:
 class DataConfig:
     train: str = "builtin"  # "builtin", a hub id, a JSON/JSONL file, or a folder of client_K.json files
     clients: int = 8
-    partition: str = "dirichlet"  # iid | dirichlet | shards (ignored for a folder of client files)
+    partition: str = "dirichlet"  # iid | dirichlet | shards (a folder of client files: only with resplit)
     alpha: float = 0.5
+    resplit: bool = False  # a folder of client files: pool its files and split them over `clients` by `partition`
     template: str = "alpaca"  # alpaca | chat
     cutoff: int = 256
     train_on_inputs: bool = True

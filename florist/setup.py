@@ -50,7 +50,7 @@ from .server import (
 def load_client_examples(config: RunConfig, tokenizer, progress: bool = False) -> tuple[list[list[dict]], list]:
     """Each client's tokenized examples (input_ids, labels) and its raw dataset, from ``config.data``."""
     d = config.data
-    clients = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed)
+    clients = datasets_api.load_clients(d.train, d.clients, d.partition, d.alpha, config.seed, resplit=d.resplit)
     clients = [_limit(config, c) for c in clients]
     tokenized = [_tokenized(config, c, tokenizer, progress, f"tokenizing client {k}") for k, c in enumerate(clients)]
     return tokenized, clients
@@ -63,7 +63,7 @@ def load_partition_examples(config: RunConfig, tokenizer, client: int, progress:
     whole federation (the split is seeded) and only this client's part is kept.
     """
     d = config.data
-    rows = datasets_api.load_client(d.train, d.clients, client, d.partition, d.alpha, config.seed)
+    rows = datasets_api.load_client(d.train, d.clients, client, d.partition, d.alpha, config.seed, resplit=d.resplit)
     return _tokenized(config, _limit(config, rows), tokenizer, progress, f"tokenizing client {client}")
 
 

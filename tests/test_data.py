@@ -363,6 +363,9 @@ def test_load_client_reads_one_file_of_a_folder_and_one_part_of_a_file(tmp_path)
     assert load_client(str(folder), 3, 1)["output"] == ["client 1"]
     with pytest.raises(DataError, match="holds 3 client files, but 4"):
         load_client(str(folder), 4, 1)
+    pooled = load_clients(str(folder), 2, "iid", seed=0, resplit=True)  # three files' rows over two clients
+    assert sorted(o for c in pooled for o in c["output"]) == ["client 0", "client 1", "client 2"]
+    assert load_client(str(folder), 2, 1, "iid", seed=0, resplit=True)["output"] == pooled[1]["output"]
     whole = load_clients("builtin", 5, "dirichlet", 0.5, seed=1)
     assert load_client("builtin", 5, 3, "dirichlet", 0.5, seed=1)["instruction"] == whole[3]["instruction"]
 

@@ -27,17 +27,18 @@ def summary(
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration: smaller is more non-IID"),
     seed: int = typer.Option(0, "--seed"),
     column: str = typer.Option("category", "--column", help="the column the non-IID split follows"),
+    resplit: bool = typer.Option(False, "--resplit", help="a client folder: pool its files and split them anew"),
 ) -> None:
-    """Print each client's size and category mix (a folder of client files is shown as it is)."""
+    """Print each client's size and category mix (a folder of client files is shown as it is, unless --resplit)."""
     from florist.data import SCHEMES, DataError, is_client_folder, load_clients, summary_table
 
     with user_errors(DataError):
         if scheme not in SCHEMES:
             raise UserError(f"--partition {scheme!r}: choose from {', '.join(SCHEMES)}")
-        split = load_clients(data, clients, scheme, alpha, seed, column)
+        split = load_clients(data, clients, scheme, alpha, seed, column, resplit=resplit)
         how = (
             "as split in its files"
-            if is_client_folder(data)
+            if is_client_folder(data) and not resplit
             else f"{scheme}" + (f", alpha {alpha}" if scheme == "dirichlet" else "") + f", seed {seed}"
         )
         console = Console()

@@ -159,12 +159,14 @@ def load_clients(
     alpha: float = 0.5,
     seed: int = 0,
     column: str = "category",
+    resplit: bool = False,
 ) -> list[datasets.Dataset]:
-    """Client datasets from a data spec: a folder of client files as it is, anything else loaded and partitioned
-    (``num_clients`` defaults to 8, the paper's setting). ``seed`` also draws the facts of ``builtin``."""
+    """Client datasets from a data spec: a folder of client files as it is (``resplit``: its files pooled and split
+    like any other source), anything else loaded and partitioned (``num_clients`` defaults to 8, the paper's
+    setting). ``seed`` also draws the facts of ``builtin``."""
     if num_clients is not None and num_clients < 1:  # before a folder's count is compared with it
         raise DataError(f"the number of clients must be at least 1, got {num_clients}")
-    if is_client_folder(spec):
+    if not resplit and is_client_folder(spec):
         clients = load_client_folder(spec)
         if num_clients is not None and num_clients != len(clients):
             raise DataError(f"{spec} holds {len(clients)} client files, but {num_clients} clients were asked for")
@@ -181,13 +183,15 @@ def load_client(
     alpha: float = 0.5,
     seed: int = 0,
     column: str = "category",
+    resplit: bool = False,
 ) -> datasets.Dataset:
-    """One client's dataset, equal to ``load_clients(...)[client]``: of a folder only that client's file is read."""
+    """One client's dataset, equal to ``load_clients(...)[client]``: of a folder only that client's file is read
+    (unless ``resplit``)."""
     if num_clients < 1:
         raise DataError(f"the number of clients must be at least 1, got {num_clients}")
     if not 0 <= client < num_clients:
         raise DataError(f"client {client} is out of range: the run has data.clients={num_clients}")
-    if is_client_folder(spec):
+    if not resplit and is_client_folder(spec):
         files = client_files(spec)
         if len(files) != num_clients:
             raise DataError(f"{spec} holds {len(files)} client files, but {num_clients} clients were asked for")
