@@ -40,6 +40,7 @@ from .adapters import (
 from .aggregation import Adapter, AggregationResult, ModuleAggregate
 from .aggregation.base import fold_scaling
 from .communication import part_params
+from .config import RunConfig
 from .files import (
     TEMPORARY_NAME,
     Scan,
@@ -213,6 +214,7 @@ class RunDirectory:
                 "--overwrite to start the run afresh"
             ) from None
         asked = tomllib.loads(config_toml)
+        stored = _with_defaults(stored, tomllib.loads(RunConfig().to_toml()))  # settings added since it began
         stored.pop("output", None)
         asked.pop("output", None)
         if stored != asked:
@@ -425,6 +427,18 @@ def _client_list(value) -> list[int]:
 
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _with_defaults(stored: dict, defaults: dict) -> dict:
+    """A stored configuration with the settings it lacks at their defaults: a run begun before florist had a setting
+    ran as the setting's default runs, and resumes under it."""
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -395,6 +395,18 @@ def test_a_different_configuration_is_refused_naming_the_keys(finished, tmp_path
         RunDirectory(path, None).open(config_toml(path, "federation.rounds=3", "train.lr=0.5"))
 
 
+def test_a_run_begun_before_a_setting_existed_resumes_at_its_default_and_only_there(finished, tmp_path):
+    path = copy_run(finished, tmp_path / "run")
+    text = (path / "config.toml").read_text()
+    assert "resplit = false\n" in text
+    (path / "config.toml").write_text(text.replace("resplit = false\n", ""))  # as a run written before it was
+    rundir = RunDirectory(path, None)
+    assert rundir.open(config_toml(path)) == 2
+    rundir.close()
+    with pytest.raises(RunDirError, match=r"different configuration \(data.resplit differ\)"):
+        RunDirectory(path, None).open(config_toml(path, "data.resplit=true"))
+
+
 @pytest.mark.parametrize("torn", [b"seed = 0\n[model", b"\xff\xfe", b'[federation]\nrounds = "2'])
 def test_a_torn_config_is_one_line_naming_it(finished, tmp_path, torn):
     path = copy_run(finished, tmp_path / "run")
