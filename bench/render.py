@@ -400,43 +400,52 @@ def upload_cuts_table(results: Results) -> str:
 
 
 def scale_table(results: Results) -> str:
-    """Per case, the rounds' figures: seconds (first round, later rounds' mean), MB down and up a round (first, then
-    the last round's), peak memory; growth with rounds shows as the later rounds against round 2."""
+    """Per case: the setup's seconds, round 1's, the later rounds' mean; MB down a round in round 2 against the mean of
+    the last half of the rounds, MB up; the server's memory after round 1 against after the last: growth with the
+    rounds shows as the second figure against the first."""
     data = results["scale"]
     header = [
         "engine",
         "clients",
         "a round",
         "rounds",
+        "s setup",
         "s, round 1",
         "s a round, 2-last",
-        "MB down, round 2 → last",
+        "MB down, round 2 → last half",
         "MB up a round",
-        "peak MiB (server)",
+        "MiB (server), round 1 → last",
         "peak MiB (workers)",
     ]
     rows = []
     for c in data["cases"]:
-        later = c["rounds"][1:] or c["rounds"]
-        seconds = sum(r["seconds"] for r in later) / len(later)
+        rounds = c["rounds"]
+        later = rounds[1:] or rounds
+        tail = rounds[len(rounds) // 2 :]
         workers = c.get("worker_peak_rss_mib")
         rows.append(
             [
                 "Flower simulation" if c["engine"] == "flower" else "in-process",
                 f"{c['clients']:,}",
                 str(c["per_round"]),
-                str(len(c["rounds"])),
-                f"{c['rounds'][0]['seconds']:.1f}",
-                f"{seconds:.1f}",
-                f"{later[0]['mb_down']:.3f} → {c['rounds'][-1]['mb_down']:.3f}",
-                f"{later[-1]['mb_up']:.3f}",
-                f"{c['peak_rss_mib']:.0f}",
+                str(len(rounds)),
+                f"{c['setup_seconds']:.1f}",
+                f"{rounds[0]['seconds']:.1f}",
+                f"{_mean(r['seconds'] for r in later):.1f}",
+                f"{later[0]['mb_down']:.3f} → {_mean(r['mb_down'] for r in tail):.3f}",
+                f"{_mean(r['mb_up'] for r in later):.3f}",
+                f"{rounds[0]['rss_mib']:.0f} → {rounds[-1]['rss_mib']:.0f}",
                 "" if workers is None else f"{workers:.0f}",
             ]
         )
     machine = data["machine"].split("; load average")[0]
     cost = f"On {machine}; load average {data['load_before']} before, {data['load_after']} after."
     return table(header, rows, 1) + "\n\n" + cost
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 BLOCKS: dict[str, Block] = {

@@ -6,11 +6,14 @@ process loads it from disk) over the rows of one Dolly client file split IID ove
 τ = 0.9, the merge scheme, a tenth of the clients a round, no scoring. Each runs in a process of its own, so the
 peak resident memory is that case's: the server's process (with the in-process engine also the clients'; under
 Flower's simulation the ClientApps run in worker processes, whose memory is measured apart, at the peak, from
-/proc). Per round: the wall seconds from one "round N finished" log line to the next, and the MB the messages carried
-down (under Flower: the arrays each node was sent, from flower_traffic.jsonl, so what a node holds already is not
-counted) and up. bench/render.py renders bench/results/scale.json into docs/benchmarks.md.
+/proc). The setup (the model and data loaded; under Flower, every SuperNode asked which client it is and how much
+data it holds) is timed apart; per round: the wall seconds from one "round N finished" log line to the next, the
+server process's resident memory then, and the MB down and up (under Flower: the arrays each node was sent, from
+flower_traffic.jsonl, so what a node holds already is not counted; in-process: the accounting of metrics.jsonl,
+which counts each round's result to its participants and the rounds a client sat out when it is next drawn).
+bench/render.py renders bench/results/scale.json into docs/benchmarks.md; the JSON is written after every case.
 
-    python bench/scale.py                        # every case (about 20 minutes on 2 cores)
+    python bench/scale.py                        # every case (about 12 minutes on 2 cores)
     python bench/scale.py --clients 1000 --engines flower --rounds 3
 """
 
@@ -32,10 +35,10 @@ RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "dolly" / "client_2.json"  # 3,775 rows: two for each of 1,000 clients
 CASES = [  # (clients, engine, rounds)
     (10, "inprocess", 20),
-    (100, "inprocess", 20),
+    (100, "inprocess", 40),
     (1000, "inprocess", 3),
     (10, "flower", 10),
-    (100, "flower", 10),
+    (100, "flower", 40),
     (1000, "flower", 3),
 ]
 
@@ -44,17 +47,24 @@ CASE = r"""
 import json, os, resource, sys, time
 from florist import run as run_module
 from florist.config import load_config
-marks = []
+marks, ready = [], []
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
 def log(line):
+    if line.startswith("client sizes:"):  # the data is loaded (in-process) or every SuperNode has answered (Flower)
+        ready.append(time.perf_counter())
     if line.startswith("round ") and line.endswith("finished and saved"):
-        marks.append((int(line.split()[1]), time.perf_counter()))
+        marks.append((int(line.split()[1]), time.perf_counter(), rss_mib()))
 began = time.perf_counter()
 config = load_config(None, json.loads(sys.argv[1]))
 run_module.run(config, progress=False, log=log)
-starts = [began] + [t for _, t in marks[:-1]]
-seconds = {r: t - s for (r, t), s in zip(marks, starts)}
+starts = [ready[0]] + [t for _, t, _ in marks[:-1]]
+seconds = {r: t - s for (r, t, _), s in zip(marks, starts)}
+rss = {r: m for r, _, m in marks}
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"round_seconds": seconds, "peak_rss_mib": peak_kib / 1024, "wall": time.perf_counter() - began}))
+print(json.dumps({"setup_seconds": ready[0] - began, "round_seconds": seconds, "round_rss_mib": rss,
+                  "peak_rss_mib": peak_kib / 1024, "wall": time.perf_counter() - began}))
 """
 
 
@@ -144,8 +154,14 @@ def run_case(model: Path, work: Path, clients: int, engine: str, rounds: int) ->
         "clients": clients,
         "engine": engine,
         "per_round": max(1, clients // 10),
+        "setup_seconds": round(measured["setup_seconds"], 1),
         "rounds": [
-            {"round": r, "seconds": round(measured["round_seconds"][str(r)], 2), **traffic(output, r, engine)}
+            {
+                "round": r,
+                "seconds": round(measured["round_seconds"][str(r)], 2),
+                "rss_mib": round(measured["round_rss_mib"][str(r)], 1),
+                **traffic(output, r, engine),
+            }
             for r in range(1, rounds + 1)
         ],
         "peak_rss_mib": round(measured["peak_rss_mib"], 1),
@@ -181,21 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         for c, e, r in CASES
         if (not args.clients or c in args.clients) and (not args.engines or e in args.engines)
     ]
-    load_before = load_average()
-    results = []
+    out = {"machine": machine_line(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))}
+    out |= {"load_before": load_average(), "load_after": None, "cases": []}
     with tempfile.TemporaryDirectory(prefix="florist-scale-") as tmp:
         model = save_tiny_model(Path(tmp) / "tiny-model")
         for clients, engine, rounds in cases:
             print(f"{engine}, {clients} clients, {rounds} rounds (load {load_average()})", file=sys.stderr)
-            results.append(run_case(model, Path(tmp), clients, engine, rounds))
-            print(f"  {json.dumps(results[-1])}", file=sys.stderr)
-    out = {
-        "machine": machine_line(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))),
-        "load_before": load_before,
-        "load_after": load_average(),
-        "cases": results,
-    }
-    args.json.write_text(json.dumps(out, indent=1) + "\n")
+            out["cases"].append(run_case(model, Path(tmp), clients, engine, rounds))
+            print(f"  {json.dumps(out['cases'][-1])}", file=sys.stderr)
+            out["load_after"] = load_average()
+            args.json.write_text(json.dumps(out, indent=1) + "\n")  # after every case: a later one may not finish
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
