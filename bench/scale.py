@@ -147,8 +147,9 @@ def run_case(model: Path, work: Path, clients: int, engine: str, rounds: int) ->
         workers.poll()
         time.sleep(0.5)
     log.close()
-    if process.returncode:
-        raise SystemExit(f"{engine} with {clients} clients failed; see {log.name}")
+    if process.returncode:  # the log goes with the temporary folder: its end is shown here
+        tail = Path(log.name).read_text(errors="replace").splitlines()[-25:]
+        raise SystemExit("\n".join([*tail, f"{engine} with {clients} clients failed (the log's end is above)"]))
     measured = json.loads(process.stdout.read().decode().strip().splitlines()[-1])
     return {
         "clients": clients,
