@@ -67,9 +67,24 @@ def answers(messages: Sequence[Message], replies: Iterable[Message]) -> dict[int
     return first
 
 
+def waves(messages: Sequence[Message]) -> list[list[Message]]:
+    """The messages in waves of at most one per node, in order: a node's k-th message goes in wave k."""
+    out: list[list[Message]] = []
+    count: dict[int, int] = {}
+    for m in messages:
+        k = count.get(m.metadata.dst_node_id, 0)
+        count[m.metadata.dst_node_id] = k + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(m)
+    return out
+
+
 def check_sender(reply: Message, sent: Message) -> None:
     """Refuse an error reply (with its reason) and one from another SuperNode than the message went to."""
     if reply.has_error():  # first: Flower itself answers for a node that went away, from another node id
+        if NOT_HELD in str(reply.error.reason):  # however long the text around it
+            raise MessageError(f"the SuperNode {NOT_HELD} it was sent: {error_reason(reply)}")
         raise MessageError(error_reason(reply))
     sender, node = reply.metadata.src_node_id, sent.metadata.dst_node_id
     if sender != node:
@@ -233,8 +248,8 @@ class FlowerEngine:
         self.held: dict[int, set[str]] = {}  # node id -> the keys of the base updates it was sent and kept
 
     def train(self, round_number: int, jobs: Sequence[ClientJob]) -> RoundReplies:
-        """Every job of the round in one ``send_and_receive`` (a client with jobs in several training groups gets a
-        message for each), under one timeout: the round's."""
+        """Every job of the round under one timeout, the round's: one ``send_and_receive`` per wave of at most one
+        message a node (a client with jobs in several training groups gets a message for each, one after another)."""
         self.nodes.refresh(timeout=self.node_wait)
         # per job, its line in the traffic record: the node it went to, what became of it, the bytes each way
         seen = {
@@ -280,7 +295,7 @@ class FlowerEngine:
             if line["down"]:  # a second message for the job (its node had lost its base): both count
                 down = {what: n + line["down"].get(what, 0) for what, n in down.items()}
             line.update(node=node, status=NO_REPLY, down=down)
-        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []
+        replies = self._send(messages)
         got: dict[tuple[str, int], ClientReply] = {}
         for k, reply in answers(messages, replies).items():
             job = sending[k]
@@ -296,6 +311,20 @@ class FlowerEngine:
             self.held.setdefault(node, set()).update(d.key for d in job.base_deltas)
             seen[key].update(status="replied", up=uplink_bytes(reply.content))
         return got
+
+    def _send(self, messages: Sequence[Message]) -> list[Message]:
+        """Every message, and the replies within the round's timeout. A node gets its messages one after another (a
+        wave holds one message per node): each call of its ClientApp starts from the node's state as the last one
+        left it, where two at once would each start from the same state and the later reply's would overwrite the
+        other's (what Flower's simulation does with a node's context), losing the base updates it was sent."""
+        deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        replies: list[Message] = []
+        for wave in waves(messages):
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:  # the round is over: the rest stay unanswered
+                break
+            replies += self.grid.send_and_receive(wave, timeout=timeout)
+        return replies
 
     def _read(self, round_number: int, job: ClientJob, reply: Message, sent: Message) -> ClientReply:
         check_sender(reply, sent)

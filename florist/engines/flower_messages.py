@@ -73,9 +73,13 @@ MAX_REASON = 300  # characters of a SuperNode's error text kept in the log and t
 
 
 def error_reason(reply: Message) -> str:
-    """An error reply's reason, on one line and cut short: it is the SuperNode's text."""
+    """An error reply's reason, on one line and cut short: it is the SuperNode's text. A long one keeps its start and
+    its end, where a traceback (Flower's simulation sends the whole of Ray's) names the exception and its message."""
     reason = " ".join(str(reply.error.reason).split()) or f"error code {reply.error.code}"
-    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+    if len(reason) <= MAX_REASON:
+        return reason
+    head = MAX_REASON // 3
+    return reason[:head] + " ... " + reason[-(MAX_REASON - head - 5) :]
 
 
 # --- fields of untrusted records -------------------------------------------------------------------------------------
