@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from .config import ConfigError
+from .threads import configure_torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -214,6 +215,7 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    configure_torch()  # the threads of the CPUs this process is allotted, before the model's first kernels
     source, local = resolve(name)
     tokenizer = load_tokenizer(name)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 # typer 0.20 imports two click helpers that click 8.2 deprecates, a DeprecationWarning on every start under
@@ -26,4 +27,11 @@ from .app import app  # noqa: E402
 
 
 def main() -> None:
+    from florist.threads import ThreadsError, thread_count
+
+    try:
+        thread_count()  # a bad FLORIST_THREADS is refused before any command starts work
+    except ThreadsError as e:
+        print(f"florist: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     app()

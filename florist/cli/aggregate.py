@@ -28,6 +28,7 @@ from florist.config import ConfigError, override_value
 from florist.methods import METHODS, Method, aggregate, format_value, get_method
 from florist.progress import track
 from florist.tables import TableColumn, fitted_table
+from florist.threads import configure_torch
 
 REPORT_NAME = "aggregation.json"
 BYTES_PER_PARAM = 4  # adapters are written in float32
@@ -78,6 +79,7 @@ def aggregate_command(
         check_output_apart(out, clients)
         check_output(out, overwrite)
         updates, infos = read_clients(clients, console)
+        configure_torch()
         with console.status(f"aggregating {len(updates)} clients with {method}"):
             result = aggregate(chosen, updates, client_weights, tau)
         comm = round_communication(chosen, 1, updates, result, BYTES_PER_PARAM)
