@@ -84,7 +84,7 @@ def partition(
     many rows; then it fails with an error. No scheme returns an empty client.
     """
     args = (num_clients, scheme, alpha, seed, column, min_size, shards_per_client)
-    return _split(ds, *args, wanted=range(num_clients))
+    return _split(ds, args, range(num_clients))
 
 
 def partition_of(
@@ -103,26 +103,18 @@ def partition_of(
     if not 0 <= client < num_clients:
         raise DataError(f"client {client} is out of range for {num_clients} clients")
     args = (num_clients, scheme, alpha, seed, column, min_size, shards_per_client)
-    return _split(ds, *args, wanted=[client])[0]
+    return _split(ds, args, [client])[0]
 
 
-def _split(
-    ds: datasets.Dataset,
-    num_clients: int,
-    scheme: str,
-    alpha: float,
-    seed: int,
-    column: str,
-    min_size: int,
-    shards_per_client: int,
-    wanted: Sequence[int],
-) -> list[datasets.Dataset]:
-    """The parts ``wanted`` of the split (each partitioner draws the whole split, seeded, before cutting one)."""
+def _split(ds: datasets.Dataset, args: tuple, wanted: Sequence[int]) -> list[datasets.Dataset]:
+    """The parts ``wanted`` of the split that ``args`` (``_partitioner``'s, after the dataset) name; each partitioner
+    draws the whole split, seeded, before it cuts one part."""
+    num_clients, scheme = args[:2]
     if num_clients < 1:
         raise DataError(f"the number of clients must be at least 1, got {num_clients}")
     if num_clients > len(ds):
         raise DataError(f"{len(ds)} rows cannot fill {num_clients} clients")
-    partitioner, source = _partitioner(ds, num_clients, scheme, alpha, seed, column, min_size, shards_per_client)
+    partitioner, source = _partitioner(ds, *args)
     partitioner.dataset = source
     try:
         with datasets_bars(False), warnings.catch_warnings():  # no bars for the partitioners' small steps
