@@ -556,6 +556,26 @@ def test_a_rounds_jobs_go_out_one_a_node_at_a_time_under_the_round_timeout(tmp_p
     assert [line["group"] for line in traffic.lines()] == ["shared", "late"]
 
 
+def test_a_node_that_failed_a_wave_is_sent_nothing_more_that_round(tmp_path, message_identity):
+    """Client 1's node answers its first job with an error (Flower's, for a node that went away): its second job is
+    not sent, so a dead node costs the round one wait, not one a wave; client 0 gets both."""
+
+    def answer(m):
+        if job_config(m.content)["client"] == 1:
+            return [Message(Error(0, "Node Unavailable"), reply_to=m)]
+        return [honest_reply(m)]
+
+    grid = ScriptedGrid(answer)
+    nodes = SimpleNamespace(node_of={0: 100, 1: 101}, sizes=[5, 5], refresh=lambda timeout: None)
+    engine = flower.FlowerEngine(grid, nodes, "", round_timeout=30.0, log=lambda m: None)
+    jobs = [ClientJob(k, ClientStart(2, 4.0, 7), group=g) for g in ("shared", "late") for k in range(2)]
+    replies = engine.train(1, jobs)
+    assert [m.metadata.dst_node_id for m in grid.sent] == [100, 101, 100]
+    assert [(r.group, r.client) for r in replies.replies] == [("shared", 0), ("late", 0)]
+    assert replies.failures[("late", 1)] == flower.NOT_SENT
+    assert "Node Unavailable" in replies.failures[("shared", 1)]
+
+
 def test_a_round_with_no_supernode_online_sends_nothing(message_identity):
     grid = ScriptedGrid(lambda m: pytest.fail("nothing is to be sent"))
     nodes = SimpleNamespace(node_of={}, sizes=[5, 5], refresh=lambda timeout: None)

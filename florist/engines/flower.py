@@ -53,6 +53,7 @@ SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 NO_REPLY = "no reply within the round's timeout"
 NO_NODE = "no SuperNode online for this client"
+NOT_SENT = "not sent: its SuperNode failed an earlier job of this round"
 
 
 def answers(messages: Sequence[Message], replies: Iterable[Message]) -> dict[int, Message]:
@@ -67,16 +68,16 @@ def answers(messages: Sequence[Message], replies: Iterable[Message]) -> dict[int
     return first
 
 
-def waves(messages: Sequence[Message]) -> list[list[Message]]:
-    """The messages in waves of at most one per node, in order: a node's k-th message goes in wave k."""
-    out: list[list[Message]] = []
+def waves(messages: Sequence[Message]) -> list[list[int]]:
+    """The positions of the messages in waves of at most one per node, in order: a node's k-th message is in wave k."""
+    out: list[list[int]] = []
     count: dict[int, int] = {}
-    for m in messages:
+    for position, m in enumerate(messages):
         k = count.get(m.metadata.dst_node_id, 0)
         count[m.metadata.dst_node_id] = k + 1
         if k == len(out):
             out.append([])
-        out[k].append(m)
+        out[k].append(position)
     return out
 
 
@@ -295,7 +296,9 @@ class FlowerEngine:
             if line["down"]:  # a second message for the job (its node had lost its base): both count
                 down = {what: n + line["down"].get(what, 0) for what, n in down.items()}
             line.update(node=node, status=NO_REPLY, down=down)
-        replies = self._send(messages)
+        replies, skipped = self._send(messages)
+        for k in skipped:
+            seen[(sending[k].group, sending[k].client)]["status"] = NOT_SENT
         got: dict[tuple[str, int], ClientReply] = {}
         for k, reply in answers(messages, replies).items():
             job = sending[k]
@@ -312,19 +315,31 @@ class FlowerEngine:
             seen[key].update(status="replied", up=uplink_bytes(reply.content))
         return got
 
-    def _send(self, messages: Sequence[Message]) -> list[Message]:
-        """Every message, and the replies within the round's timeout. A node gets its messages one after another (a
-        wave holds one message per node): each call of its ClientApp starts from the node's state as the last one
-        left it, where two at once would each start from the same state and the later reply's would overwrite the
-        other's (what Flower's simulation does with a node's context), losing the base updates it was sent."""
+    def _send(self, messages: Sequence[Message]) -> tuple[list[Message], set[int]]:
+        """Every message, and the replies within the round's timeout; and the positions of the messages not sent. A node
+        gets its messages one after another (a wave holds one message per node): each call of its ClientApp starts
+        from the node's state as the last one left it, where two at once would each start from the same state and
+        the later reply's would overwrite the other's (what Flower's simulation does with a node's context), losing
+        the base updates it was sent. A node that did not answer a wave, or answered with an error (a node that went
+        away: Flower's own error reply), is sent nothing more this round, so that it costs the round one wait."""
         deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
         replies: list[Message] = []
+        failed: set[int] = set()  # nodes
+        skipped: set[int] = set()  # positions
         for wave in waves(messages):
+            skipped |= {k for k in wave if messages[k].metadata.dst_node_id in failed}
+            sending = [messages[k] for k in wave if k not in skipped]
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:  # the round is over: the rest stay unanswered
                 break
-            replies += self.grid.send_and_receive(wave, timeout=timeout)
-        return replies
+            got = list(self.grid.send_and_receive(sending, timeout=timeout)) if sending else []
+            replies += got
+            answered = {r.metadata.reply_to_message_id: r for r in got}
+            for m in sending:
+                reply = answered.get(m.metadata.message_id)
+                if reply is None or (reply.has_error() and NOT_HELD not in str(reply.error.reason)):
+                    failed.add(m.metadata.dst_node_id)
+        return replies, skipped
 
     def _read(self, round_number: int, job: ClientJob, reply: Message, sent: Message) -> ClientReply:
         check_sender(reply, sent)
