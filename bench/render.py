@@ -443,6 +443,21 @@ def scale_table(results: Results) -> str:
     return table(header, rows, 1) + "\n\n" + cost
 
 
+def contention_table(results: Results) -> str:
+    """Per variant: its threads, the median job alone and beside a CPU-bound neighbour, and their ratio."""
+    data = results["contention"]
+    header = ["variant", "settings", "torch threads", "s alone", "s beside a neighbour", "slower"]
+    rows = []
+    for v in data["variants"]:
+        settings = ", ".join(f"`{k}={x}`" for k, x in v["settings"].items()) or "(florist's)"
+        rows.append(
+            [v["variant"], settings, str(v["threads"]), f"{v['quiet']:.2f}", f"{v['busy']:.2f}", f"{v['ratio']:.1f}×"]
+        )
+    machine = data["machine"].split("; torch threads")[0]
+    cost = f"On {machine}; load average {data['load_before']} before, {data['load_after']} after."
+    return table(header, rows, 2) + "\n\n" + cost
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -458,10 +473,11 @@ BLOCKS: dict[str, Block] = {
     "main-job-cost": Block("main_job", main_job_cost),
     "upload-cuts": Block("upload_cuts", upload_cuts_table),
     "scale": Block("scale", scale_table),
+    "contention": Block("contention", contention_table),
 }
 # the blocks each document holds, each exactly once
 DOCUMENTS: dict[Path, tuple[str, ...]] = {
-    DOC: ("aggregation", "train", "train-loss", "eval", "memory", "scale"),
+    DOC: ("aggregation", "train", "train-loss", "eval", "memory", "scale", "contention"),
     README: ("main-job",),
     COMMANDS: ("main-job-cost",),
     METHODS_DOC: ("upload-cuts",),
