@@ -31,7 +31,14 @@ LAYERS = [
     ("vocabulary and declarations", ["florist.jobs", "florist.history", "florist.methods.*", "florist.communication"]),
     (
         "files and terminal output",
-        ["florist.files", "florist.reading", "florist.adapters", "florist.progress", "florist.tables", "florist.threads"],
+        [
+            "florist.files",
+            "florist.reading",
+            "florist.adapters",
+            "florist.progress",
+            "florist.tables",
+            "florist.threads",
+        ],
     ),
     (
         "settings, models and data",
