@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ..progress import datasets_bars
 from ..tables import TableColumn, fitted_table
-from .instructions import DataError, client_files, is_client_folder, load_client_folder, load_file, load_instructions
+from .instructions import DataError, client_files, is_client_folder, load_file, load_instructions
 
 SCHEMES = ("iid", "dirichlet", "shards")
 
@@ -159,10 +159,7 @@ def load_clients(
     if num_clients is not None and num_clients < 1:  # before a folder's count is compared with it
         raise DataError(f"the number of clients must be at least 1, got {num_clients}")
     if not resplit and is_client_folder(spec):
-        clients = load_client_folder(spec)
-        if num_clients is not None and num_clients != len(clients):
-            raise DataError(f"{spec} holds {len(clients)} client files, but {num_clients} clients were asked for")
-        return clients
+        return [load_file(f) for f in _client_files(spec, num_clients)]
     clients = 8 if num_clients is None else num_clients
     return partition(load_instructions(spec, seed), clients, scheme, alpha, seed, column)
 
@@ -184,11 +181,16 @@ def load_client(
     if not 0 <= client < num_clients:
         raise DataError(f"client {client} is out of range: the run has data.clients={num_clients}")
     if not resplit and is_client_folder(spec):
-        files = client_files(spec)
-        if len(files) != num_clients:
-            raise DataError(f"{spec} holds {len(files)} client files, but {num_clients} clients were asked for")
-        return load_file(files[client])
+        return load_file(_client_files(spec, num_clients)[client])
     return partition_of(load_instructions(spec, seed), num_clients, client, scheme, alpha, seed, column)
+
+
+def _client_files(spec: str, num_clients: int | None) -> list:
+    """A client folder's files, as many as the clients asked for (None: any number)."""
+    files = client_files(spec)
+    if num_clients is not None and num_clients != len(files):
+        raise DataError(f"{spec} holds {len(files)} client files, but {num_clients} clients were asked for")
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -81,10 +81,16 @@ def waves(messages: Sequence[Message]) -> list[list[int]]:
     return out
 
 
+def lost_state(reply: Message) -> bool:
+    """An error reply saying the node lost base updates it was sent (``NOT_HELD``), however long the text around it:
+    the node is alive, and is sent its whole base."""
+    return reply.has_error() and NOT_HELD in str(reply.error.reason)
+
+
 def check_sender(reply: Message, sent: Message) -> None:
     """Refuse an error reply (with its reason) and one from another SuperNode than the message went to."""
     if reply.has_error():  # first: Flower itself answers for a node that went away, from another node id
-        if NOT_HELD in str(reply.error.reason):  # however long the text around it
+        if lost_state(reply):
             raise MessageError(f"the SuperNode {NOT_HELD} it was sent: {error_reason(reply)}")
         raise MessageError(error_reason(reply))
     sender, node = reply.metadata.src_node_id, sent.metadata.dst_node_id
@@ -334,10 +340,9 @@ class FlowerEngine:
                 break
             got = list(self.grid.send_and_receive(sending, timeout=timeout)) if sending else []
             replies += got
-            answered = {r.metadata.reply_to_message_id: r for r in got}
-            for m in sending:
-                reply = answered.get(m.metadata.message_id)
-                if reply is None or (reply.has_error() and NOT_HELD not in str(reply.error.reason)):
+            first = answers(sending, got)
+            for k, m in enumerate(sending):
+                if k not in first or (first[k].has_error() and not lost_state(first[k])):
                     failed.add(m.metadata.dst_node_id)
         return replies, skipped
 
