@@ -233,6 +233,130 @@ def test_stacked_svd_signs_match_a_canonicalised_dense_svd():
     torch.testing.assert_close(Vh, Vhd[:5])
 
 
+# --- the float32 route: Gram matrices in float64, batched over modules of one shape ----------------------------------
+
+# stacks that are hard for a Gram route: clients that start from one A (florist's first round), a stack of more rows
+# than A has columns (rank-deficient), a client whose B is zero, and one client sent twice
+float32_setups = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**16),
+        "ranks": st.lists(st.integers(1, 8), min_size=1, max_size=5),
+        "m": st.integers(2, 40),
+        "n": st.integers(2, 40),
+        "kind": st.sampled_from(["random", "common start", "zero client", "duplicate"]),
+    }
+)
+
+
+def float32_updates(setup):
+    updates = make_updates(setup["seed"], setup["ranks"], setup["m"], setup["n"], dtype=torch.float32)
+    kind, g = setup["kind"], torch.Generator().manual_seed(setup["seed"])
+    if kind == "common start":  # A_k = A_0[:r_k] + a small step: the stack's A is nearly rank max(r_k)
+        start = {name: torch.randn(max(setup["ranks"]), setup["n"], generator=g) for name in ("q", "v")}
+        updates = [
+            ClientUpdate(
+                {
+                    name: LoraFactors(start[name][: f.rank] + 1e-3 * f.A, 1e-2 * f.B, f.scaling)
+                    for name, f in u.modules.items()
+                },
+                u.num_examples,
+                u.client_id,
+            )
+            for u in updates
+        ]
+    elif kind == "zero client":
+        updates[0] = ClientUpdate(
+            {name: LoraFactors(f.A, torch.zeros_like(f.B), f.scaling) for name, f in updates[0].modules.items()},
+            updates[0].num_examples,
+            updates[0].client_id,
+        )
+    elif kind == "duplicate":
+        updates = updates + [ClientUpdate(updates[0].modules, updates[0].num_examples, "copy")]
+    return updates
+
+
+def float64_reference(updates, name):
+    """The exact update's SVD in float64, from float64 copies of the factors."""
+    as64 = [
+        ClientUpdate({k: LoraFactors(f.A.double(), f.B.double(), f.scaling) for k, f in u.modules.items()}, 1)
+        for u in updates
+    ]
+    return torch.linalg.svd(exact_delta(as64, name, weights=[u.num_examples for u in updates]), full_matrices=False)
+
+
+@SETTINGS
+@given(float32_setups, st.floats(0.05, 1.0))
+def test_float32_route_matches_a_float64_reference(setup, tau):
+    """Ranks, spectra and the kept pair as a float64 SVD of the exact update gives them, to float32's precision,
+    however ill-conditioned or rank-deficient the stacks are."""
+    updates = float32_updates(setup)
+    result = aggregate("florist", updates, value=tau)
+    for name in ("q", "v"):
+        module = result.modules[name]
+        assert module.B.dtype == torch.float32 and module.A.dtype == torch.float32
+        U, S, Vh = float64_reference(updates, name)
+        top = float(S[0])
+        tol = 1e-5 * max(top, 1e-30)
+        r = module.singular_values.numel()
+        assert r == min(setup["m"], setup["n"], sum(f.rank for f in (u.modules[name] for u in updates)))
+        assert (module.singular_values.double() - S[:r]).abs().max() <= tol
+        if top == 0:
+            continue
+        energy = S.square().cumsum(0) / S.square().sum()
+        assume(all(abs(e - tau) > 1e-4 for e in energy.tolist()))  # a tie within float32's rounding: either way
+        counted = int((S > 1e-4 * top).sum())  # components a float32 route can tell from round-off
+        assume(all(abs(e - 1.0) > 1e-4 or i + 1 >= counted for i, e in enumerate(energy.tolist())))
+        p = module.rank
+        best = (U[:, :p] * S[:p]) @ Vh[:p]
+        assert (module.delta().double() - best).norm() <= 1e-5 * S.norm()
+        eye = torch.eye(p, dtype=torch.float64)
+        assert (module.A.double() @ module.A.double().T - eye).abs().max() < 1e-5
+
+
+@SETTINGS
+@given(float32_setups, st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4))
+def test_float32_sweep_matches_separate_runs_bit_for_bit(setup, taus):
+    updates = float32_updates(setup)
+    swept = get_method("florist").aggregate_sweep(updates, normalized_weights(updates, None), taus)
+    for tau in taus:
+        alone = aggregate("florist", updates, value=tau)
+        for name in ("q", "v"):
+            assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
+            assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+
+
+def test_modules_of_one_shape_are_batched_and_others_apart():
+    from florist.aggregation.stacking import same_shape_batches
+
+    g = torch.Generator().manual_seed(0)
+
+    def pair(m, n, r):
+        return LoraFactors(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g))
+
+    shapes = {"q0": (8, 6), "v0": (4, 6), "q1": (8, 6), "v1": (4, 6), "q2": (8, 6)}
+    updates = [ClientUpdate({k: pair(*mn, 2) for k, mn in shapes.items()}, 1) for _ in range(3)]
+    assert list(same_shape_batches(updates)) == [["q0", "q1", "q2"], ["v0", "v1"]]
+    # a module one client trains at another rank stacks to another shape
+    updates[1] = ClientUpdate({**updates[1].modules, "q1": pair(8, 6, 3)}, 1)
+    assert list(same_shape_batches(updates)) == [["q0", "q2"], ["v0", "v1"], ["q1"]]
+    # the byte cap cuts a group, one module at the least
+    two_v = 2 * (4 + 6) * 6 * 4  # bytes of two v stacks (float32, rank 6), less than two q stacks
+    assert list(same_shape_batches(updates, max_bytes=two_v)) == [["q0"], ["q2"], ["v0", "v1"], ["q1"]]
+    assert list(same_shape_batches(updates, max_bytes=1)) == [["q0"], ["q2"], ["v0"], ["v1"], ["q1"]]
+
+
+def test_a_batched_module_equals_the_module_aggregated_alone():
+    updates = make_updates(9, [4, 6, 2], 30, 20, modules=("a", "b", "c"), dtype=torch.float32)
+    together = aggregate("florist", updates, value=0.8)
+    for name in ("a", "b", "c"):
+        alone = aggregate(
+            "florist", [ClientUpdate({name: u.modules[name]}, u.num_examples) for u in updates], value=0.8
+        )
+        got, want = together.modules[name], alone.modules[name]
+        assert got.rank == want.rank
+        torch.testing.assert_close(got.delta(), want.delta(), rtol=1e-5, atol=1e-5 * float(want.singular_values[0]))
+
+
 @given(st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=30), st.floats(1e-3, 1.0))
 def test_energy_rank_is_the_smallest_rank_reaching_tau(values, tau):
     S = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)

@@ -316,7 +316,8 @@ def test_a_failed_decomposition_is_an_aggregation_error_naming_the_module(method
     def fails(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
-    monkeypatch.setattr(torch.linalg, "svd", fails)
+    for decomposition in ("svd", "eigh", "qr"):  # whichever route the method takes
+        monkeypatch.setattr(torch.linalg, decomposition, fails)
     updates = [honest_update(k, 2, torch.float32, f"client {k}") for k in range(2)]
     with pytest.raises(AggregationError, match=rf"^{method}, module q: the decomposition failed \(linalg.svd"):
         aggregate(method, updates)

@@ -1,18 +1,21 @@
 """FLoRIST's rule: exact SVD of the stacked update from its factors, then singular value thresholding.
 
-The stack B_st @ A_st equals the exact federated update. Its SVD comes from the stacks' QR
-factors and the SVD of a small (sum r_k)^2 matrix, never from the m x n product. Keeping the
-smallest p components whose energy reaches tau gives one rank-p pair per module, shared by
-every client; p differs per module. tau = 1 reproduces the exact update.
+The stack B_st @ A_st equals the exact federated update. Its SVD comes from the stacks' R x R Gram (or QR)
+factors, never from the m x n product, batched over the modules that share a shape. Keeping the smallest p
+components whose energy reaches tau gives one rank-p pair per module, shared by every client; p differs per
+module. tau = 1 reproduces the exact update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from torch import Tensor
+
 from .base import Adapter, ClientUpdate, linalg_failures
-from .stacking import stack
-from .svd import energy_rank, stacked_svd, truncation
+from .stacking import same_shape_batches, stack_batch
+from .svd import RankRule, energy_rank, stacked_svd, truncation
 
 
 def thresholded(
@@ -21,14 +24,28 @@ def thresholded(
     """The thresholded adapter at every tau, from one decomposition per module: a sweep costs one SVD per module,
     not one per tau.
 
-    Modules are done one at a time and only the kept components are copied out, so the working
-    set is one module's stacks plus the outputs, never every module's full decomposition.
+    Only the components the largest tau keeps are formed, and only those are copied out, so the working set is
+    one batch's stacks plus the outputs, never every module's full decomposition.
     """
     per_tau: dict[float, Adapter] = {t: {} for t in taus}
-    for name in updates[0].modules:
-        B_st, A_st = stack([u.modules[name] for u in updates], weights)
-        with linalg_failures("florist", name):
-            U, S, Vh = stacked_svd(B_st, A_st)
-        for t in taus:
-            per_tau[t][name] = truncation(U, S, Vh, energy_rank(S, t))
+    for names in same_shape_batches(updates):
+        B_st, A_st = stack_batch(updates, weights, names)
+        kept = lambda S: max(energy_rank(s, t) for s in S for t in taus)  # noqa: E731
+        U, S, Vh = decomposed(B_st, A_st, names, kept)
+        for i, name in enumerate(names):
+            for t in taus:
+                per_tau[t][name] = truncation(U[i], S[i], Vh[i], energy_rank(S[i], t))
     return per_tau
+
+
+def decomposed(B_st: Tensor, A_st: Tensor, names: Sequence[str], rank: RankRule) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's stacked SVD; a failure is an ``AggregationError`` naming the module whose decomposition fails,
+    found by redoing them one at a time (only on that path)."""
+    try:
+        return stacked_svd(B_st, A_st, rank=rank)
+    except torch.linalg.LinAlgError:
+        for i, name in enumerate(names):
+            with linalg_failures("florist", name):
+                stacked_svd(B_st[i], A_st[i])
+        with linalg_failures("florist", f"{names[0]} or one of the {len(names) - 1} others of its shape"):
+            raise

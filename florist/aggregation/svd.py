@@ -1,37 +1,141 @@
-"""The SVD of a product B @ A from its factors, and singular value thresholding."""
+"""The SVD of a product B @ A from its factors, and singular value thresholding.
+
+Two exact routes, both batched over modules of one shape and neither forming the m x n product:
+``householder_svd`` (QR of each factor in the inputs' dtype) for float64 inputs, where it is exact to float64
+rounding whatever the conditioning; ``gram_svd`` (eigendecompositions of the factors' R x R Gram matrices, in
+float64) for float32 and narrower inputs, where float64 Grams are exact to the inputs' own rounding and cost a
+third of the QR route. ``stacked_svd`` picks between them by dtype.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from .base import ModuleAggregate
 
+GRAM_DTYPE = torch.float64  # the Gram route's arithmetic: it squares the factors' condition numbers
 
-def stacked_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of ``B @ A`` (B: m x R, A: R x n) without ever forming the m x n product.
+RankRule = Callable[[Tensor], int]  # from the descending spectra (batch x R) to how many components to form
 
-    QR of each factor moves the problem into an R x R space: B = Q_B R_B, A^T = Q_A R_A, so
-    B A = Q_B (R_B R_A^T) Q_A^T. The SVD of the small P = R_B R_A^T = U_P S V_P^T then gives
-    B A = (Q_B U_P) S (Q_A V_P)^T. Work O((m+n) R^2), extra memory O((m+n) R).
-    Returns (U, S, Vh) with S descending and signs made canonical.
+# Singular vectors are formed this many at a time, so each one's value does not depend on how many are formed:
+# a sweep's adapters equal each τ's alone, bit for bit (one wider product may round differently).
+VECTOR_BLOCK = 64
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the R x R decompositions on one thread. They split into many short parallel regions, each a wake-up of
+    the other threads: with passive waiting (florist's default, ``florist.threads``) a batch of 128 x 128 eigh
+    took 5x longer on two threads than on one, and even spinning threads gain nothing on matrices this small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stacked_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``B @ A`` (B: ... x m x R, A: ... x R x n, batched over leading dimensions) from its factors.
+
+    Returns (U, S, Vh) with S descending (in B's dtype), signs made canonical, and U, Vh cut to ``rank(S)``
+    leading components (all R when ``rank`` is None): a caller that keeps p of them pays O((m + n) R p) to form
+    them, not O((m + n) R^2).
     """
+    if B.dtype == torch.float64:
+        return householder_svd(B, A, rank)
+    return gram_svd(B, A, rank)
+
+
+def householder_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The QR route: B = Q_B R_B, A^T = Q_A R_A, so B A = Q_B (R_B R_A^T) Q_A^T; the SVD of the small
+    P = R_B R_A^T = U_P S V_P^T gives B A = (Q_B U_P) S (Q_A V_P)^T. Work O((m + n) R^2), exact in B's dtype."""
     Q_B, R_B = torch.linalg.qr(B, mode="reduced")
     Q_A, R_A = torch.linalg.qr(A.mT, mode="reduced")
-    U_P, S, Vh_P = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)
-    return canonical_signs(Q_B @ U_P, S, Vh_P @ Q_A.mT)
+    with one_thread():
+        U_P, S, Vh_P = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)
+    p = S.shape[-1] if rank is None else rank(S)
+    U, Vh = signed_vectors(Q_B, U_P, Vh_P, Q_A.mT, p)
+    return U, S, Vh
+
+
+def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The Gram route, for inputs narrower than float64: arithmetic in float64, U and Vh formed in B's dtype.
+
+    A A^T = W D W^T (R x R). With T = W D^{1/2} the rows of D^{-1/2} W^T A are orthonormal and
+    B A = (B T)(D^{-1/2} W^T A), so the SVD of B A is that of C = B T: C^T C = T^T (B^T B) T = V Λ V^T gives
+    S = Λ^{1/2}, U = B (T V S^{-1}) and Vh = (V^T D^{-1/2} W^T) A. Only R x R matrices are decomposed; the m- and
+    n-sized work is two Grams and two products with p columns.
+
+    Directions of A whose singular values are at the inputs' rounding level (below R eps sigma_max, the rule
+    ``numerical_rank`` uses) are dropped: what they carry is below the inputs' own precision (the QR route's
+    rounding drowns it too), and dividing by them would amplify float64's rounding past the inputs'.
+    """
+    out = B.dtype
+    B64, A64 = B.to(GRAM_DTYPE), A.to(GRAM_DTYPE)
+    G_A, G_B = A64 @ A64.mT, B64.mT @ B64
+    del B64, A64
+    with one_thread():
+        D, W = torch.linalg.eigh(G_A)  # ascending
+        floor = D[..., -1:].clamp(min=0) * (A.shape[-2] * torch.finfo(out).eps) ** 2
+        kept = D > floor
+        root = torch.where(kept, D.clamp(min=0).sqrt(), 0.0)
+        T = W * root[..., None, :]  # W D^{1/2}, dropped directions zeroed
+        M = T.mT @ G_B @ T
+        lam, V = torch.linalg.eigh((M + M.mT) / 2)
+        k = min(B.shape[-2], *A.shape[-2:])  # as many components as B @ A can have, as the QR route returns
+        lam, V = lam.flip(-1)[..., :k], V.flip(-1)[..., :k]  # descending
+        S = lam.clamp(min=0).sqrt()
+        tiny = torch.finfo(GRAM_DTYPE).tiny
+        X = (T @ V) * torch.where(S > 0, 1 / S.clamp(min=tiny), 0.0)[..., None, :]  # U = B X
+        Y = (W * torch.where(kept, D.clamp(min=tiny).rsqrt(), 0.0)[..., None, :]) @ V  # Vh = Y^T A
+    p = S.shape[-1] if rank is None else rank(S.to(out))
+    U, Vh = signed_vectors(B, X.to(out), Y.mT.to(out), A, p)
+    return U, S.to(out), Vh
+
+
+def signed_vectors(B: Tensor, X: Tensor, Yh: Tensor, A: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """U = B X[..., :p] and Vh = Yh[..., :p, :] A with canonical signs (``canonical_signs``' rule). The flips go
+    into U in place and into the small Yh before Vh is formed, so neither large result is copied again (a flip is
+    exact: Vh equals the flipped product bit for bit)."""
+    U = leading_columns(B, X, p)
+    signs = largest_entry_signs(U)
+    U.mul_(signs)
+    flips = torch.ones_like(Yh[..., :1])
+    flips[..., :p, :] = signs.mT
+    return U, leading_rows(Yh * flips, A, p)
+
+
+def leading_columns(left: Tensor, right: Tensor, p: int) -> Tensor:
+    """``left @ right[..., :p]``, formed ``VECTOR_BLOCK`` columns at a time (see there)."""
+    blocks = [left @ right[..., j : j + VECTOR_BLOCK] for j in range(0, p, VECTOR_BLOCK)]
+    return torch.cat(blocks, dim=-1)[..., :p]
+
+
+def leading_rows(left: Tensor, right: Tensor, p: int) -> Tensor:
+    """``left[..., :p, :] @ right``, formed ``VECTOR_BLOCK`` rows at a time (see there)."""
+    blocks = [left[..., j : j + VECTOR_BLOCK, :] @ right for j in range(0, p, VECTOR_BLOCK)]
+    return torch.cat(blocks, dim=-2)[..., :p, :]
 
 
 def canonical_signs(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Flip each singular pair so the largest entry of its U column is positive.
+    """Flip each singular pair so the largest entry of its U column is positive (batched over leading dimensions).
 
     An SVD is unique only up to the sign of each pair; fixing it makes results comparable
     across routes (stacked vs dense), engines and devices.
     """
-    idx = U.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(torch.gather(U, 0, idx)).squeeze(0)
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return U * signs, S, Vh * signs[:, None]
+    signs = largest_entry_signs(U)
+    return U * signs, S, Vh * signs.mT
+
+
+def largest_entry_signs(U: Tensor) -> Tensor:
+    """The sign (+1 or -1, ... x 1 x p) of each U column's largest entry in magnitude, +1 on a tie or a zero column."""
+    low, high = torch.aminmax(U, dim=-2, keepdim=True)  # one pass; the largest |entry| is high or -low
+    return torch.where(high >= -low, 1.0, -1.0).to(U.dtype)
 
 
 def numerical_rank(S: Tensor, rtol: float | None = None) -> int:

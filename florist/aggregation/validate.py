@@ -215,29 +215,35 @@ def check_factors(
         )
     if not positive_finite(f.scaling):
         raise AggregationError(f"{where}: scaling {f.scaling!r} is not a positive finite number")
+    largest = {}
     for label, t in (("A", f.A), ("B", f.B)):
-        # the max of |t| is NaN or Inf exactly when some entry is; one reduction instead of a boolean tensor
-        if not torch.isfinite(t.abs().amax()):
+        largest[label] = _largest(t)  # NaN or Inf exactly when some entry is
+        if not math.isfinite(largest[label]):
             raise AggregationError(f"{where}: {label} contains NaN or Inf")
     if scalings is not None and not any(math.isclose(f.scaling, s, rel_tol=SCALING_RTOL) for s in scalings):
         asked = " or ".join(f"{s:.6g}" for s in scalings)
         raise AggregationError(
             f"{where}: scaling {f.scaling:.6g} is not the {asked} the job's lora_alpha and rank give"
         )
-    sB, A = as_computed(f)
-    if sB is None:
+    s = as_computed_scaling(f.scaling)
+    if s is None:
         raise AggregationError(
             f"{where}: scaling {f.scaling:.4g} is outside {_range(SCREEN_DTYPE)}, the range the server computes in"
         )
     # each folded factor and their product under MAX_FACTOR_SCALE bounds every tensor the methods form from this
-    # pair: w s B, w A, the stacks, sums over clients, R_B R_A^T in the stacked SVD, and the dense s B A
-    norm_B, norm_A = _norm(sB), _norm(A)
-    if not (norm_B <= MAX_FACTOR_SCALE and norm_A <= MAX_FACTOR_SCALE and norm_B * norm_A <= MAX_FACTOR_SCALE):
-        raise AggregationError(
-            f"{where}: ||s B|| = {_size(norm_B)} and ||A|| = {_size(norm_A)} in {_name(SCREEN_DTYPE)}, too large to "
-            f"aggregate (each and their product must stay under {MAX_FACTOR_SCALE:g})"
-        )
+    # pair: w s B, w A, the stacks, sums over clients, R_B R_A^T in the stacked SVD, and the dense s B A.
+    # ||t|| <= max|t| sqrt(numel) settles it without forming s B for any adapter of ordinary size.
+    bound_B = s * largest["B"] * math.sqrt(f.B.numel())
+    bound_A = largest["A"] * math.sqrt(f.A.numel())
+    if not within_scale(bound_B, bound_A):  # under 1e30, s B cannot overflow float32 either
+        norm_B, norm_A = _norm(f.B.to(SCREEN_DTYPE) * s), _norm(f.A.to(SCREEN_DTYPE))
+        if not within_scale(norm_B, norm_A):
+            raise AggregationError(
+                f"{where}: ||s B|| = {_size(norm_B)} and ||A|| = {_size(norm_A)} in {_name(SCREEN_DTYPE)}, too large "
+                f"to aggregate (each and their product must stay under {MAX_FACTOR_SCALE:g})"
+            )
     if max_norm:  # ||s B A||_F from the very values the server will use, measured in double precision
+        sB, A = as_computed(f)
         norm = factored_frobenius(sB.double(), A.double())
         if not norm <= max_norm:
             raise AggregationError(f"{where}: update norm ||s B A|| = {norm:.4g} exceeds the bound {max_norm:g}")
@@ -271,6 +277,22 @@ def _is_zero(x: object) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and x == 0
 
 
+def within_scale(norm_B: float, norm_A: float) -> bool:
+    return norm_B <= MAX_FACTOR_SCALE and norm_A <= MAX_FACTOR_SCALE and norm_B * norm_A <= MAX_FACTOR_SCALE
+
+
+def _largest(t: torch.Tensor) -> float:
+    """max |t| in one pass (no |t| temporary); NaN or Inf exactly when some entry is."""
+    low, high = (float(x) for x in torch.aminmax(t))
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def as_computed_scaling(scaling: float) -> float | None:
+    """The scaling as ``SCREEN_DTYPE`` holds it, or None when it is not representable there (see ``as_computed``)."""
+    s = torch.tensor(float(scaling), dtype=SCREEN_DTYPE)
+    return float(s) if torch.isfinite(s) and s >= torch.finfo(SCREEN_DTYPE).smallest_normal else None
+
+
 def as_computed(f: LoraFactors) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(s B, A) as the methods form them, in ``SCREEN_DTYPE``; s B is None when s itself is not representable there.
 
@@ -283,6 +305,11 @@ def as_computed(f: LoraFactors) -> tuple[torch.Tensor | None, torch.Tensor]:
 
 
 def _norm(t: torch.Tensor) -> float:
+    """||t||_F; in t's own dtype where that cannot overflow or lose the bound's meaning, else in float64."""
+    if t.dtype == torch.float32:
+        norm = float(torch.linalg.vector_norm(t))
+        if math.isfinite(norm) and 1e-15 < norm < 1e15:  # far from float32's range: exact enough for a bound
+            return norm
     return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
 
