@@ -13,6 +13,10 @@ LAPACK workspace, the output adapter), which tracemalloc cannot see.
 Both wall time and the CPU time the step consumed are reported: on a machine shared with other
 work the wall time grows with their load, the CPU time (at one thread) hardly does.
 
+The CLI cases run ``florist aggregate`` on the same factors written as 8 PEFT adapter directories, from a fresh
+process each time as a user runs it (start-up, reading, the step and writing, with florist's own thread settings),
+and set it against one dense SVD of the model's largest module measured in the same run.
+
 The dense route (form the m x n update, full SVD per module) is what FlexLoRA and a naive FLoRIST
 do. One 4096 x 4096 SVD costs about 20 s of CPU, so dense cases time ``--dense-modules`` modules
 of each distinct shape and extrapolate to the model's modules (marked ``~`` in the table).
@@ -32,9 +36,11 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -44,6 +50,7 @@ from pathlib import Path
 import torch
 from machine import cpu_model, reset_peak_rss, status_kib
 
+from florist.adapters import write_adapter
 from florist.aggregation import (
     AggregationResult,
     ClientUpdate,
@@ -343,6 +350,120 @@ def spawn(case: Case) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------- the CLI, from a fresh process
+
+
+def write_client_dirs(model: str, ranks: str, seed: int, root: Path) -> tuple[list[Path], list[int]]:
+    """The bench's factors for ``model`` as PEFT adapter directories under ``root`` (scaling folded into B), and the
+    clients' example counts (the in-process step's weights)."""
+    updates = client_updates(MODELS[model].modules(), RANKS[ranks], seed, shared_a=False)
+    dirs = []
+    for k, u in enumerate(updates):
+        modules = {name: ModuleAggregate(A=f.A, B=fold_scaling(f)) for name, f in u.modules.items()}
+        dirs.append(write_adapter(root / f"client{k}", modules, base_model=None))
+    return dirs, [u.num_examples for u in updates]
+
+
+def timed_process(argv: Sequence[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one fresh process running ``argv`` (which must succeed)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    error = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+    proc.stderr and proc.stderr.close()
+    if proc.returncode != 0:
+        raise SystemExit(f"aggregation bench: {' '.join(argv[:3])} ... failed: {(error.splitlines() or ['?'])[-1]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def florist_command() -> list[str]:
+    """The ``florist`` command of this interpreter's environment."""
+    script = Path(sys.executable).with_name("florist")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from florist.cli import main; main()"]
+
+
+def cli_cases(args: argparse.Namespace) -> list[dict]:
+    """``florist aggregate --method florist`` at each tau, best of ``--cli-repeats`` fresh processes, per model and
+    rank setting; and the start-up alone (``import florist.cli`` in a fresh interpreter)."""
+    startup = min(timed_process([sys.executable, "-c", "import florist.cli"])[0] for _ in range(args.cli_repeats))
+    rows = []
+    for model in args.models:
+        for ranks in RANKS:
+            with tempfile.TemporaryDirectory(prefix="florist-bench-") as tmp:
+                dirs, counts = write_client_dirs(model, ranks, args.seed, Path(tmp))
+                for tau in args.taus:
+                    out = Path(tmp) / "out"
+                    argv = [*florist_command(), "aggregate", *map(str, dirs), "--method", "florist"]
+                    argv += ["--threshold", f"{tau:g}", "--weights", ",".join(map(str, counts)), "--output", str(out)]
+                    runs = []
+                    for _ in range(args.cli_repeats):
+                        shutil.rmtree(out, ignore_errors=True)
+                        runs.append(timed_process(argv))
+                    wall, cpu, rss = min(runs)
+                    rows.append(
+                        {
+                            "model": model,
+                            "ranks": ranks,
+                            "threshold": tau,
+                            "seconds": wall,
+                            "cpu_seconds": cpu,
+                            "peak_rss_mib": rss,
+                            "startup_seconds": startup,
+                        }
+                    )
+    return rows
+
+
+CLI_HEADER = ["model", "ranks", "τ", "florist aggregate s", "CPU s", "of it start-up s", "peak RSS MiB", "÷ dense SVD"]
+
+
+def cli_rows(cli: Sequence[dict], results: Sequence[dict]) -> list[list[str]]:
+    rows = []
+    for c in cli:
+        svd = _dense_svd_seconds(results, c["model"], c["ranks"])
+        rows.append(
+            [
+                MODELS[c["model"]].title,
+                c["ranks"],
+                f"{c['threshold']:g}",
+                f"{c['seconds']:.2f}",
+                f"{c['cpu_seconds']:.2f}",
+                f"{c['startup_seconds']:.2f}",
+                f"{c['peak_rss_mib']:.0f}",
+                "n/a" if svd is None else f"{c['seconds'] / svd:.2f}",
+            ]
+        )
+    return rows
+
+
+def _dense_svd_seconds(results: Sequence[dict], model: str, ranks: str) -> float | None:
+    """The dense route's fastest SVD of the model's largest module in this run, or None where it did not run."""
+    times = [r["svd_seconds"] for r in results if r["model"] == model and r["ranks"] == ranks and r["svd_seconds"]]
+    return min(times) if times else None
+
+
+def cli_findings(cli: Sequence[dict], results: Sequence[dict]) -> list[str]:
+    """The CLI's whole run at its slowest tau set against one dense SVD of the model's largest module; for a model
+    with 4096 x 4096 modules (Llama-7B) against the target, a fifth of that SVD."""
+    lines = []
+    for c in cli:
+        svd = _dense_svd_seconds(results, c["model"], c["ranks"])
+        if svd is None or c["threshold"] != max(x["threshold"] for x in cli):
+            continue
+        model = MODELS[c["model"]]
+        m, n = max(model.shapes.values(), key=lambda s: s[0] * s[1])
+        ratio = c["seconds"] / svd
+        target = f"; target ≤ 0.2 {'holds' if ratio <= 0.2 else 'does NOT hold'}" if m * n >= 4096 * 4096 else ""
+        lines.append(
+            f"{model.title}, ranks {c['ranks']}: `florist aggregate` from a fresh process at τ={c['threshold']:g} "
+            f"takes {c['seconds']:.2f} s ({c['startup_seconds']:.2f} s of it starting Python, torch and florist), "
+            f"{ratio:.2f} of one dense {m}×{n} SVD ({svd:.2f} s){target}."
+        )
+    return lines
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -510,7 +631,9 @@ def print_rich(title: str, header: Sequence[str], rows: Sequence[Sequence[str]])
     Console(width=max(console.width, 150)).print(table)
 
 
-def report(results: Sequence[dict], models: Sequence[str], machine: str, args: argparse.Namespace) -> None:
+def report(
+    results: Sequence[dict], cli: Sequence[dict], models: Sequence[str], machine: str, args: argparse.Namespace
+) -> None:
     memory = MEMORY_METHODS[results[0]["memory_method"]] if results else ""
     notes = [
         machine,
@@ -536,18 +659,24 @@ def report(results: Sequence[dict], models: Sequence[str], machine: str, args: a
             "the dense route the m×n update.\n"
         )
         print_markdown(SIZE_HEADER, size_rows(models))
-        for line in findings(results):
+        if cli:
+            print_markdown(CLI_HEADER, cli_rows(cli, results))
+        for line in findings(results) + cli_findings(cli, results):
             print(f"- {line}")
     else:
         for line in notes:
             print(line)
         print_rich("Server step", RESULT_HEADER, result_rows(results))
         print_rich("Theoretical working set per module (float32)", SIZE_HEADER, size_rows(models))
-        for line in findings(results):
+        if cli:
+            print_rich("florist aggregate from a fresh process", CLI_HEADER, cli_rows(cli, results))
+        for line in findings(results) + cli_findings(cli, results):
             print(f"• {line}")
 
 
-def summary(results: Sequence[dict], models: Sequence[str], machine: str, args: argparse.Namespace) -> dict:
+def summary(
+    results: Sequence[dict], cli: Sequence[dict], models: Sequence[str], machine: str, args: argparse.Namespace
+) -> dict:
     """What the report prints, as data: the tables as printed, the findings, and every case's raw figures."""
     options = {k: v for k, v in vars(args).items() if k not in ("case", "json_path", "load_before")}
     return {
@@ -557,8 +686,10 @@ def summary(results: Sequence[dict], models: Sequence[str], machine: str, args: 
         "args": options,
         "table": {"header": RESULT_HEADER, "rows": result_rows(results)},
         "sizes": {"header": SIZE_HEADER, "rows": size_rows(models)},
-        "findings": findings(results),
+        "cli": {"header": CLI_HEADER, "rows": cli_rows(cli, results)},
+        "findings": findings(results) + cli_findings(cli, results),
         "results": list(results),
+        "cli_results": list(cli),
     }
 
 
@@ -597,6 +728,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--cli-repeats",
+        type=int,
+        default=3,
+        help="fresh `florist aggregate` processes per CLI case, the fastest reported; 0 skips them (default 3)",
+    )
+    parser.add_argument(
         "--markdown", action="store_true", help="print markdown tables (docs/benchmarks.md is rendered from the JSON)"
     )
     parser.add_argument(
@@ -626,6 +763,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("repeats", "dense_repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.cli_repeats < 0:
+        parser.error(f"--cli-repeats: must be 0 (none) or more, got {args.cli_repeats}")
     if args.dense_modules < 0:
         parser.error(f"--dense-modules: must be 0 (all) or more, got {args.dense_modules}")
     return args
@@ -667,9 +806,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress.update(task, description=f"{MODELS[case.model].title} / r {case.ranks} / {case.spec.label}")
             results.append(spawn(case))
             progress.advance(task)
+        if args.cli_repeats:
+            progress.update(task, description="florist aggregate from fresh processes")
+            cli = cli_cases(args)
+        else:
+            cli = []
     machine = machine_line(args.threads)
-    report(results, args.models, machine, args)
-    write_json(args.json_path, summary(results, args.models, machine, args))
+    report(results, cli, args.models, machine, args)
+    write_json(args.json_path, summary(results, cli, args.models, machine, args))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 COMMANDS = ROOT / "docs" / "commands.md"
 METHODS_DOC = ROOT / "docs" / "methods.md"
+PEER_DOC = ROOT / "docs" / "peer.md"
 
 MARKER = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.DOTALL)
 OPENING = re.compile(r"<!-- /?bench:(?P<name>[\w-]+) -->")
@@ -299,9 +300,44 @@ def aggregation_table(results: Results) -> str:
         "Working set per module (float32): FLoRIST decomposes the stacks, the dense route the m×n update.",
         "",
         table(sizes["header"], sizes["rows"], 2),
-        "",
-        *(f"- {line}" for line in data["findings"]),
     ]
+    cli = data.get("cli")  # written since the CLI cases exist
+    if cli and cli["rows"]:
+        lines += [
+            "",
+            "`florist aggregate` from a fresh process on the same factors as PEFT directories, best of "
+            f"{args.get('cli_repeats', '?')} runs; ÷ dense SVD: its whole run against one dense SVD of the model's "
+            "largest module, from the table above.",
+            "",
+            table(cli["header"], cli["rows"], 3),
+        ]
+    lines += ["", *(f"- {line}" for line in data["findings"])]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- bench/peer.py
+
+
+def peer_table(results: Results) -> str:
+    data = results["peer"]
+    args = data["args"]
+    lines = [
+        f"{data['machine']}; 1-minute load average before / after: {data['load_before']} / {data['load_after']}. "
+        f"Their file: `{data['their_file']['name']}`, sha256 `{data['their_file']['sha256'][:16]}…`.",
+        "",
+        f"In-process, best of {args['repeats']} interleaved runs; errors: the worst module's "
+        "‖B A − best rank-p‖ / ‖ΔW‖ against a float64 reference.",
+        "",
+        table(data["in_process"]["header"], data["in_process"]["rows"], 2),
+    ]
+    if data["fresh_process"]["rows"]:
+        lines += [
+            "",
+            f"From a fresh process, best of {args['cli_repeats']} interleaved runs:",
+            "",
+            table(data["fresh_process"]["header"], data["fresh_process"]["rows"], 2),
+        ]
+    lines += ["", "Differences measured on their code:", "", *(f"- {line}" for line in data["differences"])]
     return "\n".join(lines)
 
 
@@ -474,6 +510,7 @@ BLOCKS: dict[str, Block] = {
     "upload-cuts": Block("upload_cuts", upload_cuts_table),
     "scale": Block("scale", scale_table),
     "contention": Block("contention", contention_table),
+    "peer": Block("peer", peer_table),
 }
 # the blocks each document holds, each exactly once
 DOCUMENTS: dict[Path, tuple[str, ...]] = {
@@ -481,6 +518,7 @@ DOCUMENTS: dict[Path, tuple[str, ...]] = {
     README: ("main-job",),
     COMMANDS: ("main-job-cost",),
     METHODS_DOC: ("upload-cuts",),
+    PEER_DOC: ("peer",),
 }
 
 
