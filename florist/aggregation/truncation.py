@@ -1,7 +1,7 @@
 """A client's own update cut to the components that carry a share of its energy: the upload of two-way compression.
 
 A client's update s·B·A (rank r) has the SVD U Σ Vᵀ, found from its factors as the server finds the stack's
-(``stacked_svd``: QR of each factor and the SVD of an r × r core, never the m × n product). Keeping the smallest p
+(``stacked_svd``: from r × r Gram matrices or QR factors, never the m × n product). Keeping the smallest p
 whose energy Σ_{i≤p} σ_i² / Σ_i σ_i² reaches τ_up gives the best rank-p approximation of the update. It is sent in
 the server's own download form, singular values in B: B' = U_p Σ_p / s and A' = V_pᵀ, the client's scaling s kept,
 so s·B'·A' = U_p Σ_p V_pᵀ. The whole spectrum Σ (r numbers) travels beside it.
