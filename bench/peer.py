@@ -51,6 +51,7 @@ from aggregation import (
     client_updates,
     florist_command,
     machine_line,
+    print_markdown,
     timed_process,
     write_client_dirs,
     write_json,
@@ -346,14 +347,6 @@ def fresh_rows(rows: Sequence[dict]) -> list[list[str]]:
     ]
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -400,9 +393,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = machine_line(torch.get_num_threads())
     load_after = f"{os.getloadavg()[0]:.1f}"
     print(f"{machine}; load average before / after: {load_before} / {load_after}\n")
-    print_table(IN_HEADER, in_rows(inproc))
+    print_markdown(IN_HEADER, in_rows(inproc))
     if fresh:
-        print_table(FRESH_HEADER, fresh_rows(fresh))
+        print_markdown(FRESH_HEADER, fresh_rows(fresh))
     for line in found:
         print(f"- {line}")
     write_json(
