@@ -79,23 +79,30 @@ def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor
     B64, A64 = B.to(GRAM_DTYPE), A.to(GRAM_DTYPE)
     G_A, G_B = A64 @ A64.mT, B64.mT @ B64
     del B64, A64
+    k = min(B.shape[-2], *A.shape[-2:])  # as many components as B @ A can have, as the QR route returns
     with one_thread():
-        D, W = torch.linalg.eigh(G_A)  # ascending
-        floor = D[..., -1:].clamp(min=0) * (A.shape[-2] * torch.finfo(out).eps) ** 2
-        kept = D > floor
-        root = torch.where(kept, D.clamp(min=0).sqrt(), 0.0)
-        T = W * root[..., None, :]  # W D^{1/2}, dropped directions zeroed
-        M = T.mT @ G_B @ T
-        lam, V = torch.linalg.eigh((M + M.mT) / 2)
-        k = min(B.shape[-2], *A.shape[-2:])  # as many components as B @ A can have, as the QR route returns
-        lam, V = lam.flip(-1)[..., :k], V.flip(-1)[..., :k]  # descending
-        S = lam.clamp(min=0).sqrt()
-        tiny = torch.finfo(GRAM_DTYPE).tiny
-        X = (T @ V) * torch.where(S > 0, 1 / S.clamp(min=tiny), 0.0)[..., None, :]  # U = B X
-        Y = (W * torch.where(kept, D.clamp(min=tiny).rsqrt(), 0.0)[..., None, :]) @ V  # Vh = Y^T A
+        S, X, Y = gram_core(G_A, G_B, k, rtol=A.shape[-2] * torch.finfo(out).eps)
     p = S.shape[-1] if rank is None else rank(S.to(out))
     U, Vh = signed_vectors(B, X.to(out), Y.mT.to(out), A, p)
     return U, S.to(out), Vh
+
+
+def gram_core(G_A: Tensor, G_B: Tensor, k: int, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """From G_A = A A^T and G_B = B^T B (R x R): the k singular values of B A, descending, and the R x k maps X
+    and Y with U = B X and Vh = Y^T A (see ``gram_svd``). A's directions of singular value at most ``rtol`` times
+    its largest are dropped."""
+    D, W = torch.linalg.eigh(G_A)  # ascending
+    kept = D > D[..., -1:].clamp(min=0) * rtol**2
+    root = torch.where(kept, D.clamp(min=0).sqrt(), 0.0)
+    T = W * root[..., None, :]  # W D^{1/2}, dropped directions zeroed
+    M = T.mT @ G_B @ T
+    lam, V = torch.linalg.eigh((M + M.mT) / 2)
+    lam, V = lam.flip(-1)[..., :k], V.flip(-1)[..., :k]  # descending
+    S = lam.clamp(min=0).sqrt()
+    tiny = torch.finfo(G_A.dtype).tiny
+    X = (T @ V) * torch.where(S > 0, 1 / S.clamp(min=tiny), 0.0)[..., None, :]
+    Y = (W * torch.where(kept, D.clamp(min=tiny).rsqrt(), 0.0)[..., None, :]) @ V
+    return S, X, Y
 
 
 def signed_vectors(B: Tensor, X: Tensor, Yh: Tensor, A: Tensor, p: int) -> tuple[Tensor, Tensor]:
