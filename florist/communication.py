@@ -3,10 +3,12 @@
 Counted from the tensors that actually travel, as the method declares them: a client uploads the factors of its
 round's ``ClientMode.uploads`` (A is r × n, B m × r, a core R r × r); the server sends each client the factors of
 ``Method.downloads`` of the adapter ``result.for_client(k)``, and a result's residual (FedEx-LoRA's): dense, m × n
-numbers a module, or as its factors, r (m + n) at its rank r. A method whose shared factors start from the first
-full-gradient step (Fed-SB's LoRA-SB start) adds, in that round, each client's dense m × n gradient up and the
-shared factors with the core's start down (``with_start_traffic``). Shared factors drawn from a seed cost nothing:
-the seed would do.
+numbers a module, or as its factors, r (m + n) at its rank r. A method whose clients take part in a protocol
+instead of uploading their factors (private FLoRIST's two secure exchanges) declares that traffic
+(``Method.exchange_traffic``): its shares up, and what the server sends between the exchanges down, beside the
+result. A method whose shared factors start from the first full-gradient step (Fed-SB's LoRA-SB start) adds, in
+that round, each client's dense m × n gradient up and the shared factors with the core's start down
+(``with_start_traffic``). Shared factors drawn from a seed cost nothing: the seed would do.
 
 The paper's "Eff" is 1 / sum over modules of the rank sent down. It ignores matrix sizes and the
 upload; a one-factor download (FFA-LoRA's B) counts half a rank, which is how the paper arrives at
@@ -95,12 +97,16 @@ def round_communication(
     up, down = method.mode(round_number).uploads, method.downloads(round_number)
     sent = result.sent_ranks or [None] * len(updates)
     upload = [sum(factor_params(up, f, r) for f in u.modules.values()) for u, r in zip(updates, sent)]
+    exchanged = method.exchange_traffic(updates)  # a protocol's shares instead of the factors, and what it sends down
+    protocol_down = [0] * len(updates)
+    if exchanged is not None:
+        upload, protocol_down = list(exchanged[0]), list(exchanged[1])
     rank_units = 1.0 if {"A", "B"} <= down else 0.5  # the paper counts a one-factor download as half a rank
     extra_params, extra_rank = residual_traffic(result)
     download, ranks = [], []
     for k in range(len(updates)):
         adapter = result.for_client(k)
-        download.append(sum(factor_params(down, m) for m in adapter.values()) + extra_params)
+        download.append(sum(factor_params(down, m) for m in adapter.values()) + extra_params + protocol_down[k])
         ranks.append(rank_units * sum(m.rank for m in adapter.values()) + extra_rank)
     return RoundCommunication(
         method=method.name,

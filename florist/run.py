@@ -15,6 +15,7 @@ from .progress import library_bars, log_to_stderr
 from .rundir import RunDirectory
 from .setup import (
     build_federation,
+    check_engine,
     check_model_config,
     load_client_examples,
     load_server_model,
@@ -32,6 +33,7 @@ def run(
     other messages go (default: stderr, dimmed).
     """
     check_model_config(config)  # a wrong device or target module is refused before the run directory is touched
+    check_engine(config)
     log = log or log_to_stderr
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=overwrite)

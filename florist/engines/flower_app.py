@@ -36,7 +36,7 @@ from ..config import ConfigError, RunConfig, config_from_toml, load_config
 from ..jobs import ClientJob, ClientStart, Factors
 from ..models import DEFAULT_MODEL, load_model
 from ..rundir import RunDirectory
-from ..setup import check_model_config, load_partition_examples, local_trainer, write_results
+from ..setup import check_engine, check_model_config, load_partition_examples, local_trainer, write_results
 from .flower import SIMULATION_BACKEND, serve_run
 from .flower_messages import (
     MAX_INDEX,
@@ -257,6 +257,7 @@ def serve_deployment(grid: Grid, settings: DeploymentSettings, load_model: Calla
 
     config = dataclasses.replace(load_config(settings.config), engine="flower")
     check_model_config(config)  # before the run directory is touched or any weights load
+    check_engine(config)
     rundir = RunDirectory(config.output, base_model=config.model.name or DEFAULT_MODEL)
     done = rundir.open(config.to_toml(), overwrite=settings.overwrite)
     with rundir:  # the directory's lock is held until the ServerApp is done with it, however it ends

@@ -215,6 +215,17 @@ class Method:
         """What each client trains, holds shared and keeps in ``round_number`` (1-based); both factors by default."""
         return BOTH_FACTORS
 
+    def engine_problem(self, engine: str) -> str:
+        """Why this method cannot run on ``engine`` ("inprocess" or "flower"), or "": a run that asks for it there is
+        refused before the run directory is touched."""
+        return ""
+
+    def exchange_traffic(self, updates: Sequence[ClientUpdate]) -> tuple[list[int], list[int]] | None:
+        """Per client (in the updates' order), the numbers up and down of a protocol that takes the place of the plain
+        upload of ``mode(...).uploads`` (private FLoRIST's two secure exchanges), the download of the result not
+        included; None: the clients upload their factors."""
+        return None
+
     def downloads(self, round_number: int) -> frozenset[str]:
         """The factors the server sends each client after the round: by default what the clients uploaded."""
         return self.mode(round_number).uploads
