@@ -78,7 +78,7 @@ def thresholded_from_sums(
     for name in updates[0].modules:
         pairs = [u.modules[name] for u in updates]
         (m, n), ranks = pairs[0].shape, [p.rank for p in pairs]
-        omega = sketch(seed, name, n, sketch_width(ranks, oversampling))
+        omega = sketch(seed, name, n, sketch_width(ranks, oversampling)).to(pairs[0].A.device)
         Q = range_basis(sum(range_share(p, w, omega) for p, w in zip(pairs, weights, strict=True)))
         Z = sum(projection_share(p, w, Q) for p, w in zip(pairs, weights, strict=True))
         U, S, Vh = from_sums(Q, Z, min(m, n, sum(ranks)))

@@ -167,7 +167,7 @@ def energy_rank(S: Tensor, threshold: float, rtol: float | None = None) -> int:
         return 1
     cumulative = S[:r].double().square().cumsum(0)
     energy = cumulative / cumulative[-1]
-    p = int(torch.searchsorted(energy, torch.tensor([threshold], dtype=energy.dtype)).item()) + 1
+    p = int(torch.searchsorted(energy, torch.tensor([threshold], dtype=energy.dtype, device=energy.device)).item()) + 1
     return min(p, r)
 
 

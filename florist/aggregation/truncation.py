@@ -69,7 +69,7 @@ def truncation_problem(pair: LoraFactors, spectrum: object, tau: float, max_rank
     top = float(S[0])
     if top == 0.0:
         return "" if B.abs().max() == 0 else "its spectrum is zero but its update is not"
-    eye = torch.eye(p, dtype=A.dtype)
+    eye = torch.eye(p, dtype=A.dtype, device=A.device)
     if (A @ A.mT - eye).abs().max() > FORM_RTOL * math.sqrt(p):
         return "its A is not in the cut form (rows orthonormal)"
     gram = B.mT @ B  # diag(σ_1², …, σ_p²) for the cut form
