@@ -36,7 +36,7 @@ def describe_setup(run: Run) -> list[str]:
         f"- training: {fed.get('rounds', 1)} round(s) × {length}, batch {train.get('batch_size', '?')} "
         f"(micro {train.get('micro_batch_size', '?')}), lr {train.get('lr', '?')}, scheme {fed.get('scheme', 'merge')}",
         f"- methods: {', '.join(_display(m) for m in fed.get('methods', []))}"
-        + "".join(f"; {m.sweep.name} = {setting(c, m.sweep.config_key)}" for m in in_order() if m.sweep is not None)
+        + "".join(f"; {sweep.name} = {setting(c, key)}" for key, sweep in _sweeps(fed.get("methods", [])).items())
         + (f"; τ up = {cuts}" if (cuts := str(fed.get("upload_thresholds", "1"))) not in ("1", "1.0") else ""),
     ]
     questions = ev.get("questions", "builtin")
@@ -49,6 +49,13 @@ def describe_setup(run: Run) -> list[str]:
     elif heldout:
         lines.append(f"- held-out loss: `{heldout}`")
     return lines
+
+
+def _sweeps(names) -> dict:
+    """The swept parameters of the run's methods (every registered method's where the config names none), once each
+    (FLoRIST and FLoRIST-SA sweep the same τ), by config key."""
+    run = set(names)
+    return {m.sweep.config_key: m.sweep for m in in_order() if m.sweep is not None and (m.name in run or not run)}
 
 
 def _display(name: str) -> str:
