@@ -243,7 +243,7 @@ float32_setups = st.fixed_dictionaries(
         "ranks": st.lists(st.integers(1, 8), min_size=1, max_size=5),
         "m": st.integers(2, 40),
         "n": st.integers(2, 40),
-        "kind": st.sampled_from(["random", "common start", "zero client", "duplicate"]),
+        "kind": st.sampled_from(["random", "common start", "zero client", "duplicate", "rescaled client"]),
     }
 )
 
@@ -272,6 +272,12 @@ def float32_updates(setup):
         )
     elif kind == "duplicate":
         updates = updates + [ClientUpdate(updates[0].modules, updates[0].num_examples, "copy")]
+    elif kind == "rescaled client":  # the same update as (1e7 B, 1e-7 A): a valid pair the Gram route must not drop
+        updates[0] = ClientUpdate(
+            {name: LoraFactors(f.A * 1e-7, f.B * 1e7, f.scaling) for name, f in updates[0].modules.items()},
+            updates[0].num_examples,
+            updates[0].client_id,
+        )
     return updates
 
 
@@ -323,6 +329,39 @@ def test_float32_sweep_matches_separate_runs_bit_for_bit(setup, taus):
         for name in ("q", "v"):
             assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
             assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+
+
+def test_float32_sweep_across_vector_blocks_matches_separate_runs_bit_for_bit():
+    updates = make_updates(11, [16] * 6, 80, 70, dtype=torch.float32)  # R = 96: the kept vectors span two blocks
+    taus = [0.3, 0.7, 0.95, 1.0]
+    swept = get_method("florist").aggregate_sweep(updates, normalized_weights(updates, None), taus)
+    assert swept[1.0].modules["q"].rank > 64 > swept[0.3].modules["q"].rank
+    for tau in taus:
+        alone = aggregate("florist", updates, value=tau)
+        for name in ("q", "v"):
+            assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
+            assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+
+
+def test_an_all_zero_update_keeps_an_orthonormal_a_on_every_route():
+    for dtype in (torch.float32, torch.float64):
+        updates = make_updates(12, [3, 2], 10, 8, dtype=dtype)
+        updates = [
+            ClientUpdate({k: LoraFactors(f.A, torch.zeros_like(f.B), f.scaling) for k, f in u.modules.items()}, 1)
+            for u in updates
+        ]
+        module = aggregate("florist", updates, value=0.9).modules["q"]
+        assert module.rank == 1 and float(module.B.abs().max()) == 0.0
+        torch.testing.assert_close(module.A @ module.A.T, torch.eye(1, dtype=dtype))  # a direction to train from
+
+
+def test_half_precision_stacks_are_decomposed_in_float32():
+    g = torch.Generator().manual_seed(13)
+    B, A = torch.randn(40, 128, generator=g), torch.randn(128, 50, generator=g)
+    U, S, Vh = stacked_svd(B.bfloat16(), A.bfloat16())
+    assert S.dtype == torch.float32 and float(S[0]) > 0
+    want = B.bfloat16().double() @ A.bfloat16().double()
+    assert float(((U * S) @ Vh - want).norm() / want.norm()) < 1e-5
 
 
 def test_modules_of_one_shape_are_batched_and_others_apart():

@@ -19,7 +19,7 @@ from .base import ModuleAggregate
 
 GRAM_DTYPE = torch.float64  # the Gram route's arithmetic: it squares the factors' condition numbers
 
-RankRule = Callable[[Tensor], int]  # from the descending spectra (batch x R) to how many components to form
+RankRule = Callable[[Tensor], int]  # from the descending spectra (batch x k) to how many components to form
 
 # Singular vectors are formed this many at a time, so each one's value does not depend on how many are formed:
 # a sweep's adapters equal each τ's alone, bit for bit (one wider product may round differently).
@@ -30,7 +30,8 @@ VECTOR_BLOCK = 64
 def one_thread() -> Iterator[None]:
     """Run the R x R decompositions on one thread. They split into many short parallel regions, each a wake-up of
     the other threads: with passive waiting (florist's default, ``florist.threads``) a batch of 128 x 128 eigh
-    took 5x longer on two threads than on one, and even spinning threads gain nothing on matrices this small."""
+    took 5x longer on two threads than on one, and even spinning threads gain nothing on matrices this small.
+    torch's thread count is the process's: call it from the one thread that aggregates, as florist's engines do."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -42,12 +43,14 @@ def one_thread() -> Iterator[None]:
 def stacked_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``B @ A`` (B: ... x m x R, A: ... x R x n, batched over leading dimensions) from its factors.
 
-    Returns (U, S, Vh) with S descending (in B's dtype), signs made canonical, and U, Vh cut to ``rank(S)``
-    leading components (all R when ``rank`` is None): a caller that keeps p of them pays O((m + n) R p) to form
-    them, not O((m + n) R^2).
+    Returns (U, S, Vh): k = min(m, n, R) singular values, descending (in B's dtype; float32 for narrower inputs),
+    signs made canonical, and U, Vh cut to ``rank(S)`` leading components (all k when ``rank`` is None): a caller
+    that keeps p of them pays O((m + n) R p) to form them, not O((m + n) R^2).
     """
     if B.dtype == torch.float64:
         return householder_svd(B, A, rank)
+    if B.dtype != torch.float32:  # half precision: the route's rounding floor is float32's, results in float32
+        B, A = B.float(), A.float()
     return gram_svd(B, A, rank)
 
 
@@ -71,25 +74,43 @@ def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor
     S = Λ^{1/2}, U = B (T V S^{-1}) and Vh = (V^T D^{-1/2} W^T) A. Only R x R matrices are decomposed; the m- and
     n-sized work is two Grams and two products with p columns.
 
-    Directions of A whose singular values are at the inputs' rounding level (below R eps sigma_max, the rule
-    ``numerical_rank`` uses) are dropped: what they carry is below the inputs' own precision (the QR route's
-    rounding drowns it too), and dividing by them would amplify float64's rounding past the inputs'.
+    Each rank component is first balanced (``balanced``: ||B's column|| = ||A's row||, by powers of two), so that A's
+    spectrum speaks for the product's. Directions of A whose singular values are then at the inputs' rounding level
+    (below R eps sigma_max, the rule ``numerical_rank`` uses) are dropped: what they carry is below the inputs' own
+    precision, and dividing by them would amplify float64's rounding past the inputs'.
     """
     out = B.dtype
+    B, A = balanced(B, A)
     B64, A64 = B.to(GRAM_DTYPE), A.to(GRAM_DTYPE)
     G_A, G_B = A64 @ A64.mT, B64.mT @ B64
-    del B64, A64
+    del B64
     k = min(B.shape[-2], *A.shape[-2:])  # as many components as B @ A can have, as the QR route returns
     with one_thread():
-        S, X, Y = gram_core(G_A, G_B, k, rtol=A.shape[-2] * torch.finfo(out).eps)
+        S, X, Z = gram_core(G_A, G_B, k, rtol=A.shape[-2] * torch.finfo(out).eps)
     p = S.shape[-1] if rank is None else rank(S.to(out))
-    U, Vh = signed_vectors(B, X.to(out), Y.mT.to(out), A, p)
-    return U, S.to(out), Vh
+    # Vh from float64 A: its rows' orthonormality would otherwise lose float32's rounding times A's condition
+    U, Vh = signed_vectors(B, X.to(out), Z.mT, A64, p)
+    U, S, Vh = U, S.to(out), Vh.to(out)
+    zero = S[..., 0] == 0  # an all-zero update: no direction to take A's rows from, so take them as QR does
+    if zero.any():
+        U[zero], Vh[zero] = (t.to(out) for t in householder_svd(B[zero].double(), A[zero].double(), lambda _: p)[::2])
+    return U, S, Vh
+
+
+def balanced(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """B and A with each rank component j scaled by a power of two, B's column by c_j and A's row by 1 / c_j, so that
+    their norms match: the product is unchanged bit for bit, and a client that sends a large B with a small A
+    (weights fold into A too) is not read as rounding by the Gram route's cut on A's spectrum."""
+    b, a = torch.linalg.vector_norm(B, dim=-2), torch.linalg.vector_norm(A, dim=-1)
+    both = (a > 0) & (b > 0)
+    exponent = torch.where(both, torch.log2(torch.where(both, a / b, 1.0)) / 2, 0.0).round()
+    c = torch.exp2(exponent).to(B.dtype)
+    return B * c[..., None, :], A / c[..., :, None]
 
 
 def gram_core(G_A: Tensor, G_B: Tensor, k: int, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
     """From G_A = A A^T and G_B = B^T B (R x R): the k singular values of B A, descending, and the R x k maps X
-    and Y with U = B X and Vh = Y^T A (see ``gram_svd``). A's directions of singular value at most ``rtol`` times
+    and Z with U = B X and Vh = Z^T A (see ``gram_svd``). A's directions of singular value at most ``rtol`` times
     its largest are dropped."""
     D, W = torch.linalg.eigh(G_A)  # ascending
     kept = D > D[..., -1:].clamp(min=0) * rtol**2
@@ -101,8 +122,8 @@ def gram_core(G_A: Tensor, G_B: Tensor, k: int, rtol: float) -> tuple[Tensor, Te
     S = lam.clamp(min=0).sqrt()
     tiny = torch.finfo(G_A.dtype).tiny
     X = (T @ V) * torch.where(S > 0, 1 / S.clamp(min=tiny), 0.0)[..., None, :]
-    Y = (W * torch.where(kept, D.clamp(min=tiny).rsqrt(), 0.0)[..., None, :]) @ V
-    return S, X, Y
+    Z = (W * torch.where(kept, D.clamp(min=tiny).rsqrt(), 0.0)[..., None, :]) @ V
+    return S, X, Z
 
 
 def signed_vectors(B: Tensor, X: Tensor, Yh: Tensor, A: Tensor, p: int) -> tuple[Tensor, Tensor]:
@@ -113,20 +134,20 @@ def signed_vectors(B: Tensor, X: Tensor, Yh: Tensor, A: Tensor, p: int) -> tuple
     signs = largest_entry_signs(U)
     U.mul_(signs)
     flips = torch.ones_like(Yh[..., :1])
-    flips[..., :p, :] = signs.mT
+    flips[..., :p, :] = signs.mT.to(Yh.dtype)
     return U, leading_rows(Yh * flips, A, p)
 
 
 def leading_columns(left: Tensor, right: Tensor, p: int) -> Tensor:
     """``left @ right[..., :p]``, formed ``VECTOR_BLOCK`` columns at a time (see there)."""
     blocks = [left @ right[..., j : j + VECTOR_BLOCK] for j in range(0, p, VECTOR_BLOCK)]
-    return torch.cat(blocks, dim=-1)[..., :p]
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1))[..., :p]
 
 
 def leading_rows(left: Tensor, right: Tensor, p: int) -> Tensor:
     """``left[..., :p, :] @ right``, formed ``VECTOR_BLOCK`` rows at a time (see there)."""
     blocks = [left[..., j : j + VECTOR_BLOCK, :] @ right for j in range(0, p, VECTOR_BLOCK)]
-    return torch.cat(blocks, dim=-2)[..., :p, :]
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2))[..., :p, :]
 
 
 def canonical_signs(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """A client's own update cut to the components that carry a share of its energy: the upload of two-way compression.
 
 A client's update s·B·A (rank r) has the SVD U Σ Vᵀ, found from its factors as the server finds the stack's
-(``stacked_svd``: from r × r Gram matrices or QR factors, never the m × n product). Keeping the smallest p
+(``householder_svd``: QR of each factor and the SVD of an r × r core, never the m × n product). Keeping the smallest p
 whose energy Σ_{i≤p} σ_i² / Σ_i σ_i² reaches τ_up gives the best rank-p approximation of the update. It is sent in
 the server's own download form, singular values in B: B' = U_p Σ_p / s and A' = V_pᵀ, the client's scaling s kept,
 so s·B'·A' = U_p Σ_p V_pᵀ. The whole spectrum Σ (r numbers) travels beside it.
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import LoraFactors, fold_scaling
-from .svd import energy_rank, stacked_svd
+from .svd import energy_rank, householder_svd
 
 # How far from the exact form an upload said to be cut may be, relative to its largest singular value: float32
 # QR and SVD reach about 1e-6; more slack than that only admits uploads that are not a truncation at all.
@@ -30,7 +30,9 @@ FORM_RTOL = 1e-4
 def truncated_pair(pair: LoraFactors, tau: float) -> tuple[LoraFactors, Tensor]:
     """The pair cut to the fewest components whose energy reaches ``tau``, and the update's whole spectrum
     (descending, one value per component of the pair's rank). ``tau`` = 1 keeps the numerical rank."""
-    U, S, Vh = stacked_svd(fold_scaling(pair), pair.A)
+    # QR in float64 whatever the pair's dtype: the server checks the cut's form to FORM_RTOL, and a client's own A
+    # may be ill-conditioned enough for the Gram route's rows to miss it; one client's r columns cost little
+    U, S, Vh = (t.to(pair.A.dtype) for t in householder_svd(fold_scaling(pair).double(), pair.A.double()))
     p = energy_rank(S, tau)
     return LoraFactors(A=Vh[:p].clone(), B=U[:, :p] * (S[:p] / pair.scaling), scaling=pair.scaling), S
 
