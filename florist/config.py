@@ -503,6 +503,16 @@ def check_method_options(c: RunConfig) -> None:
             raise ConfigError(f"config key 'method.{name}': {e}") from None
 
 
+def check_engine(c: RunConfig) -> None:
+    """A method the run's engine cannot run (``Method.engine_problem``) is refused, naming what to do instead."""
+    from .methods import METHODS
+
+    for name in c.federation.methods:
+        problem = METHODS[name].engine_problem(c.engine) if name in METHODS else ""
+        if problem:
+            raise ConfigError(f"federation.methods: {name} {problem}")
+
+
 def validate(c: RunConfig, client: bool = False) -> None:
     """Every field against its rule, then the rules that tie fields together (a ``client`` skips the server's keys:
     which methods run, their swept values and their options)."""
@@ -511,6 +521,7 @@ def validate(c: RunConfig, client: bool = False) -> None:
         check_swept_values(c)
         check_method_options(c)
         check_upload_cuts(c)
+        check_engine(c)
     taking_part = c.federation.clients_per_round or c.data.clients
     checks = [
         (

@@ -8,14 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, check_engine
 from .engines.inprocess import InProcessEngine
 from .models import DEFAULT_MODEL
 from .progress import library_bars, log_to_stderr
 from .rundir import RunDirectory
 from .setup import (
     build_federation,
-    check_engine,
     check_model_config,
     load_client_examples,
     load_server_model,

@@ -215,14 +215,6 @@ def check_model_config(config: RunConfig) -> None:
     adapted_module_names(empty_model(model_config), config.lora.target_modules)
 
 
-def check_engine(config: RunConfig) -> None:
-    """Refuse, before the run directory is touched, a method the run's engine cannot run (``Method.engine_problem``)."""
-    for name in config.federation.methods:
-        problem = get_method(name).engine_problem(config.engine)
-        if problem:
-            raise ConfigError(f"federation.methods: {name} {problem}")
-
-
 def load_server_model(config: RunConfig, log: Callable[[str], None], load: Callable | None = None) -> ServerModel:
     """``load``: a replacement for ``florist.models.load_model`` (same call), e.g. a test's tiny model.
 

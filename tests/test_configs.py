@@ -38,7 +38,9 @@ def test_every_shipped_config_loads(path):
     if path in CPU_LATER:
         assert config.federation.methods == ["florist", "flora", "fedit"]
     else:
-        assert set(config.federation.methods) == {m.name for m in BUILTIN}  # every built-in method, the 2025 ones
+        # every built-in method, the 2025 ones too; private FLoRIST gives FLoRIST's adapters (only its traffic differs,
+        # which florist demo and docs/methods.md show), so the grids leave it out
+        assert set(config.federation.methods) == {m.name for m in BUILTIN} - {"privflorist"}
 
 
 @pytest.mark.parametrize("path", LATER, ids=lambda p: p.name)

@@ -3,6 +3,7 @@ refusal on an engine that would send the pairs in the clear."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -61,10 +62,13 @@ def test_a_negative_oversampling_is_refused():
 
 
 def test_the_flower_engine_refuses_it_before_the_run_directory_is_made(tmp_path):
-    config = load_config(
-        None, ['engine="flower"', 'federation.methods=["florist","privflorist"]', f'output="{tmp_path / "run"}"']
-    )
-    with pytest.raises(ConfigError, match=r"^federation.methods: privflorist runs on the in-process engine only"):
+    refused = r"^federation.methods: privflorist runs on the in-process engine only: .* set engine = \"inprocess\""
+    methods = 'federation.methods=["florist","privflorist"]'
+    with pytest.raises(ConfigError, match=refused):  # the config itself, when it names the engine
+        load_config(None, ['engine="flower"', methods, f'output="{tmp_path / "run"}"'])
+    # a deployment's ServerApp sets the engine after reading the config: the run refuses it there too
+    config = dataclasses.replace(load_config(None, [methods, f'output="{tmp_path / "run"}"']), engine="flower")
+    with pytest.raises(ConfigError, match=refused):
         run_module.run(config, progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
 

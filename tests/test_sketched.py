@@ -90,7 +90,7 @@ def test_the_summed_shares_are_the_sketch_and_the_projection_of_the_update():
     updates = updates_for(setup)
     weights = normalized_weights(updates, None)
     pairs = [u.modules["q"] for u in updates]
-    omega = sketch(11, "q", 9, sketch_width([3, 5], 2))
+    omega = sketch(11, "q", 9, sketch_width([3, 5], 12, 9, 2))
     delta = exact(updates, "q", weights)
     Y = sum(range_share(p, w, omega) for p, w in zip(pairs, weights))
     torch.testing.assert_close(Y, delta @ omega)
@@ -118,7 +118,22 @@ def test_the_result_does_not_depend_on_the_sketch_drawn():
 
 
 def test_sizes_of_the_shares_and_a_bad_oversampling():
-    assert sketch_width([16] * 8, 4) == 132
+    assert sketch_width([16] * 8, 4096, 4096, 4) == 132
+    assert sketch_width([16] * 8, 4096, 64, 4) == 64  # never wider than ΔW's rank can be: min(m, n)
+    assert sketch_width([4], 8, 8, 10**9) == 8  # so an absurd oversampling costs nothing
     assert share_sizes(4096, 4096, 128) == (4096 * 128, 128 * 4096)
     with pytest.raises(ValueError, match="oversampling"):
-        sketch_width([4], -1)
+        sketch_width([4], 8, 8, -1)
+
+
+def test_float32_inputs_count_components_at_float32_rounding_as_florist_does():
+    g = torch.Generator().manual_seed(4)
+    updates = []
+    for k in range(3):  # one client's update is 1e-7 of the others': below float32's rounding of the sum
+        scale = 1e-7 if k == 2 else 1.0
+        mods = {"q": LoraFactors(torch.randn(2, 20, generator=g) * scale, torch.randn(30, 2, generator=g), 1.0)}
+        updates.append(ClientUpdate(mods, 10))
+    weights = normalized_weights(updates, None)
+    private = thresholded_from_sums(updates, weights, [1.0], seed=0)[1.0]["q"]
+    plain = thresholded(updates, weights, [1.0])[1.0]["q"]
+    assert private.rank == plain.rank == 4

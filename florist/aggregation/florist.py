@@ -24,14 +24,14 @@ def thresholded(
     """The thresholded adapter at every tau, from one decomposition per module: a sweep costs one SVD per module,
     not one per tau.
 
-    Only the components the largest tau keeps are formed, and only those are copied out, so the working set is
-    one batch's stacks plus the outputs, never every module's full decomposition.
+    Only the components the widest module of a batch keeps at the largest tau are formed, and only the kept ones
+    are copied out, so the working set is one batch's stacks plus the outputs, never every module's decomposition.
     """
     per_tau: dict[float, Adapter] = {t: {} for t in taus}
     for names in same_shape_batches(updates):
         B_st, A_st = stack_batch(updates, weights, names)
-        kept = lambda S: max(energy_rank(s, t) for s in S for t in taus)  # noqa: E731
-        U, S, Vh = decomposed(B_st, A_st, names, kept)
+        widest = lambda S: max(energy_rank(s, t) for s in S for t in taus)  # noqa: E731
+        U, S, Vh = decomposed(B_st, A_st, names, widest)
         for i, name in enumerate(names):
             for t in taus:
                 per_tau[t][name] = truncation(U[i], S[i], Vh[i], energy_rank(S[i], t))
@@ -47,5 +47,6 @@ def decomposed(B_st: Tensor, A_st: Tensor, names: Sequence[str], rank: RankRule)
         for i, name in enumerate(names):
             with linalg_failures("florist", name):
                 stacked_svd(B_st[i], A_st[i])
-        with linalg_failures("florist", f"{names[0]} or one of the {len(names) - 1} others of its shape"):
+        others = f" or one of the {len(names) - 1} others of its shape" if len(names) > 1 else ""
+        with linalg_failures("florist", names[0] + others):
             raise

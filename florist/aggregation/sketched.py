@@ -5,7 +5,8 @@ from sums alone. ΔW = Σ_k w_k s_k B_k A_k (m × n) has rank at most R = Σ_k r
 oversampling) drawn from a seed every client knows:
 
 1. each client sends Y_k = w_k s_k B_k (A_k Ω) (m × W); their sum is Y = ΔW Ω, whose column space is ΔW's
-   (almost surely: a Gaussian Ω meets ΔW's row space in no direction), and the server takes Q = orth(Y);
+   (almost surely: for a Gaussian Ω, V_rᵀ Ω has full row rank, V_r spanning ΔW's rows), and the server takes
+   Q = orth(Y);
 2. each client sends Z_k = (Qᵀ w_k s_k B_k) A_k (W × n); their sum is Z = Qᵀ ΔW, and since Q Qᵀ ΔW = ΔW,
 3. the SVD Z = U_Z S V_Zᵀ gives ΔW = (Q U_Z) S V_Zᵀ exactly; thresholding by τ is then FLoRIST's.
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import Adapter, ClientUpdate, LoraFactors
+from .base import Adapter, ClientUpdate, LoraFactors, linalg_failures
 from .svd import canonical_signs, energy_rank, truncation
 
 WORK_DTYPE = torch.float64
@@ -36,12 +37,12 @@ def sketch(seed: int, name: str, n: int, width: int) -> Tensor:
     return torch.randn(n, width, generator=g, dtype=WORK_DTYPE)
 
 
-def sketch_width(ranks: Sequence[int], oversampling: int = 0) -> int:
-    """W: the stack's rank bound Σ r_k, plus ``oversampling`` columns (a margin against rounding, not needed for
-    exactness)."""
+def sketch_width(ranks: Sequence[int], m: int, n: int, oversampling: int = 0) -> int:
+    """W: the stack's rank bound Σ r_k plus ``oversampling`` columns (a margin against rounding, not needed for
+    exactness), at most min(m, n): ΔW's rank cannot exceed it, and so Y and Z need no more columns or rows."""
     if oversampling < 0:
         raise ValueError(f"oversampling must be 0 or more, got {oversampling}")
-    return sum(ranks) + oversampling
+    return min(sum(ranks) + oversampling, m, n)
 
 
 def range_share(pair: LoraFactors, weight: float, omega: Tensor) -> Tensor:
@@ -78,12 +79,15 @@ def thresholded_from_sums(
     for name in updates[0].modules:
         pairs = [u.modules[name] for u in updates]
         (m, n), ranks = pairs[0].shape, [p.rank for p in pairs]
-        omega = sketch(seed, name, n, sketch_width(ranks, oversampling)).to(pairs[0].A.device)
-        Q = range_basis(sum(range_share(p, w, omega) for p, w in zip(pairs, weights, strict=True)))
-        Z = sum(projection_share(p, w, Q) for p, w in zip(pairs, weights, strict=True))
-        U, S, Vh = from_sums(Q, Z, min(m, n, sum(ranks)))
+        # components at the inputs' rounding are not counted, by the inputs' precision as FLoRIST counts them
+        rtol = min(m, n, sum(ranks)) * torch.finfo(pairs[0].A.dtype).eps
+        with linalg_failures("privflorist", name):
+            omega = sketch(seed, name, n, sketch_width(ranks, m, n, oversampling)).to(pairs[0].A.device)
+            Q = range_basis(sum(range_share(p, w, omega) for p, w in zip(pairs, weights, strict=True)))
+            Z = sum(projection_share(p, w, Q) for p, w in zip(pairs, weights, strict=True))
+            U, S, Vh = from_sums(Q, Z, min(m, n, sum(ranks)))
         for t in taus:
-            per_tau[t][name] = truncation(U, S, Vh, energy_rank(S, t))
+            per_tau[t][name] = truncation(U, S, Vh, energy_rank(S, t, rtol))
     return per_tau
 
 

@@ -32,11 +32,11 @@ from flwr.serverapp import Grid, ServerApp
 from .. import models
 from ..aggregation import Adapter
 from ..base_weights import BaseWeights, adapted_module_names
-from ..config import ConfigError, RunConfig, config_from_toml, load_config
+from ..config import ConfigError, RunConfig, check_engine, config_from_toml, load_config
 from ..jobs import ClientJob, ClientStart, Factors
 from ..models import DEFAULT_MODEL, load_model
 from ..rundir import RunDirectory
-from ..setup import check_engine, check_model_config, load_partition_examples, local_trainer, write_results
+from ..setup import check_model_config, load_partition_examples, local_trainer, write_results
 from .flower import SIMULATION_BACKEND, serve_run
 from .flower_messages import (
     MAX_INDEX,

@@ -60,17 +60,19 @@ class PrivateFLoRIST(Method):
         """Each client sends Y_k (m × W) and Z_k (W × n) a module, and is sent Q (m × W) between them."""
         up = down = 0
         for name, pair in updates[0].modules.items():
-            (m, n), width = pair.shape, sketch_width([u.modules[name].rank for u in updates], self.oversampling)
+            (m, n) = pair.shape
+            width = sketch_width([u.modules[name].rank for u in updates], m, n, self.oversampling)
             first, second = share_sizes(m, n, width)
-            up, down = up + first + second, down + first  # Q is m × W, as Y_k
+            up, down = up + first + second, down + first  # Q is m × W, as Y_k (W ≤ min(m, n))
         return [up] * len(updates), [down] * len(updates)
 
     def engine_problem(self, engine: str) -> str:
         if engine == "inprocess":
             return ""
         return (
-            "runs on the in-process engine only: over Flower its two exchanges would need Flower's secure aggregation "
-            "(SecAgg+), which florist does not yet carry them on, and plain messages would send every pair in the clear"
+            "runs on the in-process engine only: over Flower its two exchanges need Flower's secure aggregation "
+            "(SecAgg+), which florist does not carry them on yet, and plain messages would send every pair in the "
+            'clear; set engine = "inprocess" or leave it out of federation.methods'
         )
 
 
