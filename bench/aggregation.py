@@ -366,15 +366,15 @@ def write_client_dirs(model: str, ranks: str, seed: int, root: Path) -> tuple[li
 
 def timed_process(argv: Sequence[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MiB) of one fresh process running ``argv`` (which must succeed)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    error = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-    proc.stderr and proc.stderr.close()
-    if proc.returncode != 0:
-        raise SystemExit(f"aggregation bench: {' '.join(argv[:3])} ... failed: {(error.splitlines() or ['?'])[-1]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot fill it and stall
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            last = (err.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"aggregation bench: {' '.join(argv[:3])} ... failed: {last}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
@@ -445,7 +445,7 @@ def _dense_svd_seconds(results: Sequence[dict], model: str, ranks: str) -> float
 
 
 def cli_findings(cli: Sequence[dict], results: Sequence[dict]) -> list[str]:
-    """The CLI's whole run at its slowest tau set against one dense SVD of the model's largest module; for a model
+    """The CLI's whole run at the largest tau set against one dense SVD of the model's largest module; for a model
     with 4096 x 4096 modules (Llama-7B) against the target, a fifth of that SVD."""
     lines = []
     for c in cli:

@@ -57,7 +57,7 @@ from aggregation import (
     write_json,
 )
 
-from florist.aggregation import ClientUpdate, energy_rank
+from florist.aggregation import ClientUpdate, LoraFactors, energy_rank
 from florist.aggregation.base import fold_scaling
 from florist.aggregation.svd import householder_svd
 from florist.aggregation.validate import normalized_weights
@@ -231,12 +231,13 @@ with contextlib.redirect_stdout(io.StringIO()):
 
 
 def fresh_process(path: Path, theirs: ModuleType, model: str, tau: float, repeats: int, seed: int) -> dict:
-    updates = client_updates(MODELS[model].modules(), (RANK,) * CLIENTS, seed, shared_a=False)
-    counts = [u.num_examples for u in updates]
     with tempfile.TemporaryDirectory(prefix="florist-peer-") as tmp:
         root = Path(tmp)
-        write_their_clients(updates, root / "theirs", 0, fold=True)
+        # one set of factors for both: florist's PEFT directories, and the same pairs in their layout
         dirs, counts = write_client_dirs(model, f"{RANK}", seed, root / "ours")
+        updates = client_updates(MODELS[model].modules(), (RANK,) * CLIENTS, seed, shared_a=False)
+        assert [u.num_examples for u in updates] == counts
+        write_their_clients(updates, root / "theirs", 0, fold=True)
         kwargs = their_arguments(
             theirs.FedAvg, root / "theirs", 0, counts, (RANK,) * CLIENTS, florist=True, threshold=tau
         )
@@ -263,17 +264,33 @@ def differences(theirs: ModuleType, seed: int) -> list[str]:
     modules = [("layers.0.q_proj", (64, 48)), ("layers.0.v_proj", (32, 48))]
     found = []
     with tempfile.TemporaryDirectory(prefix="florist-peer-") as tmp:
-        # the scaling: PEFT stores B unscaled, the update is (alpha / r) B A
-        updates = client_updates(modules, (RANK,) * CLIENTS, seed, shared_a=False)
+        # the scaling: PEFT stores B unscaled and applies alpha / r in the forward pass. Their code stacks the factors
+        # as stored; one alpha / r for every client can be re-applied by whoever loads the result, clients at
+        # different alpha / r cannot: the best single rescaling of their aggregate is measured against the update
+        base = client_updates(modules, (RANK,) * CLIENTS, seed, shared_a=False)
+        updates = [
+            ClientUpdate(
+                {n: LoraFactors(f.A, f.B, 1.0 if k % 2 else 2.0) for n, f in u.modules.items()}, u.num_examples
+            )
+            for k, u in enumerate(base)
+        ]
         counts = [u.num_examples for u in updates]
         write_their_clients(updates, Path(tmp), 0, fold=False)
         run_theirs(theirs, their_arguments(theirs.FedAvg, Path(tmp), 0, counts, (RANK,) * CLIENTS, florist=True))
         pairs = their_pairs(their_output(Path(tmp), 0, "florist"))
-        errors = reference_errors(updates, {"theirs": pairs}, 1.0)["theirs"]
+        weights = normalized_weights(updates, None)
+        worst = 0.0
+        for name, _ in modules:
+            exact = sum(w * u.modules[name].delta().double() for u, w in zip(updates, weights))
+            got = pairs[name][0].double() @ pairs[name][1].double()
+            best = float((got * exact).sum() / (got * got).sum())  # the least-squares common rescaling
+            worst = max(worst, float((best * got - exact).norm() / exact.norm()))
         found.append(
-            f"α/r ignored: on PEFT adapters as stored (α/r = {updates[0].modules[modules[0][0]].scaling:g}), their "
-            f"FLoRIST at τ = 1 is {errors['max_rel_error']:.0%} off the exact update (florist folds each client's "
-            "own α/r into B before stacking)."
+            "α/r: their code stacks the factors as PEFT stores them (B unscaled) and applies no α/r, which a "
+            "loader can re-apply only when every client has the same; with clients at α/r = 1 and 2 in turn, their "
+            f"FLoRIST at τ = 1 is {worst:.0%} off the update even after the best single rescaling (florist folds each "
+            "client's own "
+            "α/r into B before stacking)."
         )
         # FlexLoRA with heterogeneous ranks: each client should get its own rank back
         het = client_updates(modules, HETEROGENEOUS, seed, shared_a=False)

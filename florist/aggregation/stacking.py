@@ -10,8 +10,9 @@ from torch import Tensor
 from .base import ClientUpdate, LoraFactors, fold_scaling
 
 # The most a batch of same-shape stacks holds (B and A together, in the inputs' dtype). Batching amortises each
-# call's fixed costs; small batches keep the float64 copies and Grams near the caches. bench/aggregation.py's shapes
-# (8 clients, r = 16) on a 2-core EPYC: Llama-7B 0.95 s at 8 MiB (2 modules a batch), 1.27 s at 128 MiB (32).
+# call's fixed costs; small batches keep the float64 copies and Grams near the caches. On bench/aggregation.py's
+# Llama-7B factors (8 clients, r = 16), in-process on a 2-core EPYC, best of 7: 0.95 s at 8 MiB (2 modules a batch),
+# 1.27 s at 128 MiB (32).
 BATCH_BYTES = 8 * 2**20
 
 
