@@ -74,19 +74,21 @@ def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor
     S = Λ^{1/2}, U = B (T V S^{-1}) and Vh = (V^T D^{-1/2} W^T) A. Only R x R matrices are decomposed; the m- and
     n-sized work is two Grams and two products with p columns.
 
-    Each rank component is first balanced (``balanced``: ||B's column|| = ||A's row||, by powers of two), so that A's
+    Each rank component is first balanced (``balancing``: ||B's column|| = ||A's row||, by powers of two), so that A's
     spectrum speaks for the product's. Directions of A whose singular values are then at the inputs' rounding level
     (below R eps sigma_max, the rule ``numerical_rank`` uses) are dropped: what they carry is below the inputs' own
     precision, and dividing by them would amplify float64's rounding past the inputs'.
     """
     out = B.dtype
-    B, A = balanced(B, A)
     B64, A64 = B.to(GRAM_DTYPE), A.to(GRAM_DTYPE)
     G_A, G_B = A64 @ A64.mT, B64.mT @ B64
     del B64
     k = min(B.shape[-2], *A.shape[-2:])  # as many components as B @ A can have, as the QR route returns
     with one_thread():
-        S, X, Z = gram_core(G_A, G_B, k, rtol=A.shape[-2] * torch.finfo(out).eps)
+        c = balancing(G_A, G_B)
+        outer = c[..., :, None] * c[..., None, :]
+        S, X, Z = gram_core(G_A / outer, G_B * outer, k, rtol=A.shape[-2] * torch.finfo(out).eps)
+        X, Z = X * c[..., :, None], Z / c[..., :, None]  # U = (B C) X and Vh = Z^T (C^-1 A), C = diag(c)
     p = S.shape[-1] if rank is None else rank(S.to(out))
     # Vh from float64 A: its rows' orthonormality would otherwise lose float32's rounding times A's condition
     U, Vh = signed_vectors(B, X.to(out), Z.mT, A64, p)
@@ -97,15 +99,15 @@ def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor
     return U, S, Vh
 
 
-def balanced(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-    """B and A with each rank component j scaled by a power of two, B's column by c_j and A's row by 1 / c_j, so that
-    their norms match: the product is unchanged bit for bit, and a client that sends a large B with a small A
-    (weights fold into A too) is not read as rounding by the Gram route's cut on A's spectrum."""
-    b, a = torch.linalg.vector_norm(B, dim=-2), torch.linalg.vector_norm(A, dim=-1)
+def balancing(G_A: Tensor, G_B: Tensor) -> Tensor:
+    """Powers of two c_j that balance each rank component, ||c_j b_j|| = ||a_j / c_j|| (b_j B's column, a_j A's row;
+    their squared norms are the Grams' diagonals). The product B A = (B C)(C^-1 A) is unchanged, and scaling by a
+    power of two is exact, so balancing costs only R x R work; it keeps a client that sends a large B with a small A
+    (weights fold into A too) from being read as rounding by the cut on A's spectrum."""
+    a, b = torch.diagonal(G_A, dim1=-2, dim2=-1), torch.diagonal(G_B, dim1=-2, dim2=-1)
     both = (a > 0) & (b > 0)
-    exponent = torch.where(both, torch.log2(torch.where(both, a / b, 1.0)) / 2, 0.0).round()
-    c = torch.exp2(exponent).to(B.dtype)
-    return B * c[..., None, :], A / c[..., :, None]
+    exponent = torch.where(both, torch.log2(torch.where(both, a / b, 1.0)) / 4, 0.0).round()  # sqrt of norms' ratio
+    return torch.exp2(exponent)
 
 
 def gram_core(G_A: Tensor, G_B: Tensor, k: int, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
