@@ -319,28 +319,26 @@ def test_float32_route_matches_a_float64_reference(setup, tau):
         assert (module.A.double() @ module.A.double().T - eye).abs().max() < 1e-5
 
 
-@SETTINGS
-@given(float32_setups, st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4))
-def test_float32_sweep_matches_separate_runs_bit_for_bit(setup, taus):
-    updates = float32_updates(setup)
+def assert_sweep_is_each_tau_alone(updates, taus):
     swept = get_method("florist").aggregate_sweep(updates, normalized_weights(updates, None), taus)
     for tau in taus:
         alone = aggregate("florist", updates, value=tau)
         for name in ("q", "v"):
             assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
             assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
+    return swept
+
+
+@SETTINGS
+@given(float32_setups, st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4))
+def test_float32_sweep_matches_separate_runs_bit_for_bit(setup, taus):
+    assert_sweep_is_each_tau_alone(float32_updates(setup), taus)
 
 
 def test_float32_sweep_across_vector_blocks_matches_separate_runs_bit_for_bit():
     updates = make_updates(11, [16] * 6, 80, 70, dtype=torch.float32)  # R = 96: the kept vectors span two blocks
-    taus = [0.3, 0.7, 0.95, 1.0]
-    swept = get_method("florist").aggregate_sweep(updates, normalized_weights(updates, None), taus)
+    swept = assert_sweep_is_each_tau_alone(updates, [0.3, 0.7, 0.95, 1.0])
     assert swept[1.0].modules["q"].rank > 64 > swept[0.3].modules["q"].rank
-    for tau in taus:
-        alone = aggregate("florist", updates, value=tau)
-        for name in ("q", "v"):
-            assert torch.equal(swept[tau].modules[name].B, alone.modules[name].B)
-            assert torch.equal(swept[tau].modules[name].A, alone.modules[name].A)
 
 
 def test_an_all_zero_update_keeps_an_orthonormal_a_on_every_route():

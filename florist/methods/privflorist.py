@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from ..aggregation import AggregationResult, ClientUpdate, ModuleAggregate
 from ..aggregation.sketched import share_sizes, sketch_width, thresholded_from_sums
-from .base import Method, Option, Style, Sweep, parse_taus
+from .base import Method, Option, Style
+from .florist import FLoRIST
 
 
 class PrivateFLoRIST(Method):
@@ -29,14 +30,7 @@ class PrivateFLoRIST(Method):
     summary = "FLoRIST's exact SVD from two sums over the clients (ΔW·Ω, then Qᵀ·ΔW): the sums alone give the update."
     exact = False  # exact at τ = 1, as FLoRIST
     style = Style(marker="*", colour="#8c564b", colour_map="cividis")
-    sweep = Sweep(
-        name="τ",
-        config_key="federation.thresholds",
-        parse=parse_taus,
-        option="--threshold",
-        default=0.9,
-        help="FLoRIST's energy threshold τ in (0, 1]",
-    )
+    sweep = FLoRIST.sweep  # the same τ, under the same config key: one τ list serves both
     options = (
         Option(
             "oversampling", 0, "sketch columns beyond Σ r_k: a margin against rounding, not needed for exactness", low=0
