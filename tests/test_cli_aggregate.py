@@ -302,7 +302,7 @@ def test_refuses_ffa_clients_whose_a_differ(clients, tmp_path):
         (["--method", "florist", "--threshold", "-0.2"], "--threshold -0.2: florist's τ must hold taus in (0, 1]"),
         (
             ["--method", "flora", "--threshold", "0.9"],
-            "--threshold applies to methods with a swept parameter (florist), not flora",
+            "--threshold applies to methods with a swept parameter (florist, privflorist), not flora",
         ),
         (["--method", "fedavg"], "unknown method 'fedavg'; choose from fedit, flora"),
         (["--method", "fedit", "--weights", "1,2"], "--weights gives 2 weights for 3 clients"),
