@@ -39,6 +39,7 @@ import florist  # noqa: F401  (before torch: florist's thread settings must prec
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine import cpu_model, matmul_peak  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from florist.aggregation import ClientUpdate, LoraFactors  # noqa: E402
@@ -89,28 +90,6 @@ def random_model(shape: str, vocab: int, tokenizer, device: str, seed: int) -> L
 def matmul_parameters(model: torch.nn.Module) -> int:
     """N of the 4·N / 6·N FLOPs a token: every Linear weight, the LM head included (the embedding is a lookup)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def matmul_rate(device: str, size: int, seconds: float = 2.0) -> float:
-    """The best bfloat16 size³ matrix-multiply rate on ``device``, FLOP/s, over short timed bursts."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    a @ b
-    sync()
-    reps = max(1, int(seconds / 5 / max(time.perf_counter() - start, 1e-6)))
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
-    return best
 
 
 def token_examples(vocab: int, clients: int, count: int, length: int, seed: int) -> list[list[dict]]:
@@ -298,8 +277,6 @@ def say(message: str) -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    from machine import cpu_model
-
     return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
@@ -399,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     size = 256 if args.tiny or not args.device.startswith("cuda") else 8192
     say(f"measuring the bfloat16 matmul rate on {args.device} ({size}³)")
-    rate = matmul_rate(args.device, size)
+    rate = matmul_peak(torch.bfloat16, torch.get_num_threads(), (size,) * 3, 2.0, args.device).gflops_wall * 1e9
     results = [measure_shape(args, shape, tokenizer, rate) for shape in args.models]
     device = device_name(args.device)
     print(f"{device}; bfloat16 matmul {rate / 1e12:.1f} TFLOP/s; torch {torch.__version__}\n")

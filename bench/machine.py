@@ -141,19 +141,27 @@ class MatmulPeak:
 
 
 def matmul_peak(
-    dtype: torch.dtype, threads: int, shape: tuple[int, int, int] = (2048, 2048, 2048), seconds: float = 3.0
+    dtype: torch.dtype,
+    threads: int,
+    shape: tuple[int, int, int] = (2048, 2048, 2048),
+    seconds: float = 3.0,
+    device: str = "cpu",
 ) -> MatmulPeak:
     """The best rate of repeated m×k @ k×n products: the machine's attainable matrix-multiply FLOP/s.
 
-    Six timed bursts of about ``seconds / 6`` each; the fastest burst counts (the one least disturbed).
+    Six timed bursts of about ``seconds / 6`` each; the fastest burst counts (the one least disturbed). On a CUDA
+    ``device`` each burst ends in a synchronize, so the kernels' time is counted, not their launches.
     """
     m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    a, b = torch.randn(m, k).to(dtype).to(device), torch.randn(k, n).to(dtype).to(device)
     for _ in range(3):
         a @ b  # warm-up: kernel selection, packing buffers
+    sync()
     flop = 2 * m * k * n
     clock = Stopwatch()
     a @ b
+    sync()
     one = max(clock.elapsed().wall, 1e-4)
     reps = max(1, int(seconds / 6 / one))
     best_wall = best_cpu = 0.0
@@ -161,6 +169,7 @@ def matmul_peak(
         clock = Stopwatch()
         for _ in range(reps):
             a @ b
+        sync()
         t = clock.elapsed()
         best_wall = max(best_wall, flop * reps / t.wall / 1e9)
         best_cpu = max(best_cpu, flop * reps / max(t.cpu, 1e-9) / 1e9 * threads)
