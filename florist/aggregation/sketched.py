@@ -79,13 +79,14 @@ def thresholded_from_sums(
     for name in updates[0].modules:
         pairs = [u.modules[name] for u in updates]
         (m, n), ranks = pairs[0].shape, [p.rank for p in pairs]
+        bound = min(m, n, sum(ranks))  # ΔW's rank bound
         # components at the inputs' rounding are not counted, by the inputs' precision as FLoRIST counts them
-        rtol = min(m, n, sum(ranks)) * torch.finfo(pairs[0].A.dtype).eps
+        rtol = bound * torch.finfo(pairs[0].A.dtype).eps
         with linalg_failures("privflorist", name):
             omega = sketch(seed, name, n, sketch_width(ranks, m, n, oversampling)).to(pairs[0].A.device)
             Q = range_basis(sum(range_share(p, w, omega) for p, w in zip(pairs, weights, strict=True)))
             Z = sum(projection_share(p, w, Q) for p, w in zip(pairs, weights, strict=True))
-            U, S, Vh = from_sums(Q, Z, min(m, n, sum(ranks)))
+            U, S, Vh = from_sums(Q, Z, bound)
         for t in taus:
             per_tau[t][name] = truncation(U, S, Vh, energy_rank(S, t, rtol))
     return per_tau

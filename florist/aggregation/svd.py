@@ -67,7 +67,7 @@ def householder_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple
 
 
 def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The Gram route, for inputs narrower than float64: arithmetic in float64, U and Vh formed in B's dtype.
+    """The Gram route, for float32 inputs: arithmetic in float64, U formed in float32, Vh in float64 then rounded.
 
     A A^T = W D W^T (R x R). With T = W D^{1/2} the rows of D^{-1/2} W^T A are orthonormal and
     B A = (B T)(D^{-1/2} W^T A), so the SVD of B A is that of C = B T: C^T C = T^T (B^T B) T = V Λ V^T gives
@@ -92,7 +92,7 @@ def gram_svd(B: Tensor, A: Tensor, rank: RankRule | None = None) -> tuple[Tensor
     p = S.shape[-1] if rank is None else rank(S.to(out))
     # Vh from float64 A: its rows' orthonormality would otherwise lose float32's rounding times A's condition
     U, Vh = signed_vectors(B, X.to(out), Z.mT, A64, p)
-    U, S, Vh = U, S.to(out), Vh.to(out)
+    S, Vh = S.to(out), Vh.to(out)
     zero = S[..., 0] == 0  # an all-zero update: no direction to take A's rows from, so take them as QR does
     if zero.any():
         U[zero], Vh[zero] = (t.to(out) for t in householder_svd(B[zero].double(), A[zero].double(), lambda _: p)[::2])

@@ -298,8 +298,8 @@ def as_computed(f: LoraFactors) -> tuple[torch.Tensor | None, torch.Tensor]:
 
     An entry beyond the dtype's range becomes Inf here, as it would in the server's arithmetic.
     """
-    s = torch.tensor(float(f.scaling), dtype=SCREEN_DTYPE)
-    if not (torch.isfinite(s) and s >= torch.finfo(SCREEN_DTYPE).smallest_normal):
+    s = as_computed_scaling(f.scaling)
+    if s is None:
         return None, f.A.to(SCREEN_DTYPE)
     return f.B.to(SCREEN_DTYPE) * s, f.A.to(SCREEN_DTYPE)
 

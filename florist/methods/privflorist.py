@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ..aggregation import AggregationResult, ClientUpdate, ModuleAggregate
 from ..aggregation.sketched import share_sizes, sketch_width, thresholded_from_sums
+from ..aggregation.validate import compute_dtype
 from .base import Method, Option, Style
 from .florist import FLoRIST
 
@@ -44,7 +45,7 @@ class PrivateFLoRIST(Method):
     def aggregate_sweep(self, updates, weights, values) -> dict[float | None, AggregationResult]:
         taus = [self.sweep.default if v is None else v for v in values]
         adapters = thresholded_from_sums(updates, weights, taus, self.sketch_seed, self.oversampling)
-        dtype = updates[0].modules[next(iter(updates[0].modules))].B.dtype  # the compute dtype, as FLoRIST returns
+        dtype = compute_dtype(updates)  # results in the compute dtype, as FLoRIST's
         return {
             v: AggregationResult(self.name, {n: _cast(m, dtype) for n, m in adapters[t].items()}, weights=list(weights))
             for v, t in zip(values, taus)
